@@ -1,0 +1,40 @@
+"""The admin listener: ``/metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz`` (serving).
+
+Kept off the ingest port so that metrics and probes are never reachable by CI jobs that
+can reach the ingest listener, unless the operator chooses to expose them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from proxy.ingest import RUNTIME
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready while a policy is serving and tracegate is not draining. Issuers whose keys
+    have not arrived are listed but do not make it unready: their tokens get 503, others
+    are served. The outbox absorbs an upstream outage, so Lightstep being down does not
+    make tracegate unready either."""
+    runtime = request.app[RUNTIME]
+    body = {"ready": not runtime.draining, "issuers_without_keys": runtime.issuers_without_keys()}
+    return web.json_response(body, status=503 if runtime.draining else 200)
+
+
+def build_admin_app(runtime: object) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime  # type: ignore[assignment]
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

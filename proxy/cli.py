@@ -1,0 +1,129 @@
+"""``tracegate`` — serve, check, explain, demo.
+
+Exit codes: 0 success (explain: allowed); 1 policy errors (check) or a denial (explain);
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy import logs
+from proxy.config import Settings
+from proxy.errors import ConfigError, PolicyLoadError
+from proxy.policy import decide, load_policy
+from proxy.policy.model import SIGNALS, Policy
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracegate", description="Identity-aware OTLP proxy for Lightstep.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--policies", help="policy directory [TRACEGATE_POLICIES, ./policies]")
+    serve.add_argument("--listen", help="ingest HOST:PORT [TRACEGATE_LISTEN, 0.0.0.0:4318]")
+    serve.add_argument("--admin-listen", dest="admin_listen", help="admin HOST:PORT [TRACEGATE_ADMIN_LISTEN, 0.0.0.0:9464]")
+    serve.add_argument("--upstream", help="upstream base URL [TRACEGATE_UPSTREAM, https://ingest.lightstep.com]")
+    check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
+    check.add_argument("directory")
+    explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
+    explain.add_argument("directory")
+    explain.add_argument("--claims", required=True, help="JSON file with the token's claims (iss selects the issuer)")
+    explain.add_argument("--signal", choices=SIGNALS, help="also check that the account may send this signal")
+    sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ) if environ is None else environ
+    try:
+        if args.command == "serve":
+            return _serve(args, env)
+        if args.command == "check":
+            return _check(Path(args.directory))
+        if args.command == "explain":
+            return _explain(Path(args.directory), Path(args.claims), args.signal)
+        from proxy.demo import run_demo
+
+        return asyncio.run(run_demo())
+    except ConfigError as exc:
+        print(f"tracegate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from proxy.server import serve
+
+    flags = {k: getattr(args, k) for k in ("policies", "listen", "admin_listen", "upstream")}
+    settings = Settings.load(flags, environ)
+    logs.configure(settings.log_level)
+    return asyncio.run(serve(settings, environ))
+
+
+def _load_unresolved(directory: Path) -> Policy | None:
+    try:
+        return load_policy(directory, environ={}, resolve_secrets=False)
+    except PolicyLoadError as exc:
+        for problem in exc.problems:
+            print(problem)
+        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        return None
+
+
+def _check(directory: Path) -> int:
+    policy = _load_unresolved(directory)
+    if policy is None:
+        return 1
+    print(
+        f"ok: {len(policy.files)} file(s), {len(policy.issuers)} issuer(s), "
+        f"{len(policy.service_accounts)} service account(s), {len(policy.rules)} rule(s), "
+        f"{len(policy.webhooks)} webhook(s)"
+    )
+    return 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read JSON ({exc})") from None
+
+
+def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
+    policy = _load_unresolved(directory)
+    if policy is None:
+        return 1
+    claims = _read_json(claims_file)
+    if not isinstance(claims, dict):
+        raise ConfigError(f"{claims_file}: the claims must be a JSON object")
+    issuer = policy.issuer_by_url(str(claims.get("iss", "")))
+    if issuer is None:
+        known = ", ".join(f"{i.name}={i.issuer}" for i in policy.issuers.values())
+        print(f"denied (unknown-issuer): iss {claims.get('iss')!r} is not a configured issuer ({known})")
+        return 1
+    aud = claims.get("aud")
+    auds = aud if isinstance(aud, list) else [aud]
+    if not any(a in issuer.audiences for a in auds):
+        print(f"note: aud {aud!r} holds none of {list(issuer.audiences)}; a real token would be refused (audience-mismatch)")
+    decision = decide(policy, issuer.name, claims, signal, explain=True)
+    print(f"issuer: {issuer.name} ({issuer.issuer})")
+    for line in decision.trace:
+        print(f"  {line}")
+    if decision.allowed and decision.account is not None and decision.rule is not None:
+        account = decision.account
+        print(
+            f"allowed ({decision.reason}): rule {decision.rule.name!r} at {decision.rule.where} "
+            f"→ service account {account.name!r} (signals: {', '.join(sorted(account.signals))}; "
+            f"key from {account.access_token_ref})"
+        )
+        return 0
+    rule = f" by rule {decision.rule.name!r} at {decision.rule.where}" if decision.rule else ""
+    print(f"denied ({decision.reason}){rule}")
+    return 1

@@ -1,0 +1,131 @@
+"""Process settings, from command-line flags, then ``TRACEGATE_*`` variables, then defaults.
+
+Read from an injected mapping (``environ=``), never from ``os.environ`` directly, so tests
+and the demo build settings without touching the process environment. ``OPTIONS`` is the
+one table of every setting; the README's configuration table is written from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError
+from proxy.forward import DEFAULT_PATHS
+from proxy.urls import check_url
+
+
+def host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, for example 0.0.0.0:4318")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def url(value: str) -> str:
+    problem = check_url(value)
+    if problem:
+        raise ValueError(problem)
+    return value.rstrip("/")
+
+
+def path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with /")
+    return value
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        number = kind(value)
+        if number <= 0:
+            raise ValueError("must be greater than 0")
+        return number
+
+    return parse
+
+
+def names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("policies", "TRACEGATE_POLICIES", "./policies", Path, "Policy directory (all *.yaml below it)."),
+    Option("listen", "TRACEGATE_LISTEN", "0.0.0.0:4318", host_port, "Ingest listener (OTLP/HTTP, webhooks)."),
+    Option("admin_listen", "TRACEGATE_ADMIN_LISTEN", "0.0.0.0:9464", host_port, "Admin listener: /metrics, /healthz, /readyz."),
+    Option("upstream", "TRACEGATE_UPSTREAM", "https://ingest.lightstep.com", url, "Default upstream base URL."),
+    Option("path_traces", "TRACEGATE_UPSTREAM_PATH_TRACES", DEFAULT_PATHS["traces"], path, "Upstream path for traces."),
+    Option("path_metrics", "TRACEGATE_UPSTREAM_PATH_METRICS", DEFAULT_PATHS["metrics"], path, "Upstream path for metrics."),
+    Option("path_logs", "TRACEGATE_UPSTREAM_PATH_LOGS", DEFAULT_PATHS["logs"], path, "Upstream path for logs."),
+    Option("max_body", "TRACEGATE_MAX_BODY_BYTES", str(64 << 20), positive(int), "Largest ingest body, bytes; over it: 413."),
+    Option("upstream_timeout", "TRACEGATE_UPSTREAM_TIMEOUT", "30", positive(float), "Seconds for the whole upstream exchange; over it: 504."),
+    Option("leeway", "TRACEGATE_LEEWAY_SECONDS", "60", float, "Clock leeway for exp/nbf/iat, seconds."),
+    Option("jwks_min_refetch", "TRACEGATE_JWKS_MIN_REFETCH_SECONDS", "30", positive(float), "At most one JWKS refetch per issuer per this many seconds on unknown kids."),
+    Option("token_cache_size", "TRACEGATE_TOKEN_CACHE_SIZE", "100000", positive(int), "Verified tokens kept (by digest) until their exp."),
+    Option("forward_headers", "TRACEGATE_FORWARD_HEADERS", "", names, "Extra client headers to forward upstream (comma list)."),
+    Option("data_dir", "TRACEGATE_DATA_DIR", "./data", Path, "Where the deployment-marker outbox lives."),
+    Option("outbox_path", "TRACEGATE_OUTBOX", "", str, "Outbox SQLite file; default DATA_DIR/outbox.sqlite3."),
+    Option("webhook_max_body", "TRACEGATE_WEBHOOK_MAX_BODY_BYTES", str(1 << 20), positive(int), "Largest webhook body, bytes; over it: 413."),
+    Option("dedupe_window", "TRACEGATE_DEDUPE_WINDOW_SECONDS", "86400", positive(float), "Identical webhook bodies within this window are one event."),
+    Option("drain_seconds", "TRACEGATE_DRAIN_SECONDS", "20", positive(float), "On SIGTERM, how long in-flight requests may finish."),
+    Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    policies: Path
+    listen: tuple[str, int]
+    admin_listen: tuple[str, int]
+    upstream: str
+    path_traces: str
+    path_metrics: str
+    path_logs: str
+    max_body: int
+    upstream_timeout: float
+    leeway: float
+    jwks_min_refetch: float
+    token_cache_size: int
+    forward_headers: tuple[str, ...]
+    data_dir: Path
+    outbox_path: str
+    webhook_max_body: int
+    dedupe_window: float
+    drain_seconds: float
+    log_level: str
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return {"traces": self.path_traces, "metrics": self.path_metrics, "logs": self.path_logs}
+
+    @property
+    def outbox_file(self) -> Path:
+        return Path(self.outbox_path) if self.outbox_path else self.data_dir / "outbox.sqlite3"
+
+    @classmethod
+    def load(cls, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+        """``flags`` holds command-line values by field name (None where not given)."""
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            raw = flags.get(opt.field)
+            source = f"--{opt.field.replace('_', '-')}"
+            if raw is None:
+                raw, source = environ.get(opt.env), opt.env
+            if raw is None:
+                raw, source = opt.default, "default"
+            try:
+                values[opt.field] = opt.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{source}={raw!r}: {exc}") from None
+        return cls(**values)

@@ -1,0 +1,128 @@
+"""Stage 3 — forward: inject the account's key, stream the body upstream byte for byte.
+
+The body is neither decompressed (the ingest server runs with ``auto_decompress=False``)
+nor re-encoded: the upstream receives exactly the bytes the client sent, with its
+Content-Encoding. The limit is enforced on the declared Content-Length before anything is
+sent, and again while streaming (for chunked bodies): a body that goes over aborts the
+upstream request mid-body, so the upstream never receives a complete request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import BodyError, ConfigError, UpstreamError
+from proxy.headers import RELAYED, HeaderPolicy
+from proxy.metrics import Metrics
+from proxy.policy.model import ServiceAccount
+
+#: Lightstep's documented OTLP/HTTP paths on its public ingest (ingest.lightstep.com).
+DEFAULT_PATHS: Mapping[str, str] = {
+    "traces": "/traces/otlp/v0.9",
+    "metrics": "/metrics/otlp/v0.9",
+    "logs": "/logs/otlp/v0.9",
+}
+#: The upstream's answer is read whole before it is relayed; OTLP answers are tiny.
+MAX_ANSWER_BYTES = 4 << 20
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+    body_bytes: int
+
+
+@dataclass
+class _BodyState:
+    received: int = 0
+    error: BodyError | None = field(default=None)
+
+
+def declared_length(request: web.BaseRequest, limit: int) -> None:
+    """Refuse (413) a declared Content-Length over ``limit`` before reading anything."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyError("body-too-large", 413)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        header_policy: HeaderPolicy,
+        metrics: Metrics,
+        *,
+        upstream: str,
+        paths: Mapping[str, str] = DEFAULT_PATHS,
+        timeout: float = 30.0,
+        max_body: int = 64 << 20,
+    ) -> None:
+        self._session = session
+        self._headers = header_policy
+        self._metrics = metrics
+        self._upstream = upstream.rstrip("/")
+        self._paths = paths
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self.max_body = max_body
+
+    def url(self, account: ServiceAccount, signal: str) -> str:
+        return (account.upstream or self._upstream).rstrip("/") + self._paths[signal]
+
+    async def _stream(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                chunk = await request.content.readany()
+            except (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
+                state.error = BodyError("body-incomplete", 400)
+                raise state.error from exc
+            if not chunk:
+                return
+            state.received += len(chunk)
+            if state.received > self.max_body:
+                state.error = BodyError("body-too-large", 413)
+                raise state.error
+            yield chunk
+
+    async def forward(self, request: web.BaseRequest, signal: str, account: ServiceAccount) -> UpstreamAnswer:
+        """Send the request upstream as ``account``. Raises BodyError or UpstreamError;
+        returns the upstream's answer, whatever its status."""
+        if account.access_token is None:
+            raise ConfigError(f"service account {account.name!r} was loaded without its access token")
+        declared_length(request, self.max_body)
+        state = _BodyState()
+        headers = self._headers.upstream(request.headers, account.access_token)
+        started = time.perf_counter()
+        status_label = "error"
+        try:
+            async with self._session.post(
+                self.url(account, signal),
+                data=self._stream(request, state),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.content.read(MAX_ANSWER_BYTES)
+                status_label = str(resp.status)
+                relayed = {h: resp.headers[h] for h in RELAYED if h in resp.headers}
+                return UpstreamAnswer(resp.status, body, relayed, state.received)
+        except asyncio.TimeoutError:
+            status_label = "timeout"
+            raise UpstreamError("upstream-timeout", 504) from None
+        except (aiohttp.ClientError, OSError, BodyError) as exc:
+            if state.error is not None:
+                status_label = "client-" + state.error.reason
+                raise state.error from None
+            status_label = "unreachable"
+            raise UpstreamError("upstream-unreachable", 502) from exc
+        finally:
+            self._metrics.request_bytes.labels(signal).inc(state.received)
+            self._metrics.upstream_responses.labels(signal, status_label).inc()
+            self._metrics.upstream_latency.labels(signal).observe(time.perf_counter() - started)

@@ -1,0 +1,50 @@
+"""Which request headers travel upstream, and which answer headers travel back.
+
+An allowlist, built once: the upstream never sees a header tracegate did not choose to
+send. Everything else the client sent — Authorization, Proxy-Authorization, every spelling
+of lightstep-access-token, Cookie, Forwarded, X-Forwarded-*, X-Real-IP, hop-by-hop headers
+(Connection and the headers it names, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade)
+and any name with ``_`` (which some servers fold into ``-``) — is dropped. The upstream
+request then carries exactly one ``lightstep-access-token``: the service account's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.secrets import Secret
+
+#: End-to-end headers an OTLP exporter sends that the upstream needs. Lower case.
+FORWARDED = frozenset({"content-type", "content-encoding", "content-length", "user-agent", "accept"})
+#: Upstream answer headers relayed to the client.
+RELAYED = ("Content-Type", "Content-Encoding", "Retry-After")
+#: Names that may never be forwarded, even when configured as extra headers.
+NEVER = frozenset({
+    "authorization", "proxy-authorization", "lightstep-access-token", "cookie", "set-cookie",
+    "forwarded", "x-real-ip", "connection", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "expect",
+})
+
+
+class HeaderPolicy:
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        extra_names = {name.strip().lower() for name in extra if name.strip()}
+        bad = sorted(n for n in extra_names if n in NEVER or "_" in n or n.startswith("x-forwarded-"))
+        if bad:
+            raise ValueError(f"these headers can never be forwarded: {', '.join(bad)}")
+        self.forwarded = FORWARDED | extra_names
+
+    def upstream(self, incoming: CIMultiDictProxy[str], access_token: Secret) -> CIMultiDict[str]:
+        """The upstream request's headers. ``access_token`` is the service account's key."""
+        named_by_connection = {
+            name.strip().lower() for value in incoming.getall("Connection", ()) for name in value.split(",")
+        }
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            lower = name.lower()
+            if lower in self.forwarded and lower not in named_by_connection:
+                out.add(name, value)
+        out["lightstep-access-token"] = access_token.reveal()
+        return out

@@ -1,0 +1,74 @@
+"""The OTLP/HTTP ingest endpoints: identify → decide → forward, one request at a time.
+
+``POST /v1/traces``, ``/v1/metrics``, ``/v1/logs``. Every refusal is answered before the
+body is read and before anything is sent upstream; an accepted request is answered with
+the upstream's own status, body and content type, so the client never sees a 2xx the
+upstream did not give.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from proxy.answers import refusal
+from proxy.audit import audit
+from proxy.errors import AuthError, BodyError, UpstreamError
+from proxy.identify import extract_token
+from proxy.policy import decide
+from proxy.runtime import Runtime
+
+log = logging.getLogger("tracegate")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+SIGNALS = ("traces", "metrics", "logs")
+#: Seconds a client is told to wait while an issuer's keys are not yet available.
+KEYS_RETRY_AFTER = 5
+
+
+async def handle_signal(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
+    signal = request.match_info["signal"]
+    content_type = request.headers.get("Content-Type")
+    metrics = runtime.metrics
+    gate = runtime.gate  # one consistent policy for the whole request, even across a reload
+    try:
+        identity = await gate.verifier.verify(extract_token(request.headers, request.query))
+    except AuthError as exc:
+        metrics.requests.labels(signal, "", "refused", exc.reason).inc()
+        audit(kind="ingest", decision="refused", reason=exc.reason, issuer=exc.issuer, signal=signal)
+        retry = KEYS_RETRY_AFTER if exc.status == 503 else None
+        return refusal(exc.status, content_type, retry_after=retry)
+
+    decision = decide(gate.policy, identity.issuer, identity.claims, signal)
+    account = decision.account.name if decision.account else ""
+    rule = decision.rule.name if decision.rule else None
+    facts = {"issuer": identity.issuer, "claims": identity.claims, "rule": rule, "signal": signal}
+    if not decision.allowed or decision.account is None:
+        metrics.requests.labels(signal, account, "denied", decision.reason).inc()
+        audit(kind="ingest", decision="denied", reason=decision.reason, service_account=account or None, **facts)
+        return refusal(403, content_type)
+
+    try:
+        forwarder = runtime.forwarder
+        if forwarder is None:
+            raise RuntimeError("runtime not started")
+        answer = await forwarder.forward(request, signal, decision.account)
+    except (BodyError, UpstreamError) as exc:
+        metrics.requests.labels(signal, account, "failed", exc.reason).inc()
+        audit(kind="ingest", decision="failed", reason=exc.reason, service_account=account, **facts)
+        return refusal(exc.status, content_type)
+
+    reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
+    metrics.requests.labels(signal, account, "allowed", reason).inc()
+    audit(
+        kind="ingest", decision="allowed", reason=reason, service_account=account,
+        bytes_in=answer.body_bytes, upstream_status=answer.status, **facts,
+    )
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+def add_ingest_routes(app: web.Application) -> None:
+    for signal in SIGNALS:
+        app.router.add_post(f"/v1/{{signal:{signal}}}", handle_signal)

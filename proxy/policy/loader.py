@@ -1,0 +1,319 @@
+"""Policy loading: a directory of YAML files → one checked, immutable :class:`Policy`.
+
+Every problem found is collected (not just the first) and raised together as a
+:class:`PolicyLoadError`, each naming the file, the line and what to do. Secret values
+are read only when ``resolve_secrets`` is true (``tracegate serve``); ``tracegate check``
+checks their references for form only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from proxy.errors import PolicyLoadError, PolicyProblem
+from proxy.policy.matchers import Matcher, claim_text
+from proxy.policy.model import (
+    ALLOWED_ALGORITHMS,
+    SIGNALS,
+    Issuer,
+    Policy,
+    Rule,
+    ServiceAccount,
+    Signal,
+    Where,
+)
+from proxy.policy.source import LDict, LList, read_document
+from proxy.secrets import SecretRef, SecretUnavailable, resolve
+from proxy.urls import check_url
+
+TOP_LEVEL = ("issuers", "service_accounts", "rules", "webhooks")
+#: Claims that identify a project or person; a bare ``*`` on them needs ``allow_any: true``.
+BROAD_CLAIMS = ("project_path", "namespace_path", "sub")
+
+
+class Checker:
+    """Collects problems while the loader walks one file. Shared with the webhook section."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[PolicyProblem] = []
+
+    def add(self, line: int, message: str) -> None:
+        self.problems.append(PolicyProblem(self.file, line, message))
+
+    def where(self, line: int) -> Where:
+        return Where(self.file, line)
+
+    def mapping(self, value: Any, line: int, what: str) -> LDict | None:
+        if isinstance(value, LDict):
+            return value
+        self.add(line, f"{what} must be a mapping (key: value), not {_kind(value)}")
+        return None
+
+    def keys(self, entry: LDict, allowed: tuple[str, ...], required: tuple[str, ...], what: str) -> None:
+        for key in entry:
+            if key not in allowed:
+                self.add(entry.line_of(key), f"unknown key {key!r} in {what}; allowed: {', '.join(allowed)}")
+        for key in required:
+            if key not in entry:
+                self.add(entry.line, f"{what} is missing {key!r}")
+
+    def string(self, entry: LDict, key: str, what: str) -> str | None:
+        value = entry.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str) and value:
+            return value
+        self.add(entry.line_of(key), f"{what}.{key} must be a non-empty string, not {_kind(value)}")
+        return None
+
+    def strings(self, entry: LDict, key: str, what: str, *, scalars: bool = False) -> tuple[str, ...] | None:
+        """A string or a list of strings; with ``scalars``, booleans and numbers become
+        their claim text (``true``, ``42``)."""
+        value = entry.get(key)
+        if value is None:
+            return None
+        items = list(value) if isinstance(value, list) else [value]
+        out: list[str] = []
+        for item in items:
+            text = claim_text(item) if scalars else item if isinstance(item, str) else None
+            if not text:
+                self.add(entry.line_of(key), f"{what}.{key} must hold non-empty strings, not {_kind(item)}")
+                return None
+            out.append(text)
+        if not out:
+            self.add(entry.line_of(key), f"{what}.{key} must not be empty")
+            return None
+        return tuple(out)
+
+    def secret_ref(self, value: Any, line: int, what: str) -> SecretRef | None:
+        if isinstance(value, str):
+            # Never echo the value: it may be the secret itself.
+            self.add(line, f"{what} is written inline; secrets are references: {{env: NAME}} or {{file: /path}}")
+            return None
+        if not isinstance(value, LDict) or len(value) != 1 or next(iter(value)) not in ("env", "file"):
+            self.add(line, f"{what} must be exactly one of {{env: NAME}} or {{file: /path}}")
+            return None
+        kind, name = next(iter(value.items()))
+        if not isinstance(name, str) or not name.strip():
+            self.add(line, f"{what}: {{{kind}: …}} needs a non-empty name")
+            return None
+        if kind == "file" and not name.startswith("/"):
+            self.add(line, f"{what}: {{file: {name}}} must be an absolute path")
+            return None
+        return SecretRef(kind, name)
+
+    def url(self, entry: LDict, key: str, what: str) -> str | None:
+        value = self.string(entry, key, what)
+        if value is None:
+            return None
+        problem = check_url(value)
+        if problem:
+            self.add(entry.line_of(key), f"{what}.{key}: {problem}")
+            return None
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {LDict: "a mapping", LList: "a list", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """Every ``*.yaml`` / ``*.yml`` below ``directory``, hidden folders skipped, sorted by
+    relative path: the order in which rules are tried."""
+    found = [
+        p
+        for p in directory.rglob("*")
+        if p.suffix in (".yaml", ".yml")
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    ]
+    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def load_policy(
+    directory: str | Path,
+    *,
+    environ: Mapping[str, str],
+    resolve_secrets: bool = True,
+) -> Policy:
+    """Load and check every policy file in ``directory``. Raises :class:`PolicyLoadError`."""
+    from proxy.webhooks.policy import parse_webhooks  # webhooks extend the same files
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise PolicyLoadError([PolicyProblem(str(root), 1, "not a directory; point --policies at the policy folder")])
+    files = policy_files(root)
+    if not files:
+        raise PolicyLoadError([PolicyProblem(str(root), 1, "no *.yaml files here; add at least one policy file")])
+
+    problems: list[PolicyProblem] = []
+    issuers: dict[str, Issuer] = {}
+    accounts: dict[str, ServiceAccount] = {}
+    rules: list[Rule] = []
+    webhooks = []
+    rule_names: dict[str, Where] = {}
+    for path in files:
+        shown = str(path)
+        doc, read_problems = read_document(path, shown)
+        problems += read_problems
+        if doc is None:
+            continue
+        check = Checker(shown)
+        top = check.mapping(doc, 1, "a policy file")
+        if top is not None:
+            check.keys(top, TOP_LEVEL, (), "a policy file")
+            _issuers(check, top, issuers)
+            _accounts(check, top, accounts, environ if resolve_secrets else None)
+            for rule in _rules(check, top):
+                if rule.name in rule_names:
+                    check.add(rule.where.line, f"rule {rule.name!r} is also defined at {rule_names[rule.name]}; names must be unique")
+                rule_names[rule.name] = rule.where
+                rules.append(rule)
+            webhooks += parse_webhooks(check, top.get("webhooks"), top.line_of("webhooks"), environ if resolve_secrets else None)
+        problems += check.problems
+
+    problems += _cross_check(issuers, accounts, rules, webhooks)
+    if problems:
+        raise PolicyLoadError(problems)
+    return Policy(issuers, accounts, tuple(rules), tuple(webhooks), tuple(str(f) for f in files))
+
+
+def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
+    section = top.get("issuers")
+    if section is None:
+        return
+    section = check.mapping(section, top.line_of("issuers"), "issuers")
+    for name, entry in (section or {}).items():
+        line = section.line_of(name) if section is not None else 0
+        what = f"issuer {name!r}"
+        if name in out:
+            check.add(line, f"{what} is also defined at {out[name].where}; names must be unique")
+            continue
+        entry = check.mapping(entry, line, what)
+        if entry is None:
+            continue
+        check.keys(entry, ("issuer", "audiences", "jwks_uri", "algorithms"), ("issuer", "audiences"), what)
+        url = check.url(entry, "issuer", what)
+        audiences = check.strings(entry, "audiences", what)
+        jwks_uri = check.url(entry, "jwks_uri", what)
+        algorithms = check.strings(entry, "algorithms", what) or ("RS256",)
+        for alg in algorithms:
+            if alg not in ALLOWED_ALGORITHMS:
+                check.add(entry.line_of("algorithms"), f"{what}: algorithm {alg!r} is not allowed; use one of {', '.join(ALLOWED_ALGORITHMS)}")
+        if url and audiences:
+            if url.endswith("/"):
+                check.add(entry.line_of("issuer"), f"{what}: remove the trailing '/'; iss must equal the issuer exactly")
+            out[name] = Issuer(name, url, audiences, jwks_uri, algorithms, check.where(line))
+
+
+def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], environ: Mapping[str, str] | None) -> None:
+    section = top.get("service_accounts")
+    if section is None:
+        return
+    section = check.mapping(section, top.line_of("service_accounts"), "service_accounts")
+    for name, entry in (section or {}).items():
+        line = section.line_of(name) if section is not None else 0
+        what = f"service account {name!r}"
+        if name in out:
+            check.add(line, f"{what} is also defined at {out[name].where}; names must be unique")
+            continue
+        entry = check.mapping(entry, line, what)
+        if entry is None:
+            continue
+        check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what)
+        ref = check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token") if "access_token" in entry else None
+        signals = check.strings(entry, "signals", what) or SIGNALS
+        bad = [s for s in signals if s not in SIGNALS]
+        if bad:
+            check.add(entry.line_of("signals"), f"{what}: unknown signal {bad[0]!r}; use traces, metrics or logs")
+        upstream = check.url(entry, "upstream", what)
+        if ref is None:
+            continue
+        token = None
+        if environ is not None:
+            try:
+                token = resolve(ref, environ)
+            except SecretUnavailable as exc:
+                check.add(entry.line_of("access_token"), f"{what}.access_token: {exc}; set it or fix the reference")
+        sigs: frozenset[Signal] = frozenset(s for s in SIGNALS if s in signals)
+        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token)
+
+
+def _rules(check: Checker, top: LDict) -> list[Rule]:
+    section = top.get("rules")
+    if section is None:
+        return []
+    if not isinstance(section, LList):
+        check.add(top.line_of("rules"), "rules must be a list of rules (- name: …)")
+        return []
+    rules = []
+    for entry, line in zip(section, section.item_lines, strict=True):
+        entry = check.mapping(entry, line, "a rule")
+        if entry is None:
+            continue
+        name = check.string(entry, "name", "rule") or f"<rule at line {line}>"
+        what = f"rule {name!r}"
+        check.keys(entry, ("name", "issuer", "effect", "when", "service_account", "allow_any", "services"), ("name", "issuer"), what)
+        effect = entry.get("effect", "allow")
+        if effect not in ("allow", "deny"):
+            check.add(entry.line_of("effect"), f"{what}: effect must be allow or deny")
+            continue
+        allow_any = entry.get("allow_any", False)
+        if not isinstance(allow_any, bool):
+            check.add(entry.line_of("allow_any"), f"{what}: allow_any must be true or false")
+            continue
+        account = check.string(entry, "service_account", what)
+        if effect == "allow" and account is None and "service_account" not in entry:
+            check.add(entry.line, f"{what} allows but names no service_account; add one or set effect: deny")
+        if effect == "deny" and "service_account" in entry:
+            check.add(entry.line_of("service_account"), f"{what} denies; remove service_account")
+        when = _when(check, entry, what, allow_any)
+        services = check.strings(entry, "services", what) or ()
+        issuer = check.string(entry, "issuer", what)
+        if issuer is None or when is None:
+            continue
+        rules.append(Rule(name, issuer, effect, when, account, services, check.where(entry.line)))
+    return rules
+
+
+def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tuple[str, Matcher], ...] | None:
+    raw = entry.get("when", LDict())
+    block = check.mapping(raw, entry.line_of("when"), f"{what}.when")
+    if block is None:
+        return None
+    out = []
+    for claim in block:
+        patterns = check.strings(block, claim, f"{what}.when", scalars=True)
+        if patterns is None:
+            return None
+        matcher = Matcher(patterns)
+        if claim in BROAD_CLAIMS and matcher.matches_everything and not allow_any:
+            check.add(block.line_of(claim), f"{what}: a bare '*' on {claim} matches every project; narrow it or add allow_any: true")
+        out.append((claim, matcher))
+    if not out and not allow_any:
+        check.add(entry.line, f"{what} has no 'when' and so matches every token of its issuer; add conditions or allow_any: true")
+    return tuple(out)
+
+
+def _cross_check(issuers: dict[str, Issuer], accounts: dict[str, ServiceAccount], rules: list[Rule], webhooks: list[Any]) -> list[PolicyProblem]:
+    problems = []
+    seen_urls: dict[str, Issuer] = {}
+    for issuer in issuers.values():
+        if issuer.issuer in seen_urls:
+            problems.append(PolicyProblem(issuer.where.file, issuer.where.line, f"issuer {issuer.name!r} has the same URL as {seen_urls[issuer.issuer].name!r}; merge them"))
+        seen_urls[issuer.issuer] = issuer
+    for rule in rules:
+        if rule.issuer not in issuers:
+            problems.append(PolicyProblem(rule.where.file, rule.where.line, f"rule {rule.name!r} names unknown issuer {rule.issuer!r}; define it under issuers: (known: {', '.join(sorted(issuers)) or 'none'})"))
+        if rule.service_account is not None and rule.service_account not in accounts:
+            problems.append(PolicyProblem(rule.where.file, rule.where.line, f"rule {rule.name!r} names unknown service account {rule.service_account!r}; define it under service_accounts: (known: {', '.join(sorted(accounts)) or 'none'})"))
+    for hook in webhooks:
+        if hook.service_account not in accounts:
+            problems.append(PolicyProblem(hook.where.file, hook.where.line, f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; define it under service_accounts:"))
+    return problems

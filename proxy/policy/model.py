@@ -1,0 +1,89 @@
+"""The typed policy model that the loader builds and the evaluator reads. Immutable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from proxy.policy.matchers import Matcher
+from proxy.secrets import Secret, SecretRef
+
+Signal = Literal["traces", "metrics", "logs"]
+SIGNALS: tuple[Signal, ...] = ("traces", "metrics", "logs")
+
+#: Algorithms an issuer may pin. Symmetric ones and ``none`` are never allowed (RFC 8725).
+ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384")
+
+
+@dataclass(frozen=True)
+class Where:
+    """The file and line a policy element was written at, for messages and explain."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Issuer:
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+    algorithms: tuple[str, ...]
+    where: Where
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    name: str
+    access_token_ref: SecretRef
+    signals: frozenset[Signal]
+    upstream: str | None
+    where: Where
+    # None where secrets were not resolved (``tracegate check`` / ``explain``).
+    access_token: Secret | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    issuer: str
+    effect: Literal["allow", "deny"]
+    when: tuple[tuple[str, Matcher], ...]
+    service_account: str | None
+    services: tuple[str, ...]
+    where: Where
+
+
+@dataclass(frozen=True)
+class WebhookSource:
+    """A repository whose signed webhooks may become deployment markers (see webhooks)."""
+
+    name: str
+    source: Literal["gitea", "forgejo"]
+    repository: Matcher
+    secret_refs: tuple[SecretRef, ...]
+    events: frozenset[str]
+    refs: Matcher
+    service_account: str
+    services: tuple[str, ...]
+    where: Where
+    secrets: tuple[Secret, ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Policy:
+    issuers: dict[str, Issuer]
+    service_accounts: dict[str, ServiceAccount]
+    rules: tuple[Rule, ...]
+    webhooks: tuple[WebhookSource, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def issuer_by_url(self, url: str) -> Issuer | None:
+        for issuer in self.issuers.values():
+            if issuer.issuer == url:
+                return issuer
+        return None

@@ -1,0 +1,141 @@
+"""What a running tracegate holds: the current policy and what is derived from it.
+
+The policy, its token verifier and its issuers' key sources are swapped as one
+:class:`Gate` on reload (SIGHUP), by a single assignment: a request sees either the old
+gate or the new one, never a mix. A policy that fails to load leaves the old gate serving;
+the failure is logged (each problem with file:line) and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.config import Settings
+from proxy.errors import PolicyLoadError
+from proxy.forward import Forwarder
+from proxy.headers import HeaderPolicy
+from proxy.identify import TokenVerifier
+from proxy.keys import KeySource
+from proxy.metrics import Metrics
+from proxy.policy import Policy, load_policy
+
+log = logging.getLogger("tracegate")
+
+
+@dataclass(frozen=True)
+class Gate:
+    policy: Policy
+    verifier: TokenVerifier
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str],
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.metrics = metrics
+        self.clock = clock
+        self.monotonic = monotonic
+        self.draining = False
+        self.header_policy = HeaderPolicy(settings.forward_headers)
+        self._gate: Gate | None = None
+        self._key_session: aiohttp.ClientSession | None = None
+        self.forwarder: Forwarder | None = None
+        self._sources: dict[str, KeySource] = {}
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            raise RuntimeError("tracegate runtime used before start()")
+        return self._gate
+
+    def load(self) -> Policy:
+        """Load the policy directory with secrets resolved (blocking: file reads)."""
+        return load_policy(self.settings.policies, environ=self.environ)
+
+    async def start(self, policy: Policy) -> None:
+        """Open the shared sessions and serve ``policy``. Never waits for an issuer."""
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        upstream = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        self.forwarder = Forwarder(
+            upstream,
+            self.header_policy,
+            self.metrics,
+            upstream=self.settings.upstream,
+            paths=self.settings.paths,
+            timeout=self.settings.upstream_timeout,
+            max_body=self.settings.max_body,
+        )
+        self.upstream_session = upstream
+        self._key_session = aiohttp.ClientSession()
+        self._install(policy)
+        self.metrics.policy_loads.labels("ok").inc()
+        self.metrics.policy_loaded.set(1)
+        self.metrics.policy_last_load.set(self.clock())
+
+    async def close(self) -> None:
+        for task in self._source_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
+        self._source_tasks.clear()
+        if self._key_session is not None:
+            await self._key_session.close()
+        if self.forwarder is not None:
+            await self.upstream_session.close()
+
+    def _install(self, policy: Policy) -> None:
+        if self._key_session is None:
+            raise RuntimeError("start() first")
+        for name in list(self._sources):
+            if policy.issuers.get(name) != self._sources[name].issuer:
+                self._source_tasks.pop(name).cancel()
+                del self._sources[name]
+        for name, issuer in policy.issuers.items():
+            if name not in self._sources:
+                source = KeySource(
+                    issuer, self._key_session, self.metrics,
+                    clock=self.monotonic, min_refetch_interval=self.settings.jwks_min_refetch,
+                )
+                self._sources[name] = source
+                self._source_tasks[name] = asyncio.get_running_loop().create_task(source.run())
+        verifier = TokenVerifier(
+            policy, dict(self._sources), self.metrics,
+            clock=self.clock, leeway=self.settings.leeway, cache_size=self.settings.token_cache_size,
+        )
+        self._gate = Gate(policy, verifier)
+
+    def issuers_without_keys(self) -> list[str]:
+        return sorted(name for name, source in self._sources.items() if not source.ready)
+
+    async def reload(self) -> bool:
+        """Reload policies and secret files. True if the new policy now serves."""
+        async with self._reload_lock:
+            try:
+                policy = await asyncio.to_thread(self.load)
+            except PolicyLoadError as exc:
+                for problem in exc.problems:
+                    log.error("policy reload failed; the previous policy keeps serving: %s", problem)
+                self.metrics.policy_loads.labels("failed").inc()
+                self.metrics.policy_loaded.set(0)
+                return False
+            self._install(policy)
+            self.metrics.policy_loads.labels("ok").inc()
+            self.metrics.policy_loaded.set(1)
+            self.metrics.policy_last_load.set(self.clock())
+            log.info("policy reloaded from %d file(s)", len(policy.files))
+            return True

@@ -1,0 +1,83 @@
+"""Running tracegate: two listeners, signal handling, graceful drain.
+
+SIGHUP reloads policies and secret files; SIGTERM/SIGINT stop accepting, let in-flight
+requests finish for up to ``drain_seconds``, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Mapping
+
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.config import Settings
+from proxy.errors import PolicyLoadError
+from proxy.ingest import RUNTIME, add_ingest_routes
+from proxy.metrics import Metrics
+from proxy.policy import Policy
+from proxy.runtime import Runtime
+
+log = logging.getLogger("tracegate")
+
+#: Server protocol limits: oversized header blocks and lines are refused by the parser.
+PROTOCOL_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+
+
+def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
+    app = web.Application(client_max_size=runtime.settings.max_body)
+    app[RUNTIME] = runtime
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await runtime.start(policy)
+        yield
+        await runtime.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    add_ingest_routes(app)
+    return app
+
+
+async def start(
+    settings: Settings, environ: Mapping[str, str], *, metrics: Metrics | None = None, policy: Policy | None = None
+) -> tuple[Runtime, list[web.AppRunner]]:
+    """Load the policy and start both listeners. Raises PolicyLoadError if the first
+    policy does not load: tracegate never starts without one."""
+    runtime = Runtime(settings, environ, metrics or Metrics())
+    if policy is None:
+        policy = await asyncio.to_thread(runtime.load)
+    ingest = web.AppRunner(
+        build_ingest_app(runtime, policy), access_log=None, auto_decompress=False,
+        shutdown_timeout=settings.drain_seconds, handle_signals=False, **PROTOCOL_LIMITS,
+    )
+    admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
+    await ingest.setup()
+    await admin.setup()
+    await web.TCPSite(ingest, *settings.listen, reuse_address=True).start()
+    await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
+    return runtime, [ingest, admin]
+
+
+async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
+    try:
+        runtime, runners = await start(settings, environ)
+    except PolicyLoadError as exc:
+        for problem in exc.problems:
+            log.error("policy failed to load: %s", problem)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(runtime.reload()))
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("tracegate serving", extra={"listen": "%s:%d" % settings.listen, "admin": "%s:%d" % settings.admin_listen})
+    await stop.wait()
+    log.info("draining", extra={"seconds": settings.drain_seconds})
+    runtime.draining = True
+    for runner in runners:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,168 @@
+"""Local stand-ins for tracegate's peers: a GitLab-like OIDC issuer and an OTLP sink.
+
+Used by ``tracegate demo`` and the test suite. Both are real HTTP servers on loopback
+with real keys: the issuer serves OIDC discovery and a JWKS of freshly generated RSA and
+EC keys and mints GitLab CI-shaped ID tokens; the sink records every request it receives
+(headers and raw body) and answers like an OTLP receiver. Not for production use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from multidict import CIMultiDict
+
+
+def gitlab_claims(issuer: str, audience: str = "tracegate", **overrides: Any) -> dict[str, Any]:
+    """Claims shaped like a GitLab CI ID token (``id_tokens:``), valid for 5 minutes."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "namespace_id": "72",
+        "namespace_path": "payments",
+        "project_id": "4242",
+        "project_path": "payments/api",
+        "user_id": "17",
+        "user_login": "alice",
+        "user_email": "alice@example.com",
+        "pipeline_id": "99001",
+        "pipeline_source": "push",
+        "job_id": "880011",
+        "ref": "main",
+        "ref_type": "branch",
+        "ref_path": "refs/heads/main",
+        "ref_protected": "true",
+        "environment": "production",
+        "environment_protected": "true",
+        "deployment_tier": "production",
+        "sha": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b",
+        "runner_id": 1,
+        "jti": str(uuid.uuid4()),
+        "iss": issuer,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now + 300,
+        "sub": "project_path:payments/api:ref_type:branch:ref:main",
+        "aud": audience,
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, auto_decompress=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class StandInIssuer(_Server):
+    """An OIDC issuer on loopback. ``available`` False answers 503; ``jwks_body`` replaces
+    the JWKS document with raw bytes (garbage, empty sets, huge documents)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec_key = ec.generate_private_key(ec.SECP256R1())
+        self.rsa_kid = "rsa-" + uuid.uuid4().hex[:8]
+        self.ec_kid = "ec-" + uuid.uuid4().hex[:8]
+        self.available = True
+        self.jwks_body: bytes | None = None
+        self.jwks_uri_override: str | None = None
+        self.cache_control = "max-age=300"
+        self.jwks_fetches = 0
+        self.discovery_fetches = 0
+        self.app.router.add_get("/.well-known/openid-configuration", self._discovery)
+        self.app.router.add_get("/oauth/discovery/keys", self._jwks)
+
+    def jwks(self) -> dict[str, Any]:
+        rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa_key.public_key()))
+        ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.ec_key.public_key()))
+        rsa_jwk.update(kid=self.rsa_kid, use="sig", alg="RS256")
+        ec_jwk.update(kid=self.ec_kid, use="sig", alg="ES256")
+        return {"keys": [rsa_jwk, ec_jwk]}
+
+    def rotate(self) -> None:
+        """New RSA key and kid, as after a key rotation at the issuer."""
+        self.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rsa_kid = "rsa-" + uuid.uuid4().hex[:8]
+
+    def mint(self, claims: dict[str, Any] | None = None, *, alg: str = "RS256", headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+        body = claims if claims is not None else gitlab_claims(self.url, **overrides)
+        if alg.startswith("ES"):
+            key: Any = self.ec_key
+            kid = self.ec_kid
+        else:
+            key, kid = self.rsa_key, self.rsa_kid
+        return jwt.encode(body, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        self.discovery_fetches += 1
+        if not self.available:
+            return web.Response(status=503)
+        return web.json_response({
+            "issuer": self.url,
+            "jwks_uri": self.jwks_uri_override or self.url + "/oauth/discovery/keys",
+            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+        })
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.jwks_fetches += 1
+        if not self.available:
+            return web.Response(status=503)
+        body = self.jwks_body if self.jwks_body is not None else json.dumps(self.jwks()).encode()
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": self.cache_control})
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+class Sink(_Server):
+    """An OTLP receiver that records requests. ``status``/``retry_after``/``delay`` shape
+    its answers; by default 200 with an empty Export*ServiceResponse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[Received] = []
+        self.status = 200
+        self.delay = 0.0
+        self.retry_after: str | None = None
+        self.answer = b""
+        self.app.router.add_route("*", "/{tail:.*}", self._record)
+
+    async def _record(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.received.append(Received(request.method, request.path, CIMultiDict(request.headers), body))
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        content_type = request.headers.get("Content-Type", "application/x-protobuf")
+        return web.Response(status=self.status, body=self.answer, headers={"Content-Type": content_type, **headers})

@@ -1,0 +1,1 @@
+"""Deployment markers from signed Gitea/Forgejo webhooks and GitLab jobs."""
