@@ -117,7 +117,8 @@ class StandInIssuer(_Server):
             kid = self.ec_kid
         else:
             key, kid = self.rsa_key, self.rsa_kid
-        return jwt.encode(body, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+        fields = {k: v for k, v in {"kid": kid, **(headers or {})}.items() if v is not None}
+        return jwt.encode(body, key, algorithm=alg, headers=fields)
 
     async def _discovery(self, request: web.Request) -> web.Response:
         self.discovery_fetches += 1

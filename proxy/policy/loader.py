@@ -53,13 +53,15 @@ class Checker:
         self.add(line, f"{what} must be a mapping (key: value), not {_kind(value)}")
         return None
 
-    def keys(self, entry: LDict, allowed: tuple[str, ...], required: tuple[str, ...], what: str) -> None:
+    def keys(
+        self, entry: LDict, allowed: tuple[str, ...], required: tuple[str, ...], what: str, line: int | None = None
+    ) -> None:
         for key in entry:
             if key not in allowed:
                 self.add(entry.line_of(key), f"unknown key {key!r} in {what}; allowed: {', '.join(allowed)}")
         for key in required:
             if key not in entry:
-                self.add(entry.line, f"{what} is missing {key!r}")
+                self.add(line or entry.line, f"{what} is missing {key!r}")
 
     def string(self, entry: LDict, key: str, what: str) -> str | None:
         value = entry.get(key)
@@ -198,7 +200,7 @@ def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("issuer", "audiences", "jwks_uri", "algorithms"), ("issuer", "audiences"), what)
+        check.keys(entry, ("issuer", "audiences", "jwks_uri", "algorithms"), ("issuer", "audiences"), what, line)
         url = check.url(entry, "issuer", what)
         audiences = check.strings(entry, "audiences", what)
         jwks_uri = check.url(entry, "jwks_uri", what)
@@ -226,7 +228,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what)
+        check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what, line)
         ref = check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token") if "access_token" in entry else None
         signals = check.strings(entry, "signals", what) or SIGNALS
         bad = [s for s in signals if s not in SIGNALS]
