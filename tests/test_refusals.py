@@ -4,6 +4,7 @@ the request's encoding, the reason code in the audit log, and an empty sink."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -183,6 +184,7 @@ async def test_key_rotation_is_picked_up_by_one_refetch(
     tg = await start_tracegate(policy_yaml(issuer.url), jwks_min_refetch="0.05")
     await tg.keys_ready()
     issuer.rotate()
+    await asyncio.sleep(0.1)  # past the 50 ms refetch interval since the start-up fetch
     before = issuer.jwks_fetches
     async with client.post(tg.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
         assert resp.status == 200
