@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.ingest import RUNTIME
+from proxy.runtime import Runtime
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -31,9 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if runtime.draining else 200)
 
 
-def build_admin_app(runtime: object) -> web.Application:
+def build_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application()
-    app[RUNTIME] = runtime  # type: ignore[assignment]
+    app[RUNTIME] = runtime
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--policies", help="policy directory [TRACEGATE_POLICIES, ./policies]")
     serve.add_argument("--listen", help="ingest HOST:PORT [TRACEGATE_LISTEN, 0.0.0.0:4318]")
-    serve.add_argument("--admin-listen", dest="admin_listen", help="admin HOST:PORT [TRACEGATE_ADMIN_LISTEN, 0.0.0.0:9464]")
+    serve.add_argument(
+        "--admin-listen", dest="admin_listen", help="admin HOST:PORT [TRACEGATE_ADMIN_LISTEN, 0.0.0.0:9464]"
+    )
     serve.add_argument("--upstream", help="upstream base URL [TRACEGATE_UPSTREAM, https://ingest.lightstep.com]")
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
     check.add_argument("directory")
@@ -111,7 +113,10 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
     aud = claims.get("aud")
     auds = aud if isinstance(aud, list) else [aud]
     if not any(a in issuer.audiences for a in auds):
-        print(f"note: aud {aud!r} holds none of {list(issuer.audiences)}; a real token would be refused (audience-mismatch)")
+        print(
+            f"note: aud {aud!r} holds none of {list(issuer.audiences)}; "
+            "a real token would be refused (audience-mismatch)"
+        )
     decision = decide(policy, issuer.name, claims, signal, explain=True)
     print(f"issuer: {issuer.name} ({issuer.issuer})")
     for line in decision.trace:

@@ -21,7 +21,7 @@ def host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT, for example 0.0.0.0:4318")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a listener, configured on purpose
 
 
 def url(value: str) -> str:
@@ -63,22 +63,78 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("policies", "TRACEGATE_POLICIES", "./policies", Path, "Policy directory (all *.yaml below it)."),
     Option("listen", "TRACEGATE_LISTEN", "0.0.0.0:4318", host_port, "Ingest listener (OTLP/HTTP, webhooks)."),
-    Option("admin_listen", "TRACEGATE_ADMIN_LISTEN", "0.0.0.0:9464", host_port, "Admin listener: /metrics, /healthz, /readyz."),
+    Option(
+        "admin_listen",
+        "TRACEGATE_ADMIN_LISTEN",
+        "0.0.0.0:9464",
+        host_port,
+        "Admin listener: /metrics, /healthz, /readyz.",
+    ),
     Option("upstream", "TRACEGATE_UPSTREAM", "https://ingest.lightstep.com", url, "Default upstream base URL."),
     Option("path_traces", "TRACEGATE_UPSTREAM_PATH_TRACES", DEFAULT_PATHS["traces"], path, "Upstream path for traces."),
-    Option("path_metrics", "TRACEGATE_UPSTREAM_PATH_METRICS", DEFAULT_PATHS["metrics"], path, "Upstream path for metrics."),
+    Option(
+        "path_metrics", "TRACEGATE_UPSTREAM_PATH_METRICS", DEFAULT_PATHS["metrics"], path, "Upstream path for metrics."
+    ),
     Option("path_logs", "TRACEGATE_UPSTREAM_PATH_LOGS", DEFAULT_PATHS["logs"], path, "Upstream path for logs."),
-    Option("max_body", "TRACEGATE_MAX_BODY_BYTES", str(64 << 20), positive(int), "Largest ingest body, bytes; over it: 413."),
-    Option("upstream_timeout", "TRACEGATE_UPSTREAM_TIMEOUT", "30", positive(float), "Seconds for the whole upstream exchange; over it: 504."),
+    Option(
+        "max_body",
+        "TRACEGATE_MAX_BODY_BYTES",
+        str(64 << 20),
+        positive(int),
+        "Largest ingest body, bytes; over it: 413.",
+    ),
+    Option(
+        "upstream_timeout",
+        "TRACEGATE_UPSTREAM_TIMEOUT",
+        "30",
+        positive(float),
+        "Seconds for the whole upstream exchange; over it: 504.",
+    ),
     Option("leeway", "TRACEGATE_LEEWAY_SECONDS", "60", float, "Clock leeway for exp/nbf/iat, seconds."),
-    Option("jwks_min_refetch", "TRACEGATE_JWKS_MIN_REFETCH_SECONDS", "30", positive(float), "At most one JWKS refetch per issuer per this many seconds on unknown kids."),
-    Option("token_cache_size", "TRACEGATE_TOKEN_CACHE_SIZE", "100000", positive(int), "Verified tokens kept (by digest) until their exp."),
-    Option("forward_headers", "TRACEGATE_FORWARD_HEADERS", "", names, "Extra client headers to forward upstream (comma list)."),
+    Option(
+        "jwks_min_refetch",
+        "TRACEGATE_JWKS_MIN_REFETCH_SECONDS",
+        "30",
+        positive(float),
+        "At most one JWKS refetch per issuer per this many seconds on unknown kids.",
+    ),
+    Option(
+        "token_cache_size",
+        "TRACEGATE_TOKEN_CACHE_SIZE",
+        "100000",
+        positive(int),
+        "Verified tokens kept (by digest) until their exp.",
+    ),
+    Option(
+        "forward_headers",
+        "TRACEGATE_FORWARD_HEADERS",
+        "",
+        names,
+        "Extra client headers to forward upstream (comma list).",
+    ),
     Option("data_dir", "TRACEGATE_DATA_DIR", "./data", Path, "Where the deployment-marker outbox lives."),
     Option("outbox_path", "TRACEGATE_OUTBOX", "", str, "Outbox SQLite file; default DATA_DIR/outbox.sqlite3."),
-    Option("webhook_max_body", "TRACEGATE_WEBHOOK_MAX_BODY_BYTES", str(1 << 20), positive(int), "Largest webhook body, bytes; over it: 413."),
-    Option("dedupe_window", "TRACEGATE_DEDUPE_WINDOW_SECONDS", "86400", positive(float), "Identical webhook bodies within this window are one event."),
-    Option("drain_seconds", "TRACEGATE_DRAIN_SECONDS", "20", positive(float), "On SIGTERM, how long in-flight requests may finish."),
+    Option(
+        "webhook_max_body",
+        "TRACEGATE_WEBHOOK_MAX_BODY_BYTES",
+        str(1 << 20),
+        positive(int),
+        "Largest webhook body, bytes; over it: 413.",
+    ),
+    Option(
+        "dedupe_window",
+        "TRACEGATE_DEDUPE_WINDOW_SECONDS",
+        "86400",
+        positive(float),
+        "Identical webhook bodies within this window are one event.",
+    ),
+    Option(
+        "drain_seconds",
+        "TRACEGATE_DRAIN_SECONDS",
+        "20",
+        positive(float),
+        "On SIGTERM, how long in-flight requests may finish.",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 

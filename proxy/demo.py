@@ -66,7 +66,7 @@ def _export(endpoint: str, token: str) -> bool:
     try:
         return exporter.export(memory.get_finished_spans()) is SpanExportResult.SUCCESS
     finally:
-        exporter.shutdown()
+        exporter.shutdown()  # type: ignore[no-untyped-call]
 
 
 async def run_demo() -> int:
@@ -83,8 +83,13 @@ async def run_demo() -> int:
         policies = Path(tmp) / "policies"
         policies.mkdir()
         (policies / "demo.yaml").write_text(POLICY.format(issuer=issuer.url))
-        flags = {"policies": str(policies), "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
-                 "upstream": sink.url, "data_dir": str(Path(tmp) / "data")}
+        flags = {
+            "policies": str(policies),
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "upstream": sink.url,
+            "data_dir": str(Path(tmp) / "data"),
+        }
         runtime, runners = await start(Settings.load(flags, {}), {"LS_TOKEN_CHECKOUT": key.reveal()})
         url = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
         try:
@@ -106,7 +111,9 @@ async def _story(url: str, issuer: StandInIssuer, sink: Sink, key: Secret, tap: 
     print(f"stand-in issuer  {issuer.url}  (OIDC discovery + JWKS, RSA and EC keys)")
     print(f"OTLP sink        {sink.url}  (plays Lightstep)")
     print(f"tracegate        {url}/v1/traces")
-    token = issuer.mint(project_path="shop/checkout", namespace_path="shop", sub="project_path:shop/checkout:ref_type:branch:ref:main")
+    token = issuer.mint(
+        project_path="shop/checkout", namespace_path="shop", sub="project_path:shop/checkout:ref_type:branch:ref:main"
+    )
     print("\n1. a CI job exports a span with the OpenTelemetry SDK, its ID token as the bearer credential")
     accepted = await asyncio.to_thread(_export, url + "/v1/traces", token)
     got = sink.received[-1] if sink.received else None
@@ -115,24 +122,38 @@ async def _story(url: str, issuer: StandInIssuer, sink: Sink, key: Secret, tap: 
     if got is not None:
         print(f"   sink received {len(got.body)} bytes at {got.path}")
         print(f"   lightstep-access-token upstream: {key.redacted()}  (the service account's key: {injected})")
-        print(f"   client's Authorization header upstream: {'present!' if 'Authorization' in got.headers else 'removed'}")
+        print(
+            f"   client's Authorization header upstream: {'present!' if 'Authorization' in got.headers else 'removed'}"
+        )
     if tap.lines:
         line = tap.lines[-1]
-        print(f"   audit: decision={line['decision']} rule={line['rule']} account={line['service_account']} "
-              f"project={line['project_path']} pipeline={line['pipeline_id']} upstream={line['upstream_status']}")
+        print(
+            f"   audit: decision={line['decision']} rule={line['rule']} account={line['service_account']} "
+            f"project={line['project_path']} pipeline={line['pipeline_id']} upstream={line['upstream_status']}"
+        )
 
     print("\n2. the same request with a forged token (claims edited, signature kept)")
     head, _, sig = token.split(".")
     forged_claims = issuer.mint(project_path="shop/admin").split(".")[1]
     before = len(sink.received)
-    async with aiohttp.ClientSession() as client, client.post(
-        url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {head}.{forged_claims}.{sig}",
-                                               "Content-Type": "application/json"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
+            url + "/v1/traces",
+            data=b"",
+            headers={"Authorization": f"Bearer {head}.{forged_claims}.{sig}", "Content-Type": "application/json"},
+        ) as resp,
+    ):
         refused_status, refused_body = resp.status, await resp.text()
     print(f"   HTTP {refused_status} {refused_body}")
     if tap.lines:
         print(f"   audit: decision={tap.lines[-1]['decision']} reason={tap.lines[-1]['reason']}")
     print(f"   requests that reached the sink: {len(sink.received) - before}")
-    return bool(accepted and injected and got is not None and "Authorization" not in got.headers
-                and refused_status == 401 and len(sink.received) == before)
+    return bool(
+        accepted
+        and injected
+        and got is not None
+        and "Authorization" not in got.headers
+        and refused_status == 401
+        and len(sink.received) == before
+    )

@@ -113,7 +113,7 @@ class Forwarder:
                 status_label = str(resp.status)
                 relayed = {h: resp.headers[h] for h in RELAYED if h in resp.headers}
                 return UpstreamAnswer(resp.status, body, relayed, state.received)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status_label = "timeout"
             raise UpstreamError("upstream-timeout", 504) from None
         except (aiohttp.ClientError, OSError, BodyError) as exc:

@@ -21,11 +21,26 @@ FORWARDED = frozenset({"content-type", "content-encoding", "content-length", "us
 #: Upstream answer headers relayed to the client.
 RELAYED = ("Content-Type", "Content-Encoding", "Retry-After")
 #: Names that may never be forwarded, even when configured as extra headers.
-NEVER = frozenset({
-    "authorization", "proxy-authorization", "lightstep-access-token", "cookie", "set-cookie",
-    "forwarded", "x-real-ip", "connection", "keep-alive", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "expect",
-})
+NEVER = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "lightstep-access-token",
+        "cookie",
+        "set-cookie",
+        "forwarded",
+        "x-real-ip",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "expect",
+    }
+)
 
 
 class HeaderPolicy:

@@ -31,7 +31,9 @@ from proxy.policy.model import Policy
 #: Tokens longer than this are refused unparsed (GitLab ID tokens are ~1 KB).
 MAX_TOKEN_BYTES = 8192
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
-_QUERY_TOKEN_NAMES = frozenset({"access_token", "token", "id_token", "jwt", "lightstep-access-token", "lightstep_access_token"})
+_QUERY_TOKEN_NAMES = frozenset(
+    {"access_token", "token", "id_token", "jwt", "lightstep-access-token", "lightstep_access_token"}
+)
 
 _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidAudienceError, "audience-mismatch"),

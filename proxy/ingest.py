@@ -44,10 +44,24 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
     decision = decide(gate.policy, identity.issuer, identity.claims, signal)
     account = decision.account.name if decision.account else ""
     rule = decision.rule.name if decision.rule else None
-    facts = {"issuer": identity.issuer, "claims": identity.claims, "rule": rule, "signal": signal}
+
+    def record(outcome: str, reason: str, bytes_in: int = 0, upstream_status: int | None = None) -> None:
+        metrics.requests.labels(signal, account, outcome, reason).inc()
+        audit(
+            kind="ingest",
+            decision=outcome,
+            reason=reason,
+            issuer=identity.issuer,
+            claims=identity.claims,
+            service_account=account or None,
+            rule=rule,
+            signal=signal,
+            bytes_in=bytes_in,
+            upstream_status=upstream_status,
+        )
+
     if not decision.allowed or decision.account is None:
-        metrics.requests.labels(signal, account, "denied", decision.reason).inc()
-        audit(kind="ingest", decision="denied", reason=decision.reason, service_account=account or None, **facts)
+        record("denied", decision.reason)
         return refusal(403, content_type)
 
     try:
@@ -56,16 +70,11 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
             raise RuntimeError("runtime not started")
         answer = await forwarder.forward(request, signal, decision.account)
     except (BodyError, UpstreamError) as exc:
-        metrics.requests.labels(signal, account, "failed", exc.reason).inc()
-        audit(kind="ingest", decision="failed", reason=exc.reason, service_account=account, **facts)
+        record("failed", exc.reason)
         return refusal(exc.status, content_type)
 
     reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
-    metrics.requests.labels(signal, account, "allowed", reason).inc()
-    audit(
-        kind="ingest", decision="allowed", reason=reason, service_account=account,
-        bytes_in=answer.body_bytes, upstream_status=answer.status, **facts,
-    )
+    record("allowed", reason, answer.body_bytes, answer.status)
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 

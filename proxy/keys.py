@@ -200,7 +200,7 @@ class KeySource:
                     if len(body) > MAX_DOCUMENT_BYTES:
                         raise FetchFailed("too-large")
                 cache_control = resp.headers.get("Cache-Control")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise FetchFailed("timeout") from None
         except aiohttp.ClientError:
             raise FetchFailed("unreachable") from None

@@ -16,8 +16,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "tracegate_requests", "Ingest requests by outcome.",
-            ("signal", "service_account", "decision", "reason"), registry=r,
+            "tracegate_requests",
+            "Ingest requests by outcome.",
+            ("signal", "service_account", "decision", "reason"),
+            registry=r,
         )
         self.request_bytes = Counter(
             "tracegate_request_bytes", "Request body bytes received from clients.", ("signal",), registry=r
@@ -26,22 +28,25 @@ class Metrics:
             "tracegate_upstream_responses", "Upstream answers by status (or error).", ("signal", "status"), registry=r
         )
         self.upstream_latency = Histogram(
-            "tracegate_upstream_duration_seconds", "Time from sending upstream to its answer.",
-            ("signal",), buckets=LATENCY_BUCKETS, registry=r,
+            "tracegate_upstream_duration_seconds",
+            "Time from sending upstream to its answer.",
+            ("signal",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.jwks_fetches = Counter(
             "tracegate_jwks_fetches", "JWKS fetches by issuer and result.", ("issuer", "result"), registry=r
         )
         self.policy_loads = Counter("tracegate_policy_loads", "Policy loads by result.", ("result",), registry=r)
         self.policy_loaded = Gauge(
-            "tracegate_policy_loaded", "1 if the last policy load succeeded, 0 if the old policy is serving.", registry=r
+            "tracegate_policy_loaded",
+            "1 if the last policy load succeeded, 0 if the old policy is serving.",
+            registry=r,
         )
         self.policy_last_load = Gauge(
             "tracegate_policy_last_load_timestamp_seconds", "Unix time of the last successful policy load.", registry=r
         )
-        self.token_cache = Counter(
-            "tracegate_token_cache", "Verified-token cache lookups.", ("result",), registry=r
-        )
+        self.token_cache = Counter("tracegate_token_cache", "Verified-token cache lookups.", ("result",), registry=r)
         # Outbox (deployment markers).
         self.outbox_depth = Gauge("tracegate_outbox_depth", "Events waiting in the outbox.", registry=r)
         self.outbox_oldest_age = Gauge(
@@ -51,7 +56,10 @@ class Metrics:
             "tracegate_outbox_deliveries", "Outbox delivery attempts by result.", ("result",), registry=r
         )
         self.webhooks = Counter(
-            "tracegate_webhooks", "Webhook and deployment requests by outcome.", ("source", "decision", "reason"), registry=r
+            "tracegate_webhooks",
+            "Webhook and deployment requests by outcome.",
+            ("source", "decision", "reason"),
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -108,14 +108,21 @@ class Runtime:
         for name, issuer in policy.issuers.items():
             if name not in self._sources:
                 source = KeySource(
-                    issuer, self._key_session, self.metrics,
-                    clock=self.monotonic, min_refetch_interval=self.settings.jwks_min_refetch,
+                    issuer,
+                    self._key_session,
+                    self.metrics,
+                    clock=self.monotonic,
+                    min_refetch_interval=self.settings.jwks_min_refetch,
                 )
                 self._sources[name] = source
                 self._source_tasks[name] = asyncio.get_running_loop().create_task(source.run())
         verifier = TokenVerifier(
-            policy, dict(self._sources), self.metrics,
-            clock=self.clock, leeway=self.settings.leeway, cache_size=self.settings.token_cache_size,
+            policy,
+            dict(self._sources),
+            self.metrics,
+            clock=self.clock,
+            leeway=self.settings.leeway,
+            cache_size=self.settings.token_cache_size,
         )
         self._gate = Gate(policy, verifier)
 

@@ -68,9 +68,7 @@ def resolve(ref: SecretRef, environ: Mapping[str, str]) -> Secret:
         try:
             value = Path(ref.name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise SecretUnavailable(
-                f"secret file {ref.name} cannot be read ({type(exc).__name__})"
-            ) from None
+            raise SecretUnavailable(f"secret file {ref.name} cannot be read ({type(exc).__name__})") from None
         if value.endswith("\n"):
             value = value[:-1]
             if value.endswith("\r"):

@@ -24,7 +24,9 @@ from proxy.runtime import Runtime
 log = logging.getLogger("tracegate")
 
 #: Server protocol limits: oversized header blocks and lines are refused by the parser.
-PROTOCOL_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 100
 
 
 def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
@@ -50,8 +52,14 @@ async def start(
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
     ingest = web.AppRunner(
-        build_ingest_app(runtime, policy), access_log=None, auto_decompress=False,
-        shutdown_timeout=settings.drain_seconds, handle_signals=False, **PROTOCOL_LIMITS,
+        build_ingest_app(runtime, policy),
+        access_log=None,
+        auto_decompress=False,
+        shutdown_timeout=settings.drain_seconds,
+        handle_signals=False,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
     )
     admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
     await ingest.setup()
@@ -73,7 +81,8 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(runtime.reload()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log.info("tracegate serving", extra={"listen": "%s:%d" % settings.listen, "admin": "%s:%d" % settings.admin_listen})
+    listen, admin = settings.listen, settings.admin_listen
+    log.info("tracegate serving", extra={"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"})
     await stop.wait()
     log.info("draining", extra={"seconds": settings.drain_seconds})
     runtime.draining = True

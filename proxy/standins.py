@@ -110,7 +110,14 @@ class StandInIssuer(_Server):
         self.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.rsa_kid = "rsa-" + uuid.uuid4().hex[:8]
 
-    def mint(self, claims: dict[str, Any] | None = None, *, alg: str = "RS256", headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+    def mint(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        alg: str = "RS256",
+        headers: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> str:
         body = claims if claims is not None else gitlab_claims(self.url, **overrides)
         if alg.startswith("ES"):
             key: Any = self.ec_key
@@ -124,11 +131,13 @@ class StandInIssuer(_Server):
         self.discovery_fetches += 1
         if not self.available:
             return web.Response(status=503)
-        return web.json_response({
-            "issuer": self.url,
-            "jwks_uri": self.jwks_uri_override or self.url + "/oauth/discovery/keys",
-            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
-        })
+        return web.json_response(
+            {
+                "issuer": self.url,
+                "jwks_uri": self.jwks_uri_override or self.url + "/oauth/discovery/keys",
+                "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+            }
+        )
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_fetches += 1

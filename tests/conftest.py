@@ -25,7 +25,8 @@ SECRETS = (PAYMENTS_KEY, DOCS_KEY)
 
 
 def policy_yaml(issuer_url: str, extra: str = "") -> str:
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         issuers:
           gitlab:
             issuer: {issuer_url}
@@ -51,7 +52,9 @@ def policy_yaml(issuer_url: str, extra: str = "") -> str:
             issuer: gitlab
             when: {{project_path: ["docs/site", "docs/handbook"]}}
             service_account: docs-ci
-        """) + extra
+        """)
+        + extra
+    )
 
 
 @dataclass
@@ -124,7 +127,9 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
         runtime, runners = await start(settings, env if env is not None else environ(), metrics=Metrics())
         ingest_port = runners[0].addresses[0][1]
         admin_port = runners[1].addresses[0][1]
-        tg = Tracegate(runtime, runners, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{admin_port}", policy_dir)
+        tg = Tracegate(
+            runtime, runners, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{admin_port}", policy_dir
+        )
         started.append(tg)
         return tg
 

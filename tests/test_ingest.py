@@ -30,7 +30,9 @@ def export_span(endpoint: str, headers: dict[str, str], *, gzip_body: bool = Fal
         pass
     provider.shutdown()
     exporter = OTLPSpanExporter(
-        endpoint=endpoint, headers=headers, timeout=10,
+        endpoint=endpoint,
+        headers=headers,
+        timeout=10,
         compression=Compression.Gzip if gzip_body else Compression.NoCompression,
     )
     try:
@@ -44,8 +46,14 @@ async def test_sdk_span_reaches_sink_with_account_key_and_no_client_credential(
 ) -> None:
     token = issuer.mint()
     result = await asyncio.to_thread(
-        export_span, tracegate.url + "/v1/traces", {"authorization": f"Bearer {token}", "cookie": "session=abc",
-                                                     "x-forwarded-for": "10.0.0.1", "x_forwarded_for": "10.0.0.2"}
+        export_span,
+        tracegate.url + "/v1/traces",
+        {
+            "authorization": f"Bearer {token}",
+            "cookie": "session=abc",
+            "x-forwarded-for": "10.0.0.1",
+            "x_forwarded_for": "10.0.0.2",
+        },
     )
     assert result is SpanExportResult.SUCCESS
     assert len(sink.received) == 1
@@ -72,9 +80,13 @@ async def test_gzip_body_is_forwarded_byte_for_byte(
     raw = ExportTraceServiceRequest().SerializeToString() + b"\x0a\x00" * 5000
     body = gzip.compress(raw)
     async with client.post(
-        tracegate.url + "/v1/traces", data=body,
-        headers={"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/x-protobuf",
-                 "Content-Encoding": "gzip"},
+        tracegate.url + "/v1/traces",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {issuer.mint()}",
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "gzip",
+        },
     ) as resp:
         assert resp.status == 200
     assert sink.received[0].body == body
@@ -100,8 +112,9 @@ async def test_chunked_body_streams_through(
         for part in parts:
             yield part
 
-    async with client.post(tracegate.url + "/v1/logs", data=body(),
-                           headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tracegate.url + "/v1/logs", data=body(), headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 200
     assert sink.received[0].body == b"".join(parts)
     assert sink.received[0].path == "/v1/logs"
@@ -111,8 +124,11 @@ async def test_lightstep_access_token_header_carries_the_jwt(
     tracegate: Tracegate, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
 ) -> None:
     token = issuer.mint(project_path="docs/site")
-    async with client.post(tracegate.url + "/v1/traces", data=b"",
-                           headers={"Lightstep-Access-Token": token, "Content-Type": "application/json"}) as resp:
+    async with client.post(
+        tracegate.url + "/v1/traces",
+        data=b"",
+        headers={"Lightstep-Access-Token": token, "Content-Type": "application/json"},
+    ) as resp:
         assert resp.status == 200
     assert sink.received[0].headers.getall("lightstep-access-token") == [DOCS_KEY]
 
@@ -121,16 +137,21 @@ async def test_same_token_in_both_headers_is_one_credential(
     tracegate: Tracegate, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
 ) -> None:
     token = issuer.mint()
-    async with client.post(tracegate.url + "/v1/metrics", data=b"",
-                           headers={"Authorization": f"Bearer {token}", "lightstep-access-token": token}) as resp:
+    async with client.post(
+        tracegate.url + "/v1/metrics",
+        data=b"",
+        headers={"Authorization": f"Bearer {token}", "lightstep-access-token": token},
+    ) as resp:
         assert resp.status == 200
     assert sink.received[0].headers.getall("lightstep-access-token") == [PAYMENTS_KEY]
 
 
-async def test_es256_token_verifies(tracegate: Tracegate, issuer: StandInIssuer, sink: Sink,
-                                    client: aiohttp.ClientSession) -> None:
-    async with client.post(tracegate.url + "/v1/traces", data=b"",
-                           headers={"Authorization": f"Bearer {issuer.mint(alg='ES256')}"}) as resp:
+async def test_es256_token_verifies(
+    tracegate: Tracegate, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    async with client.post(
+        tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint(alg='ES256')}"}
+    ) as resp:
         assert resp.status == 200
     assert len(sink.received) == 1
 
@@ -142,8 +163,11 @@ async def test_upstream_answers_are_relayed_unchanged(
     for status, retry_after in ((429, "7"), (503, "11"), (500, None), (400, None)):
         sink.status, sink.retry_after = status, retry_after
         sink.answer = status_pb2.Status(code=8, message=f"upstream says {status}").SerializeToString()
-        async with client.post(tracegate.url + "/v1/traces", data=b"abc",
-                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}) as resp:
+        async with client.post(
+            tracegate.url + "/v1/traces",
+            data=b"abc",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"},
+        ) as resp:
             assert resp.status == status
             assert resp.headers.get("Retry-After") == retry_after
             assert resp.headers["Content-Type"] == "application/x-protobuf"
@@ -154,8 +178,11 @@ async def test_upstream_partial_success_body_reaches_client(
     tracegate: Tracegate, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
 ) -> None:
     sink.answer = json.dumps({"partialSuccess": {"rejectedSpans": "2", "errorMessage": "too old"}}).encode()
-    async with client.post(tracegate.url + "/v1/traces", data=b"{}",
-                           headers={"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/json"}) as resp:
+    async with client.post(
+        tracegate.url + "/v1/traces",
+        data=b"{}",
+        headers={"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/json"},
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/json"
         assert await resp.read() == sink.answer
@@ -168,7 +195,9 @@ async def test_upstream_unreachable_is_502(
 
     tg = await start_tracegate(policy_yaml(issuer.url), upstream="http://127.0.0.1:9")
     await tg.keys_ready()
-    async with client.post(tg.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 502
         assert status_pb2.Status.FromString(await resp.read()).code == 14
 
@@ -181,13 +210,16 @@ async def test_upstream_timeout_is_504(
     tg = await start_tracegate(policy_yaml(issuer.url), upstream_timeout="0.3")
     await tg.keys_ready()
     sink.delay = 2.0
-    async with client.post(tg.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 504
     assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="timeout") == 1
 
 
-async def test_unknown_path_404_and_wrong_method_405(tracegate: Tracegate, client: aiohttp.ClientSession,
-                                                     sink: Sink) -> None:
+async def test_unknown_path_404_and_wrong_method_405(
+    tracegate: Tracegate, client: aiohttp.ClientSession, sink: Sink
+) -> None:
     async with client.post(tracegate.url + "/v1/profiles", data=b"") as resp:
         assert resp.status == 404
     async with client.get(tracegate.url + "/v1/traces") as resp:
@@ -195,10 +227,12 @@ async def test_unknown_path_404_and_wrong_method_405(tracegate: Tracegate, clien
     assert sink.received == []
 
 
-async def test_metrics_health_and_ready(tracegate: Tracegate, issuer: StandInIssuer,
-                                        client: aiohttp.ClientSession) -> None:
-    async with client.post(tracegate.url + "/v1/traces", data=b"x",
-                           headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+async def test_metrics_health_and_ready(
+    tracegate: Tracegate, issuer: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    async with client.post(
+        tracegate.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 200
     async with client.get(tracegate.admin_url + "/healthz") as resp:
         assert resp.status == 200
@@ -207,8 +241,10 @@ async def test_metrics_health_and_ready(tracegate: Tracegate, issuer: StandInIss
         assert (await resp.json())["issuers_without_keys"] == []
     async with client.get(tracegate.admin_url + "/metrics") as resp:
         text = await resp.text()
-    assert ('tracegate_requests_total{decision="allowed",reason="forwarded",'
-            'service_account="payments-ci",signal="traces"} 1.0') in text
+    assert (
+        'tracegate_requests_total{decision="allowed",reason="forwarded",'
+        'service_account="payments-ci",signal="traces"} 1.0'
+    ) in text
     assert 'tracegate_jwks_fetches_total{issuer="gitlab",result="ok"}' in text
     assert "tracegate_upstream_duration_seconds_bucket" in text
     assert 'tracegate_request_bytes_total{signal="traces"} 1.0' in text

@@ -49,13 +49,20 @@ def test_example_policies_load_for_check() -> None:
 
 
 def test_loads_and_resolves_secrets(tmp_path: Path) -> None:
-    policy = load_policy(write(tmp_path, HEAD, """\
+    policy = load_policy(
+        write(
+            tmp_path,
+            HEAD,
+            """\
         rules:
           - name: pay
             issuer: gitlab
             when: {project_path: "payments/*"}
             service_account: payments-ci
-        """), environ=ENV)
+        """,
+        ),
+        environ=ENV,
+    )
     token = policy.service_accounts["payments-ci"].access_token
     assert token is not None and token.reveal() == "pay-key-123"
     assert "pay-key-123" not in repr(policy)
@@ -66,42 +73,94 @@ def test_loads_and_resolves_secrets(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "env", "expected"),
     [
-        ("rules:\n  - {name: r, issuer: nope, when: {project_path: a/b}, service_account: payments-ci}\n",
-         ENV, "01.yaml:2: rule 'r' names unknown issuer 'nope'; define it under issuers:"),
-        ("rules:\n  - {name: r, issuer: gitlab, when: {project_path: a/b}, service_account: ghost}\n",
-         ENV, "01.yaml:2: rule 'r' names unknown service account 'ghost'"),
-        ("rules:\n  - {name: r, issuer: gitlab, when: {project_path: '*'}, service_account: payments-ci}\n",
-         ENV, "01.yaml:2: rule 'r': a bare '*' on project_path matches every project; narrow it or add allow_any: true"),
-        ("rules:\n  - {name: r, issuer: gitlab, service_account: payments-ci}\n",
-         ENV, "01.yaml:2: rule 'r' has no 'when' and so matches every token of its issuer"),
-        ("rules:\n  - {name: r, issuer: gitlab, when: {ref: main}, service_account: payments-ci, colour: red}\n",
-         ENV, "01.yaml:2: unknown key 'colour' in rule 'r'; allowed:"),
-        ("rules:\n  - {name: r, issuer: gitlab, when: {ref: main}}\n",
-         ENV, "01.yaml:2: rule 'r' allows but names no service_account"),
-        ("rules:\n  - {name: r, issuer: gitlab, effect: maybe, when: {ref: main}}\n",
-         ENV, "01.yaml:2: rule 'r': effect must be allow or deny"),
+        (
+            "rules:\n  - {name: r, issuer: nope, when: {project_path: a/b}, service_account: payments-ci}\n",
+            ENV,
+            "01.yaml:2: rule 'r' names unknown issuer 'nope'; define it under issuers:",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, when: {project_path: a/b}, service_account: ghost}\n",
+            ENV,
+            "01.yaml:2: rule 'r' names unknown service account 'ghost'",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, when: {project_path: '*'}, service_account: payments-ci}\n",
+            ENV,
+            "01.yaml:2: rule 'r': a bare '*' on project_path matches every project; narrow it or add allow_any: true",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, service_account: payments-ci}\n",
+            ENV,
+            "01.yaml:2: rule 'r' has no 'when' and so matches every token of its issuer",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, when: {ref: main}, service_account: payments-ci, colour: red}\n",
+            ENV,
+            "01.yaml:2: unknown key 'colour' in rule 'r'; allowed:",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, when: {ref: main}}\n",
+            ENV,
+            "01.yaml:2: rule 'r' allows but names no service_account",
+        ),
+        (
+            "rules:\n  - {name: r, issuer: gitlab, effect: maybe, when: {ref: main}}\n",
+            ENV,
+            "01.yaml:2: rule 'r': effect must be allow or deny",
+        ),
         ("rules: {name: r}\n", ENV, "01.yaml:1: rules must be a list of rules"),
         ("", {}, "00.yaml:7: service account 'payments-ci'.access_token: environment variable LS_PAY is not set"),
         ("", {"LS_PAY": ""}, "00.yaml:7: service account 'payments-ci'.access_token: {env: LS_PAY} is empty"),
-        ("", {"LS_PAY": "a\nb"}, "00.yaml:7: service account 'payments-ci'.access_token: {env: LS_PAY} holds a line break"),
-        ("service_accounts:\n  x:\n    access_token: ls-inline-secret-value\n",
-         ENV, "01.yaml:3: service account 'x'.access_token is written inline; secrets are references"),
-        ("service_accounts:\n  x:\n    access_token: {vault: a}\n",
-         ENV, "01.yaml:3: service account 'x'.access_token must be exactly one of {env: NAME} or {file: /path}"),
-        ("service_accounts:\n  x:\n    access_token: {file: relative/path}\n",
-         ENV, "01.yaml:3: service account 'x'.access_token: {file: relative/path} must be an absolute path"),
-        ("service_accounts:\n  x:\n    access_token: {env: LS_PAY}\n    signals: [profiles]\n",
-         ENV, "01.yaml:4: service account 'x': unknown signal 'profiles'"),
-        ("service_accounts:\n  payments-ci:\n    access_token: {env: LS_PAY}\n",
-         ENV, "01.yaml:2: service account 'payments-ci' is also defined at"),
-        ("issuers:\n  other:\n    issuer: http://gitlab.example.org\n    audiences: [x]\n",
-         ENV, "01.yaml:3: issuer 'other'.issuer: 'http://gitlab.example.org' must use https"),
-        ("issuers:\n  other:\n    issuer: https://gitlab.example.org\n    audiences: [x]\n    algorithms: [HS256]\n",
-         ENV, "01.yaml:5: issuer 'other': algorithm 'HS256' is not allowed"),
-        ("issuers:\n  other:\n    issuer: https://gitlab.example.org\n",
-         ENV, "01.yaml:2: issuer 'other' is missing 'audiences'"),
-        ("issuers:\n  other:\n    issuer: https://gitlab.example.com\n    audiences: [x]\n",
-         ENV, "issuer 'other' has the same URL as 'gitlab'; merge them"),
+        (
+            "",
+            {"LS_PAY": "a\nb"},
+            "00.yaml:7: service account 'payments-ci'.access_token: {env: LS_PAY} holds a line break",
+        ),
+        (
+            "service_accounts:\n  x:\n    access_token: ls-inline-secret-value\n",
+            ENV,
+            "01.yaml:3: service account 'x'.access_token is written inline; secrets are references",
+        ),
+        (
+            "service_accounts:\n  x:\n    access_token: {vault: a}\n",
+            ENV,
+            "01.yaml:3: service account 'x'.access_token must be exactly one of {env: NAME} or {file: /path}",
+        ),
+        (
+            "service_accounts:\n  x:\n    access_token: {file: relative/path}\n",
+            ENV,
+            "01.yaml:3: service account 'x'.access_token: {file: relative/path} must be an absolute path",
+        ),
+        (
+            "service_accounts:\n  x:\n    access_token: {env: LS_PAY}\n    signals: [profiles]\n",
+            ENV,
+            "01.yaml:4: service account 'x': unknown signal 'profiles'",
+        ),
+        (
+            "service_accounts:\n  payments-ci:\n    access_token: {env: LS_PAY}\n",
+            ENV,
+            "01.yaml:2: service account 'payments-ci' is also defined at",
+        ),
+        (
+            "issuers:\n  other:\n    issuer: http://gitlab.example.org\n    audiences: [x]\n",
+            ENV,
+            "01.yaml:3: issuer 'other'.issuer: 'http://gitlab.example.org' must use https",
+        ),
+        (
+            "issuers:\n  other:\n    issuer: https://gitlab.example.org\n    audiences: [x]\n    algorithms: [HS256]\n",
+            ENV,
+            "01.yaml:5: issuer 'other': algorithm 'HS256' is not allowed",
+        ),
+        (
+            "issuers:\n  other:\n    issuer: https://gitlab.example.org\n",
+            ENV,
+            "01.yaml:2: issuer 'other' is missing 'audiences'",
+        ),
+        (
+            "issuers:\n  other:\n    issuer: https://gitlab.example.com\n    audiences: [x]\n",
+            ENV,
+            "issuer 'other' has the same URL as 'gitlab'; merge them",
+        ),
         ("colour: red\n", ENV, "01.yaml:1: unknown key 'colour' in a policy file; allowed: issuers"),
         ("rules: [\n", ENV, "01.yaml:2: invalid YAML"),
         ("a: &x 1\nb: *x\n", ENV, "01.yaml:2: YAML aliases (*name) are not supported"),
@@ -123,11 +182,15 @@ def test_rule_names_unique_across_files(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    found = problems(tmp_path, HEAD, """\
+    found = problems(
+        tmp_path,
+        HEAD,
+        """\
         rules:
           - {name: a, issuer: nope, when: {ref: main}, service_account: payments-ci}
           - {name: b, issuer: gitlab, when: {ref: main}, service_account: ghost}
-        """)
+        """,
+    )
     assert len(found) == 2
 
 
@@ -163,13 +226,21 @@ rules:
 
 @pytest.fixture
 def policy(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return load_policy(write(tmp_path, HEAD, RULES, """\
+    return load_policy(
+        write(
+            tmp_path,
+            HEAD,
+            RULES,
+            """\
         rules:
           - name: pay-catch-all-later
             issuer: gitlab
             when: {project_path: "payments/api"}
             service_account: docs-ci
-        """), environ=ENV)
+        """,
+        ),
+        environ=ENV,
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,11 +248,29 @@ def policy(tmp_path: Path):  # type: ignore[no-untyped-def]
     [
         ({"project_path": "payments/api", "ref_protected": "true"}, "logs", True, "rule-allowed", "pay-main"),
         ({"project_path": "payments/a/b", "ref_protected": "true"}, "logs", True, "rule-allowed", "pay-main"),
-        ({"project_path": "payments/api", "ref_protected": "false"}, "traces", True, "rule-allowed", "pay-catch-all-later"),
-        ({"project_path": "payments/api", "ref_protected": "false"}, "logs", False, "signal-not-allowed", "pay-catch-all-later"),
+        (
+            {"project_path": "payments/api", "ref_protected": "false"},
+            "traces",
+            True,
+            "rule-allowed",
+            "pay-catch-all-later",
+        ),
+        (
+            {"project_path": "payments/api", "ref_protected": "false"},
+            "logs",
+            False,
+            "signal-not-allowed",
+            "pay-catch-all-later",
+        ),
         ({"project_path": "payments/api"}, "logs", False, "signal-not-allowed", "pay-catch-all-later"),
         ({"project_path": "paymentsX/api", "ref_protected": "true"}, "traces", False, "no-rule-matched", None),
-        ({"project_path": "payments/api", "ref_protected": "true", "user_login": "mallory"}, "traces", False, "rule-denied", "deny-late"),
+        (
+            {"project_path": "payments/api", "ref_protected": "true", "user_login": "mallory"},
+            "traces",
+            False,
+            "rule-denied",
+            "deny-late",
+        ),
         ({"groups_direct": ["web", "platform/sre"]}, "traces", True, "rule-allowed", "platform-groups"),
         ({"groups_direct": ["sre"]}, "traces", True, "rule-allowed", "platform-groups"),
         ({"groups_direct": ["web"]}, "traces", False, "no-rule-matched", None),
@@ -200,4 +289,6 @@ def test_unknown_issuer_is_denied(policy) -> None:  # type: ignore[no-untyped-de
 
 
 def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignore[no-untyped-def]
-    assert decide(policy, "gitlab", {"project_path": "payments/x", "ref_protected": True}, "logs").rule.name == "pay-main"
+    assert (
+        decide(policy, "gitlab", {"project_path": "payments/x", "ref_protected": True}, "logs").rule.name == "pay-main"
+    )

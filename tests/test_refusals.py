@@ -54,41 +54,97 @@ CASES: dict[str, tuple[Any, int, str]] = {
     "garbage": (lambda i: {"Authorization": "Bearer not-a-jwt"}, 401, "malformed-token"),
     "garbage-segments": (lambda i: {"Authorization": "Bearer aaa.bbb.ccc"}, 401, "malformed-token"),
     "basic-auth": (lambda i: {"Authorization": "Basic dXNlcjpwYXNz"}, 401, "unsupported-auth-scheme"),
-    "alg-none": (lambda i: {"Authorization": "Bearer " + unsigned({"alg": "none", "kid": i.rsa_kid}, gitlab_claims(i.url))},
-                 401, "algorithm-not-allowed"),
-    "hs256-public-key": (lambda i: {"Authorization": "Bearer " + hs256_with_public_key(i)}, 401, "algorithm-not-allowed"),
+    "alg-none": (
+        lambda i: {"Authorization": "Bearer " + unsigned({"alg": "none", "kid": i.rsa_kid}, gitlab_claims(i.url))},
+        401,
+        "algorithm-not-allowed",
+    ),
+    "hs256-public-key": (
+        lambda i: {"Authorization": "Bearer " + hs256_with_public_key(i)},
+        401,
+        "algorithm-not-allowed",
+    ),
     "bad-signature": (lambda i: {"Authorization": "Bearer " + bad_signature(i)}, 401, "bad-signature"),
-    "expired": (lambda i: {"Authorization": "Bearer " + i.mint(exp=int(time.time()) - 120, iat=int(time.time()) - 600)},
-                401, "token-expired"),
-    "nbf-future": (lambda i: {"Authorization": "Bearer " + i.mint(nbf=int(time.time()) + 600)}, 401, "token-not-yet-valid"),
-    "iat-future": (lambda i: {"Authorization": "Bearer " + i.mint(iat=int(time.time()) + 600)}, 401, "token-issued-in-future"),
-    "wrong-iss": (lambda i: {"Authorization": "Bearer " + i.mint(iss="https://gitlab.evil.example")}, 401, "unknown-issuer"),
+    "expired": (
+        lambda i: {"Authorization": "Bearer " + i.mint(exp=int(time.time()) - 120, iat=int(time.time()) - 600)},
+        401,
+        "token-expired",
+    ),
+    "nbf-future": (
+        lambda i: {"Authorization": "Bearer " + i.mint(nbf=int(time.time()) + 600)},
+        401,
+        "token-not-yet-valid",
+    ),
+    "iat-future": (
+        lambda i: {"Authorization": "Bearer " + i.mint(iat=int(time.time()) + 600)},
+        401,
+        "token-issued-in-future",
+    ),
+    "wrong-iss": (
+        lambda i: {"Authorization": "Bearer " + i.mint(iss="https://gitlab.evil.example")},
+        401,
+        "unknown-issuer",
+    ),
     "iss-trailing-slash": (lambda i: {"Authorization": "Bearer " + i.mint(iss=i.url + "/")}, 401, "unknown-issuer"),
-    "wrong-aud": (lambda i: {"Authorization": "Bearer " + i.mint(aud="https://other.example")}, 401, "audience-mismatch"),
-    "aud-list-without-ours": (lambda i: {"Authorization": "Bearer " + i.mint(aud=["a", "b"])}, 401, "audience-mismatch"),
+    "wrong-aud": (
+        lambda i: {"Authorization": "Bearer " + i.mint(aud="https://other.example")},
+        401,
+        "audience-mismatch",
+    ),
+    "aud-list-without-ours": (
+        lambda i: {"Authorization": "Bearer " + i.mint(aud=["a", "b"])},
+        401,
+        "audience-mismatch",
+    ),
     "no-exp": (lambda i: {"Authorization": "Bearer " + i.mint(exp=None)}, 401, "missing-claim"),
     "unknown-kid": (lambda i: {"Authorization": "Bearer " + i.mint(headers={"kid": "nope"})}, 401, "unknown-kid"),
     "no-kid": (lambda i: {"Authorization": "Bearer " + i.mint(headers={"kid": None})}, 401, "missing-kid"),
-    "es-token-rs-kid": (lambda i: {"Authorization": "Bearer " + i.mint(alg="ES256", headers={"kid": i.rsa_kid})},
-                        401, "key-algorithm-mismatch"),
-    "two-different-tokens": (lambda i: {"Authorization": "Bearer " + i.mint(), "lightstep-access-token": i.mint(job_id="2")},
-                             401, "conflicting-tokens"),
-    "two-authorization-headers": (lambda i: [("Authorization", "Bearer " + i.mint()), ("Authorization", "Bearer " + i.mint(job_id="3"))],
-                                  401, "conflicting-tokens"),
+    "es-token-rs-kid": (
+        lambda i: {"Authorization": "Bearer " + i.mint(alg="ES256", headers={"kid": i.rsa_kid})},
+        401,
+        "key-algorithm-mismatch",
+    ),
+    "two-different-tokens": (
+        lambda i: {"Authorization": "Bearer " + i.mint(), "lightstep-access-token": i.mint(job_id="2")},
+        401,
+        "conflicting-tokens",
+    ),
+    "two-authorization-headers": (
+        lambda i: [("Authorization", "Bearer " + i.mint()), ("Authorization", "Bearer " + i.mint(job_id="3"))],
+        401,
+        "conflicting-tokens",
+    ),
     "token-in-query": (lambda i: {"Authorization": "Bearer " + i.mint()}, 401, "token-in-query"),
-    "deny-rule": (lambda i: {"Authorization": "Bearer " + i.mint(project_path="payments/forks/api")}, 403, "rule-denied"),
+    "deny-rule": (
+        lambda i: {"Authorization": "Bearer " + i.mint(project_path="payments/forks/api")},
+        403,
+        "rule-denied",
+    ),
     "no-rule": (lambda i: {"Authorization": "Bearer " + i.mint(project_path="marketing/site")}, 403, "no-rule-matched"),
     "unprotected-ref": (lambda i: {"Authorization": "Bearer " + i.mint(ref_protected="false")}, 403, "no-rule-matched"),
-    "missing-claim-never-matches": (lambda i: {"Authorization": "Bearer " + i.mint(ref_protected=None)}, 403, "no-rule-matched"),
-    "signal-not-allowed": (lambda i: {"Authorization": "Bearer " + i.mint(project_path="docs/site")}, 403, "signal-not-allowed"),
+    "missing-claim-never-matches": (
+        lambda i: {"Authorization": "Bearer " + i.mint(ref_protected=None)},
+        403,
+        "no-rule-matched",
+    ),
+    "signal-not-allowed": (
+        lambda i: {"Authorization": "Bearer " + i.mint(project_path="docs/site")},
+        403,
+        "signal-not-allowed",
+    ),
 }
 
 
 @pytest.mark.parametrize("content_type", ["application/x-protobuf", "application/json"])
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_refused(
-    case: str, content_type: str, tracegate: Tracegate, issuer: StandInIssuer, sink: Sink,
-    client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    case: str,
+    content_type: str,
+    tracegate: Tracegate,
+    issuer: StandInIssuer,
+    sink: Sink,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     build, status, reason = CASES[case]
     headers = build(issuer)
@@ -117,8 +173,16 @@ async def test_refused(
     audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tracegate.audit"]
     assert audit[-1]["reason"] == reason
     decision = "refused" if status == 401 else "denied"
-    assert tracegate.metric("tracegate_requests_total", signal=signal, service_account=audit[-1]["service_account"] or "",
-                            decision=decision, reason=reason) == 1
+    assert (
+        tracegate.metric(
+            "tracegate_requests_total",
+            signal=signal,
+            service_account=audit[-1]["service_account"] or "",
+            decision=decision,
+            reason=reason,
+        )
+        == 1
+    )
     tokens = [v.split(" ")[-1] for _, v in pairs]
     assert_no_secrets(caplog.text + body.decode("latin-1"), *tokens)
 
@@ -130,13 +194,15 @@ async def test_oversized_body_declared_is_413_before_upstream(
 
     tg = await start_tracegate(policy_yaml(issuer.url), max_body="1000")
     await tg.keys_ready()
-    async with client.post(tg.url + "/v1/traces", data=b"x" * 1001,
-                           headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=b"x" * 1001, headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 413
         assert status_pb2.Status.FromString(await resp.read()).code == 8
     assert sink.received == []
-    async with client.post(tg.url + "/v1/traces", data=b"x" * 1000,
-                           headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=b"x" * 1000, headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 200
 
 
@@ -152,7 +218,9 @@ async def test_oversized_chunked_body_is_413_and_upstream_gets_no_complete_reque
             yield b"x" * 10000
 
     await tg.keys_ready()
-    async with client.post(tg.url + "/v1/traces", data=body(), headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=body(), headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 413
     assert sink.received == []
 
@@ -165,14 +233,18 @@ async def test_thousand_random_kids_cost_a_bounded_number_of_fetches(
     statuses = []
     for _ in range(1000):
         token = issuer.mint(headers={"kid": f"kid-{rng.getrandbits(64):x}"})
-        async with client.post(tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with client.post(
+            tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {token}"}
+        ) as resp:
             statuses.append(resp.status)
     assert set(statuses) == {401}
     # min refetch interval is 30 s by default: the first unknown kid may refetch, no more.
     assert issuer.jwks_fetches - before <= 1
     assert sink.received == []
     # A valid token still works afterwards: the last good keys stayed in use.
-    async with client.post(tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 200
 
 
@@ -186,6 +258,8 @@ async def test_key_rotation_is_picked_up_by_one_refetch(
     issuer.rotate()
     await asyncio.sleep(0.1)  # past the 50 ms refetch interval since the start-up fetch
     before = issuer.jwks_fetches
-    async with client.post(tg.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint()}"}) as resp:
+    async with client.post(
+        tg.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
         assert resp.status == 200
     assert issuer.jwks_fetches - before == 1

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 from proxy.errors import PolicyLoadError, PolicyProblem
 from proxy.policy.matchers import Matcher, claim_text
@@ -99,7 +98,8 @@ class Checker:
         if not isinstance(value, LDict) or len(value) != 1 or next(iter(value)) not in ("env", "file"):
             self.add(line, f"{what} must be exactly one of {{env: NAME}} or {{file: /path}}")
             return None
-        kind, name = next(iter(value.items()))
+        kind: Literal["env", "file"] = "env" if "env" in value else "file"
+        name = value[kind]
         if not isinstance(name, str) or not name.strip():
             self.add(line, f"{what}: {{{kind}: …}} needs a non-empty name")
             return None
@@ -174,10 +174,15 @@ def load_policy(
             _accounts(check, top, accounts, environ if resolve_secrets else None)
             for rule in _rules(check, top):
                 if rule.name in rule_names:
-                    check.add(rule.where.line, f"rule {rule.name!r} is also defined at {rule_names[rule.name]}; names must be unique")
+                    check.add(
+                        rule.where.line,
+                        f"rule {rule.name!r} is also defined at {rule_names[rule.name]}; names must be unique",
+                    )
                 rule_names[rule.name] = rule.where
                 rules.append(rule)
-            webhooks += parse_webhooks(check, top.get("webhooks"), top.line_of("webhooks"), environ if resolve_secrets else None)
+            webhooks += parse_webhooks(
+                check, top.get("webhooks"), top.line_of("webhooks"), environ if resolve_secrets else None
+            )
         problems += check.problems
 
     problems += _cross_check(issuers, accounts, rules, webhooks)
@@ -207,10 +212,15 @@ def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
         algorithms = check.strings(entry, "algorithms", what) or ("RS256",)
         for alg in algorithms:
             if alg not in ALLOWED_ALGORITHMS:
-                check.add(entry.line_of("algorithms"), f"{what}: algorithm {alg!r} is not allowed; use one of {', '.join(ALLOWED_ALGORITHMS)}")
+                check.add(
+                    entry.line_of("algorithms"),
+                    f"{what}: algorithm {alg!r} is not allowed; use one of {', '.join(ALLOWED_ALGORITHMS)}",
+                )
         if url and audiences:
             if url.endswith("/"):
-                check.add(entry.line_of("issuer"), f"{what}: remove the trailing '/'; iss must equal the issuer exactly")
+                check.add(
+                    entry.line_of("issuer"), f"{what}: remove the trailing '/'; iss must equal the issuer exactly"
+                )
             out[name] = Issuer(name, url, audiences, jwks_uri, algorithms, check.where(line))
 
 
@@ -229,7 +239,11 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         if entry is None:
             continue
         check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what, line)
-        ref = check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token") if "access_token" in entry else None
+        ref = (
+            check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token")
+            if "access_token" in entry
+            else None
+        )
         signals = check.strings(entry, "signals", what) or SIGNALS
         bad = [s for s in signals if s not in SIGNALS]
         if bad:
@@ -261,7 +275,12 @@ def _rules(check: Checker, top: LDict) -> list[Rule]:
             continue
         name = check.string(entry, "name", "rule") or f"<rule at line {line}>"
         what = f"rule {name!r}"
-        check.keys(entry, ("name", "issuer", "effect", "when", "service_account", "allow_any", "services"), ("name", "issuer"), what)
+        check.keys(
+            entry,
+            ("name", "issuer", "effect", "when", "service_account", "allow_any", "services"),
+            ("name", "issuer"),
+            what,
+        )
         effect = entry.get("effect", "allow")
         if effect not in ("allow", "deny"):
             check.add(entry.line_of("effect"), f"{what}: effect must be allow or deny")
@@ -296,26 +315,55 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
             return None
         matcher = Matcher(patterns)
         if claim in BROAD_CLAIMS and matcher.matches_everything and not allow_any:
-            check.add(block.line_of(claim), f"{what}: a bare '*' on {claim} matches every project; narrow it or add allow_any: true")
+            check.add(
+                block.line_of(claim),
+                f"{what}: a bare '*' on {claim} matches every project; narrow it or add allow_any: true",
+            )
         out.append((claim, matcher))
     if not out and not allow_any:
-        check.add(entry.line, f"{what} has no 'when' and so matches every token of its issuer; add conditions or allow_any: true")
+        check.add(
+            entry.line,
+            f"{what} has no 'when' and so matches every token of its issuer; add conditions or allow_any: true",
+        )
     return tuple(out)
 
 
-def _cross_check(issuers: dict[str, Issuer], accounts: dict[str, ServiceAccount], rules: list[Rule], webhooks: list[Any]) -> list[PolicyProblem]:
+def _cross_check(
+    issuers: dict[str, Issuer], accounts: dict[str, ServiceAccount], rules: list[Rule], webhooks: list[Any]
+) -> list[PolicyProblem]:
     problems = []
+
+    def add(where: Where, message: str) -> None:
+        problems.append(PolicyProblem(where.file, where.line, message))
+
+    known_issuers = ", ".join(sorted(issuers)) or "none"
+    known_accounts = ", ".join(sorted(accounts)) or "none"
     seen_urls: dict[str, Issuer] = {}
     for issuer in issuers.values():
         if issuer.issuer in seen_urls:
-            problems.append(PolicyProblem(issuer.where.file, issuer.where.line, f"issuer {issuer.name!r} has the same URL as {seen_urls[issuer.issuer].name!r}; merge them"))
+            add(
+                issuer.where,
+                f"issuer {issuer.name!r} has the same URL as {seen_urls[issuer.issuer].name!r}; merge them",
+            )
         seen_urls[issuer.issuer] = issuer
     for rule in rules:
         if rule.issuer not in issuers:
-            problems.append(PolicyProblem(rule.where.file, rule.where.line, f"rule {rule.name!r} names unknown issuer {rule.issuer!r}; define it under issuers: (known: {', '.join(sorted(issuers)) or 'none'})"))
+            add(
+                rule.where,
+                f"rule {rule.name!r} names unknown issuer {rule.issuer!r}; "
+                f"define it under issuers: (known: {known_issuers})",
+            )
         if rule.service_account is not None and rule.service_account not in accounts:
-            problems.append(PolicyProblem(rule.where.file, rule.where.line, f"rule {rule.name!r} names unknown service account {rule.service_account!r}; define it under service_accounts: (known: {', '.join(sorted(accounts)) or 'none'})"))
+            add(
+                rule.where,
+                f"rule {rule.name!r} names unknown service account {rule.service_account!r}; "
+                f"define it under service_accounts: (known: {known_accounts})",
+            )
     for hook in webhooks:
         if hook.service_account not in accounts:
-            problems.append(PolicyProblem(hook.where.file, hook.where.line, f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; define it under service_accounts:"))
+            add(
+                hook.where,
+                f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; "
+                f"define it under service_accounts: (known: {known_accounts})",
+            )
     return problems

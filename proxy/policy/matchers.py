@@ -25,7 +25,7 @@ class Matcher:
     """One or more patterns; matches a claim if any pattern matches it (or, for a
     list-valued claim, any of its elements)."""
 
-    __slots__ = ("patterns", "_exact", "_regex")
+    __slots__ = ("_exact", "_regex", "patterns")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns = tuple(patterns)

@@ -43,7 +43,7 @@ class _DocumentError(Exception):
 class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise _DocumentError(
                 event.start_mark.line + 1,
                 "YAML aliases (*name) are not supported in policy files; write the value out",
@@ -62,9 +62,7 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LDict:
         if not isinstance(key, str):
             raise _DocumentError(line, f"keys must be strings, not {type(key).__name__}")
         if key in result:
-            raise _DocumentError(
-                line, f"duplicate key {key!r} (first at line {result.key_lines[key]}); keep one"
-            )
+            raise _DocumentError(line, f"duplicate key {key!r} (first at line {result.key_lines[key]}); keep one")
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_lines[key] = line
     return result
@@ -77,8 +75,8 @@ def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> LList:
     return result
 
 
-_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)  # type: ignore[arg-type]
-_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)  # type: ignore[arg-type]
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 def read_document(path: Path, shown_as: str) -> tuple[Any, list[PolicyProblem]]:
@@ -94,7 +92,7 @@ def read_document(path: Path, shown_as: str) -> tuple[Any, list[PolicyProblem]]:
     except UnicodeDecodeError as exc:
         return None, [PolicyProblem(shown_as, 1, f"not UTF-8 (byte {exc.start}); save it as UTF-8")]
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))  # noqa: S506 - _Loader is a SafeLoader
+        docs = list(yaml.load_all(text, Loader=_Loader))
     except _DocumentError as exc:
         return None, [PolicyProblem(shown_as, exc.line, exc.message)]
     except yaml.MarkedYAMLError as exc:

@@ -1,0 +1,62 @@
+"""``tracegate check`` and ``tracegate explain`` on policy repositories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_check_accepts_the_example_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "policies")], environ={}) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+
+
+def test_check_reports_each_problem_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").write_text(
+        "issuers:\n  g:\n    issuer: https://g.example\n    audiences: [t]\n"
+        "service_accounts:\n  s:\n    access_token: inline-secret-123\n"
+        "rules:\n  - {name: r, issuer: x, when: {ref: main}, service_account: s}\n"
+    )
+    assert main(["check", str(tmp_path)], environ={}) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[0] == f"{tmp_path}/a.yaml:7: service account 's'.access_token is written inline; "
+        "secrets are references: {env: NAME} or {file: /path}"
+    )
+    assert out[1].startswith(f"{tmp_path}/a.yaml:9: rule 'r' names unknown issuer 'x'")
+    assert "inline-secret-123" not in "\n".join(out)
+
+
+def test_explain_allowed_and_denied(capsys: pytest.CaptureFixture[str]) -> None:
+    claims = ROOT / "examples/claims/payments-main.json"
+    assert main(["explain", str(ROOT / "policies"), "--claims", str(claims), "--signal", "logs"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "allowed (rule-allowed): rule 'payments-protected'" in out
+    assert "service account 'payments-ci'" in out
+    assert "{env: LS_TOKEN_PAYMENTS}" in out
+    fork = ROOT / "examples/claims/payments-fork.json"
+    assert main(["explain", str(ROOT / "policies"), "--claims", str(fork)], environ={}) == 1
+    assert "denied (rule-denied) by rule 'no-forks'" in capsys.readouterr().out
+
+
+def test_explain_unknown_issuer_and_no_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    claims = tmp_path / "c.json"
+    claims.write_text(json.dumps({"iss": "https://elsewhere.example", "project_path": "x/y"}))
+    assert main(["explain", str(ROOT / "policies"), "--claims", str(claims)], environ={}) == 1
+    assert "denied (unknown-issuer)" in capsys.readouterr().out
+    claims.write_text(json.dumps({"iss": "https://gitlab.example.com", "aud": "tracegate", "project_path": "x/y"}))
+    assert main(["explain", str(ROOT / "policies"), "--claims", str(claims)], environ={}) == 1
+    assert "denied (no-rule-matched)" in capsys.readouterr().out
+
+
+def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--listen", "nope"], environ={}) == 2
+    assert "--listen='nope': expected HOST:PORT" in capsys.readouterr().err
+    assert main(["serve"], environ={"TRACEGATE_UPSTREAM": "http://ingest.example.com"}) == 2
+    assert "TRACEGATE_UPSTREAM" in capsys.readouterr().err
