@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("directory")
     explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
     explain.add_argument("directory")
-    explain.add_argument("--claims", required=True, help="JSON file with the token's claims (iss selects the issuer)")
-    explain.add_argument("--signal", choices=SIGNALS, help="also check that the account may send this signal")
+    what = explain.add_mutually_exclusive_group(required=True)
+    what.add_argument("--claims", help="JSON file with a token's claims (iss selects the issuer)")
+    what.add_argument("--payload", help="JSON file with a Gitea/Forgejo webhook payload")
+    explain.add_argument("--signal", choices=SIGNALS, help="with --claims: check the account may send this signal")
+    explain.add_argument("--event", default="push", help="with --payload: the X-Gitea-Event (push, create, release)")
+    explain.add_argument("--source", choices=("gitea", "forgejo"), default="gitea", help="with --payload")
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
     return parser
 
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _serve(args, env)
         if args.command == "check":
             return _check(Path(args.directory))
+        if args.command == "explain" and args.payload:
+            return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal)
         from proxy.demo import run_demo
@@ -131,4 +137,39 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
         return 0
     rule = f" by rule {decision.rule.name!r} at {decision.rule.where}" if decision.rule else ""
     print(f"denied ({decision.reason}){rule}")
+    return 1
+
+
+def _explain_webhook(directory: Path, payload_file: Path, event: str, source: str) -> int:
+    from proxy.webhooks.gitea import Classified, classify, repository_name
+
+    policy = _load_unresolved(directory)
+    if policy is None:
+        return 1
+    payload = _read_json(payload_file)
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{payload_file}: the payload must be a JSON object")
+    repository = repository_name(payload)
+    hooks = [h for h in policy.webhooks if h.source == source and repository and h.repository.match_text(repository)]
+    print(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")
+    if not hooks:
+        print("refused (unknown-repository): no webhooks entry names it → 403")
+        return 1
+    hook = hooks[0]
+    print(f"  entry {hook.name!r} at {hook.where}; secrets: {', '.join(str(r) for r in hook.secret_refs)}")
+    classified = classify(source, event, "explain", payload)
+    if not isinstance(classified, Classified):
+        reason = classified.reason
+    elif classified.kind not in hook.events:
+        reason = "event-not-listed"
+    elif not hook.refs.match_text(classified.ref):
+        reason = f"ref-not-listed ({classified.ref} not in {list(hook.refs.patterns)})"
+    else:
+        marker = classified.marker
+        print(
+            f"marker ({classified.kind}): services {', '.join(hook.services)} get service.version={marker.revision} "
+            f"({marker.ref_type} {marker.ref_name}) via service account {hook.service_account!r} → 202"
+        )
+        return 0
+    print(f"no marker ({reason}) → 202, nothing sent")
     return 1

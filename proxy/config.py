@@ -129,6 +129,20 @@ OPTIONS: tuple[Option, ...] = (
         "Identical webhook bodies within this window are one event.",
     ),
     Option(
+        "outbox_retry_base",
+        "TRACEGATE_OUTBOX_RETRY_BASE_SECONDS",
+        "1",
+        positive(float),
+        "First outbox retry delay; doubles per attempt, with jitter.",
+    ),
+    Option(
+        "outbox_retry_max",
+        "TRACEGATE_OUTBOX_RETRY_MAX_SECONDS",
+        "300",
+        positive(float),
+        "Longest outbox retry delay, seconds.",
+    ),
+    Option(
         "drain_seconds",
         "TRACEGATE_DRAIN_SECONDS",
         "20",
@@ -158,6 +172,8 @@ class Settings:
     outbox_path: str
     webhook_max_body: int
     dedupe_window: float
+    outbox_retry_base: float
+    outbox_retry_max: float
     drain_seconds: float
     log_level: str
 

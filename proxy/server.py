@@ -20,6 +20,7 @@ from proxy.ingest import RUNTIME, add_ingest_routes
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.runtime import Runtime
+from proxy.webhooks.routes import add_webhook_routes
 
 log = logging.getLogger("tracegate")
 
@@ -40,6 +41,7 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     add_ingest_routes(app)
+    add_webhook_routes(app, runtime)
     return app
 
 

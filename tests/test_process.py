@@ -4,6 +4,7 @@ serving), SIGTERM drains in-flight requests and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -38,22 +39,12 @@ class Proc:
             return needle in await resp.text()
 
 
-@pytest.fixture
-async def proc(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> AsyncIterator[Proc]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    secret_file = tmp_path / "docs-key"
-    secret_file.write_text("docs-key-from-file\n")
-    policy = policies / "main.yaml"
-    policy.write_text(policy_yaml(issuer.url).replace("{env: LS_TOKEN_DOCS}", f"{{file: {secret_file}}}"))
+async def spawn(policies: Path, env: dict[str, str], upstream: str) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Start ``python -m proxy serve`` and wait until it is ready with the issuer's keys.
+    Its stdout and stderr go to ``stdout.log`` / ``stderr.log`` beside ``policies``."""
     port, admin = free_port(), free_port()
-    env = {
-        **os.environ,
-        "LS_TOKEN_PAYMENTS": PAYMENTS_KEY,
-        "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
-        "TRACEGATE_DRAIN_SECONDS": "10",
-        "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
-    }
+    out = (policies.parent / "stdout.log").open("ab")
+    err = (policies.parent / "stderr.log").open("ab")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -66,25 +57,43 @@ async def proc(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> AsyncIterat
         "--admin-listen",
         f"127.0.0.1:{admin}",
         "--upstream",
-        sink.url,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        upstream,
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=err,
     )
-    p = Proc(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", policy, secret_file)
+    out.close()
+    err.close()
+    admin_url = f"http://127.0.0.1:{admin}"
     async with aiohttp.ClientSession() as client:
         for _ in range(200):
             try:
-                async with client.get(p.admin + "/readyz") as resp:
+                async with client.get(admin_url + "/readyz") as resp:
                     if resp.status == 200 and not (await resp.json())["issuers_without_keys"]:
-                        break
+                        return process, f"http://127.0.0.1:{port}", admin_url
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
-        else:
-            process.kill()
-            raise RuntimeError("tracegate did not become ready")
-    yield p
+    process.kill()
+    raise RuntimeError("tracegate did not become ready")
+
+
+@pytest.fixture
+async def proc(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> AsyncIterator[Proc]:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    secret_file = tmp_path / "docs-key"
+    secret_file.write_text("docs-key-from-file\n")
+    policy = policies / "main.yaml"
+    policy.write_text(policy_yaml(issuer.url).replace("{env: LS_TOKEN_DOCS}", f"{{file: {secret_file}}}"))
+    env = {
+        "LS_TOKEN_PAYMENTS": PAYMENTS_KEY,
+        "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
+        "TRACEGATE_DRAIN_SECONDS": "10",
+        "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
+    }
+    process, url, admin = await spawn(policies, env, sink.url)
+    yield Proc(process, url, admin, policy, secret_file)
     if process.returncode is None:
         process.kill()
         await process.wait()
@@ -126,8 +135,10 @@ async def test_sighup_broken_policies_keep_the_old_one_then_a_good_one_applies(
         await reload_and_wait(client, proc, 'tracegate_policy_loads_total{result="ok"} 2.0')
         assert await send(client, proc, token) == 403
     proc.process.send_signal(signal.SIGTERM)
-    out, err = await asyncio.wait_for(proc.process.communicate(), 20)
+    await asyncio.wait_for(proc.process.wait(), 20)
     assert proc.process.returncode == 0
+    out = (proc.policy.parent.parent / "stdout.log").read_bytes()
+    err = (proc.policy.parent.parent / "stderr.log").read_bytes()
     assert b"policy reload failed" in err and b"main.yaml:" in err
     assert_no_secrets((out + err).decode(), token)
     assert "docs-key-from-file" not in (out + err).decode()
@@ -148,3 +159,54 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(proc: Proc, issu
     await asyncio.wait_for(proc.process.wait(), 15)
     assert proc.process.returncode == 0
     assert len(sink.received) == 5
+
+
+async def test_sigkill_with_events_pending_then_restart_delivers_each_exactly_once(
+    tmp_path: Path, issuer: StandInIssuer, sink: Sink
+) -> None:
+    from tests import gitea_payloads as g
+    from tests.test_webhooks import OLD_SECRET, WEBHOOKS, hook_env
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "main.yaml").write_text(policy_yaml(issuer.url, WEBHOOKS))
+    env = {
+        **hook_env(),
+        "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
+        "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
+        "TRACEGATE_OUTBOX_RETRY_BASE_SECONDS": "0.05",
+        "TRACEGATE_OUTBOX_RETRY_MAX_SECONDS": "0.2",
+    }
+    port = sink.port
+    await sink.stop()  # Lightstep is down
+    process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
+    async with aiohttp.ClientSession() as client:
+        for i in range(1, 6):
+            body = g.encode(g.push(after=f"{i:040x}"))
+            headers = {
+                **g.gitea_headers("push", body, OLD_SECRET, delivery=f"kill-{i}"),
+                "Content-Type": "application/json",
+            }
+            async with client.post(url + "/webhooks/gitea", data=body, headers=headers) as resp:
+                assert resp.status == 202
+    await asyncio.sleep(0.3)
+    process.kill()  # SIGKILL: no cleanup, no flush
+    await process.wait()
+    assert process.returncode == -signal.SIGKILL
+    await sink.start(port)
+    process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(200):
+            if len(sink.received) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        versions = sorted(
+            json.loads(r.body)["resourceSpans"][0]["resource"]["attributes"][1]["value"]["stringValue"]
+            for r in sink.received
+        )
+        assert versions == [f"{i:040x}" for i in range(1, 6)]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 15)
+    assert process.returncode == 0

@@ -1,0 +1,190 @@
+"""The outbox: deployment markers stored durably before they are acknowledged.
+
+SQLite in WAL mode with ``synchronous=FULL``: once :meth:`Outbox.add` returns, the event is
+on disk and survives a crash, a SIGKILL or a power cut, and only then does the caller
+answer 202. The sender (:mod:`.sender`) delivers from here until the upstream takes it.
+
+Idempotency: an event's ``key`` (the delivery id) is unique, so a redelivery is recognised
+and stored once; an identical signed body within ``dedupe_window`` seconds is also one
+event (a manual redelivery in Gitea has a new id and the same body).
+
+No secret is stored: only the service account's name; its key is looked up at send time.
+SQLite is blocking, so every call runs on one dedicated thread, which also serialises
+access to the single connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    body_digest TEXT NOT NULL,
+    source TEXT NOT NULL,
+    service_account TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_result TEXT
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS events_digest ON events (body_digest, received_at);
+"""
+
+Added = Literal["stored", "duplicate-delivery", "duplicate-body"]
+
+
+@dataclass(frozen=True)
+class Pending:
+    id: int
+    key: str
+    source: str
+    service_account: str
+    payload: bytes
+    attempts: int
+    received_at: float
+
+
+class Outbox:
+    def __init__(self, path: Path, *, clock: Callable[[], float], dedupe_window: float = 86400.0) -> None:
+        self.path = path
+        self._clock = clock
+        self._window = dedupe_window
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracegate-outbox")
+        self._db: sqlite3.Connection | None = None
+        self.wake = asyncio.Event()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                raise RuntimeError("outbox is closed")
+            return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            return db
+
+        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(lambda db: db.close())
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def add(self, *, key: str, body_digest: str, source: str, service_account: str, payload: bytes) -> Added:
+        """Store an event durably, unless it is a duplicate. Returns what happened."""
+        now = self._clock()
+
+        def check_and_insert(db: sqlite3.Connection) -> Added:
+            if db.execute("SELECT 1 FROM events WHERE key = ?", (key,)).fetchone():
+                return "duplicate-delivery"
+            if db.execute(
+                "SELECT 1 FROM events WHERE body_digest = ? AND received_at > ?", (body_digest, now - self._window)
+            ).fetchone():
+                return "duplicate-body"
+            db.execute(
+                "INSERT INTO events (key, body_digest, source, service_account, payload, received_at,"
+                " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, body_digest, source, service_account, payload, now, now),
+            )
+            return "stored"
+
+        def insert(db: sqlite3.Connection) -> Added:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = check_and_insert(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")  # synchronous=FULL: on disk when this returns
+            return result
+
+        result = await self._run(insert)
+        if result == "stored":
+            self.wake.set()
+        return result
+
+    async def due(self, limit: int = 50) -> list[Pending]:
+        now = self._clock()
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT id, key, source, service_account, payload, attempts, received_at FROM events"
+                " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [Pending(*row) for row in rows]
+
+    async def delivered(self, event_id: int, result: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE events SET state = 'delivered', attempts = attempts + 1, last_result = ? WHERE id = ?",
+                (result, event_id),
+            )
+        )
+
+    async def failed(self, event_id: int, result: str) -> None:
+        """A permanent failure: kept for inspection and counted, never retried."""
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE events SET state = 'failed', attempts = attempts + 1, last_result = ? WHERE id = ?",
+                (result, event_id),
+            )
+        )
+
+    async def retry_later(self, event_id: int, result: str, delay: float) -> None:
+        at = self._clock() + delay
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_result = ? WHERE id = ?",
+                (at, result, event_id),
+            )
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        """Pending depth, the oldest pending event's age (s), the next due time, and counts by state."""
+        now = self._clock()
+
+        def query(db: sqlite3.Connection) -> dict[str, Any]:
+            depth, oldest, next_due = db.execute(
+                "SELECT COUNT(*), MIN(received_at), MIN(next_attempt_at) FROM events WHERE state = 'pending'"
+            ).fetchone()
+            states = dict(db.execute("SELECT state, COUNT(*) FROM events GROUP BY state").fetchall())
+            return {
+                "depth": depth,
+                "oldest_age": (now - oldest) if oldest is not None else 0.0,
+                "next_due": next_due,
+                "states": states,
+            }
+
+        return await self._run(query)
+
+    async def prune(self) -> int:
+        """Forget delivered events older than the dedupe window (failed ones are kept)."""
+        cutoff = self._clock() - self._window
+        return await self._run(
+            lambda db: (
+                db.execute("DELETE FROM events WHERE state = 'delivered' AND received_at < ?", (cutoff,)).rowcount
+            )
+        )
