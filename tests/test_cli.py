@@ -60,3 +60,14 @@ def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--listen='nope': expected HOST:PORT" in capsys.readouterr().err
     assert main(["serve"], environ={"TRACEGATE_UPSTREAM": "http://ingest.example.com"}) == 2
     assert "TRACEGATE_UPSTREAM" in capsys.readouterr().err
+
+
+def test_explain_webhook_payloads(capsys: pytest.CaptureFixture[str]) -> None:
+    push = ROOT / "examples/webhooks/gitea-push.json"
+    assert main(["explain", str(ROOT / "policies"), "--payload", str(push), "--event", "push"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "marker (push): services payments-api, payments-worker get service.version=0a1b2c3d" in out
+    assert main(["explain", str(ROOT / "policies"), "--payload", str(push), "--event", "issues"], environ={}) == 1
+    assert "no marker (event-not-listed)" in capsys.readouterr().out
+    assert main(["explain", str(ROOT / "policies"), "--payload", str(push), "--source", "forgejo"], environ={}) == 1
+    assert "refused (unknown-repository)" in capsys.readouterr().out

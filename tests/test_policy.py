@@ -292,3 +292,42 @@ def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignor
     assert (
         decide(policy, "gitlab", {"project_path": "payments/x", "ref_protected": True}, "logs").rule.name == "pay-main"
     )
+
+
+@pytest.mark.parametrize(
+    ("hook", "expected"),
+    [
+        (
+            "{name: h, source: gitlab, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}",
+            "01.yaml:2: webhook 'h': source must be gitea or forgejo",
+        ),
+        (
+            "{name: h, source: gitea, repository: '*', secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}",
+            "01.yaml:2: webhook 'h': a bare '*' repository lets any repository send; name it",
+        ),
+        (
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], events: [issues], service_account: payments-ci, services: [s]}",
+            "01.yaml:2: webhook 'h': unknown event 'issues'; use push, tag or release",
+        ),
+        (
+            "{name: h, source: gitea, repository: a/b, secret: [inline-hook-secret], service_account: payments-ci, services: [s]}",
+            "01.yaml:2: webhook 'h'.secret is written inline",
+        ),
+        (
+            "{name: h, source: gitea, repository: a/b, secret: [{env: NOPE}], service_account: payments-ci, services: [s]}",
+            "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set",
+        ),
+        (
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}",
+            "01.yaml:2: webhook 'h' names unknown service account 'ghost'",
+        ),
+        (
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci}",
+            "01.yaml:2: webhook 'h' is missing 'services'",
+        ),
+    ],
+)
+def test_webhook_load_errors(tmp_path: Path, hook: str, expected: str) -> None:
+    found = problems(tmp_path, HEAD, f"webhooks:\n  - {hook}\n")
+    assert any(expected in p for p in found), found
+    assert all("inline-hook-secret" not in p for p in found)
