@@ -298,27 +298,27 @@ def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignor
     ("hook", "expected"),
     [
         (
-            "{name: h, source: gitlab, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}",
+            "{name: h, source: gitlab, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h': source must be gitea or forgejo",
         ),
         (
-            "{name: h, source: gitea, repository: '*', secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}",
+            "{name: h, source: gitea, repository: '*', secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h': a bare '*' repository lets any repository send; name it",
         ),
         (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], events: [issues], service_account: payments-ci, services: [s]}",
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], events: [issues], service_account: payments-ci, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h': unknown event 'issues'; use push, tag or release",
         ),
         (
-            "{name: h, source: gitea, repository: a/b, secret: [inline-hook-secret], service_account: payments-ci, services: [s]}",
+            "{name: h, source: gitea, repository: a/b, secret: [inline-hook-secret], service_account: payments-ci, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h'.secret is written inline",
         ),
         (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: NOPE}], service_account: payments-ci, services: [s]}",
+            "{name: h, source: gitea, repository: a/b, secret: [{env: NOPE}], service_account: payments-ci, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set",
         ),
         (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}",
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}"  # noqa: E501,
             "01.yaml:2: webhook 'h' names unknown service account 'ghost'",
         ),
         (
