@@ -318,7 +318,7 @@ def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignor
             "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set",
         ),
         (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}"  # noqa: E501,
+            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}"
             "01.yaml:2: webhook 'h' names unknown service account 'ghost'",
         ),
         (
