@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         "--admin-listen", dest="admin_listen", help="admin HOST:PORT [TRACEGATE_ADMIN_LISTEN, 0.0.0.0:9464]"
     )
     serve.add_argument("--upstream", help="upstream base URL [TRACEGATE_UPSTREAM, https://ingest.lightstep.com]")
+    serve.add_argument("--workers", help="processes sharing the ingest port [TRACEGATE_WORKERS, 1]")
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
     check.add_argument("directory")
     explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
@@ -67,12 +68,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from proxy.server import serve
+    from proxy.server import run
 
-    flags = {k: getattr(args, k) for k in ("policies", "listen", "admin_listen", "upstream")}
+    flags = {k: getattr(args, k) for k in ("policies", "listen", "admin_listen", "upstream", "workers")}
     settings = Settings.load(flags, environ)
     logs.configure(settings.log_level)
-    return asyncio.run(serve(settings, environ))
+    return run(settings, environ)
 
 
 def _load_unresolved(directory: Path) -> Policy | None:

@@ -149,6 +149,13 @@ OPTIONS: tuple[Option, ...] = (
         positive(float),
         "On SIGTERM, how long in-flight requests may finish.",
     ),
+    Option(
+        "workers",
+        "TRACEGATE_WORKERS",
+        "1",
+        positive(int),
+        "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -175,6 +182,7 @@ class Settings:
     outbox_retry_base: float
     outbox_retry_max: float
     drain_seconds: float
+    workers: int
     log_level: str
 
     @property

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.secrets import Secret
 from proxy.server import start
@@ -40,13 +40,14 @@ rules:
 """
 
 
-class _AuditTap(logging.Handler):
+class _AuditTap:
+    """Collects the audit records tracegate writes, to show them."""
+
     def __init__(self) -> None:
-        super().__init__()
         self.lines: list[dict[str, Any]] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
+    def __call__(self, text: str) -> None:
+        self.lines += [json.loads(line) for line in text.splitlines()]
 
 
 def _export(endpoint: str, token: str) -> bool:
@@ -71,10 +72,6 @@ def _export(endpoint: str, token: str) -> bool:
 
 async def run_demo() -> int:
     tap = _AuditTap()
-    audit_log = logging.getLogger("tracegate.audit")
-    audit_log.addHandler(tap)
-    audit_log.setLevel(logging.INFO)
-    audit_log.propagate = False
     issuer, sink = StandInIssuer(), Sink()
     await issuer.start()
     await sink.start()
@@ -90,7 +87,9 @@ async def run_demo() -> int:
             "upstream": sink.url,
             "data_dir": str(Path(tmp) / "data"),
         }
-        runtime, runners = await start(Settings.load(flags, {}), {"LS_TOKEN_CHECKOUT": key.reveal()})
+        runtime, runners = await start(
+            Settings.load(flags, {}), {"LS_TOKEN_CHECKOUT": key.reveal()}, audit=AuditLog(tap, flush_interval=0)
+        )
         url = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
         try:
             for _ in range(200):

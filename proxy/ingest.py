@@ -13,7 +13,6 @@ import logging
 from aiohttp import web
 
 from proxy.answers import refusal
-from proxy.audit import audit
 from proxy.errors import AuthError, BodyError, UpstreamError
 from proxy.identify import extract_token
 from proxy.policy import decide
@@ -32,6 +31,7 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
     signal = request.match_info["signal"]
     content_type = request.headers.get("Content-Type")
     metrics = runtime.metrics
+    audit = runtime.audit
     gate = runtime.gate  # one consistent policy for the whole request, even across a reload
     try:
         identity = await gate.verifier.verify(extract_token(request.headers, request.query))

@@ -1,4 +1,5 @@
-"""Logging set-up: audit lines as bare JSON on stdout, everything else as JSON on stderr.
+"""Logging set-up: operational logs as JSON lines on stderr (audit lines go to stdout
+through :mod:`proxy.audit`, not through logging).
 
 aiohttp's own loggers are kept, but exception details from them are cut to the exception
 type: a malformed request's message can quote raw header bytes, and those may hold a token.
@@ -37,11 +38,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-class _AuditFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage()
-
-
 def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -49,10 +45,3 @@ def configure(level: str = "INFO") -> None:
     errors.setFormatter(JsonFormatter())
     root.addHandler(errors)
     root.setLevel(level)
-    audit = logging.getLogger("tracegate.audit")
-    audit.handlers.clear()
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(_AuditFormatter())
-    audit.addHandler(out)
-    audit.propagate = False
-    audit.setLevel(logging.INFO)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.errors import PolicyLoadError
 from proxy.forward import Forwarder
@@ -41,10 +42,12 @@ class Runtime:
         environ: Mapping[str, str],
         metrics: Metrics,
         *,
+        audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.audit = audit or AuditLog()
         self.environ = environ
         self.metrics = metrics
         self.clock = clock
@@ -89,6 +92,7 @@ class Runtime:
         self.metrics.policy_last_load.set(self.clock())
 
     async def close(self) -> None:
+        self.audit.flush()
         for task in self._source_tasks.values():
             task.cancel()
         await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)

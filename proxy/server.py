@@ -7,13 +7,17 @@ requests finish for up to ``drain_seconds``, then exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 
 from aiohttp import web
 
 from proxy.admin import build_admin_app
+from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.errors import PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
@@ -46,11 +50,16 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
 
 
 async def start(
-    settings: Settings, environ: Mapping[str, str], *, metrics: Metrics | None = None, policy: Policy | None = None
+    settings: Settings,
+    environ: Mapping[str, str],
+    *,
+    metrics: Metrics | None = None,
+    audit: AuditLog | None = None,
+    policy: Policy | None = None,
 ) -> tuple[Runtime, list[web.AppRunner]]:
     """Load the policy and start both listeners. Raises PolicyLoadError if the first
     policy does not load: tracegate never starts without one."""
-    runtime = Runtime(settings, environ, metrics or Metrics())
+    runtime = Runtime(settings, environ, metrics or Metrics(), audit=audit)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
     ingest = web.AppRunner(
@@ -66,7 +75,8 @@ async def start(
     admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
     await ingest.setup()
     await admin.setup()
-    await web.TCPSite(ingest, *settings.listen, reuse_address=True).start()
+    shared = settings.workers > 1
+    await web.TCPSite(ingest, *settings.listen, reuse_address=True, reuse_port=shared).start()
     await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
     return runtime, [ingest, admin]
 
@@ -92,3 +102,48 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (the ``fast`` extra), else the standard event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_one(settings: Settings, environ: Mapping[str, str]) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve(settings, environ))
+
+
+def run(settings: Settings, environ: Mapping[str, str]) -> int:
+    """Serve in this process, or with ``workers`` > 1 fork that many workers that share the
+    ingest port (SO_REUSEPORT: the kernel spreads connections), each with its own JWKS
+    cache, token cache and outbox sender. Worker k's admin listener is on ADMIN_PORT + k.
+    The parent forwards SIGHUP/SIGTERM/SIGINT and exits with the worst worker exit code."""
+    if settings.workers == 1:
+        return run_one(settings, environ)
+    host, port = settings.admin_listen
+    pids = []
+    for k in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = run_one(replace(settings, admin_listen=(host, port + k if port else 0)), environ)
+            os._exit(code)
+        pids.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    worst = 0
+    for child in pids:
+        _, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
+    return worst

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime
@@ -64,6 +65,13 @@ class Tracegate:
     url: str
     admin_url: str
     policy_dir: Path
+    audit_lines: list[str]
+
+    def audit(self) -> list[dict[str, Any]]:
+        """Every audit record so far, parsed (one JSON object per line)."""
+        import json
+
+        return [json.loads(line) for chunk in self.audit_lines for line in chunk.splitlines()]
 
     async def stop(self) -> None:
         for runner in self.runners:
@@ -124,11 +132,13 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
             **overrides,
         }
         settings = Settings.load(flags, {})
-        runtime, runners = await start(settings, env if env is not None else environ(), metrics=Metrics())
+        lines: list[str] = []
+        audit = AuditLog(lines.append, flush_interval=0)
+        runtime, runners = await start(settings, env if env is not None else environ(), metrics=Metrics(), audit=audit)
         ingest_port = runners[0].addresses[0][1]
         admin_port = runners[1].addresses[0][1]
         tg = Tracegate(
-            runtime, runners, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{admin_port}", policy_dir
+            runtime, runners, f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{admin_port}", policy_dir, lines
         )
         started.append(tg)
         return tg

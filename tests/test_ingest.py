@@ -66,12 +66,12 @@ async def test_sdk_span_reaches_sink_with_account_key_and_no_client_credential(
     request = ExportTraceServiceRequest.FromString(got.body)
     span = request.resource_spans[0].scope_spans[0].spans[0]
     assert span.name == "build-and-test"
-    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tracegate.audit"]
+    audit = tracegate.audit()
     assert audit[-1]["decision"] == "allowed"
     assert audit[-1]["service_account"] == "payments-ci"
     assert audit[-1]["project_path"] == "payments/api"
     assert audit[-1]["upstream_status"] == 200
-    assert_no_secrets(caplog.text, token)
+    assert_no_secrets(caplog.text + "".join(tracegate.audit_lines), token)
 
 
 async def test_gzip_body_is_forwarded_byte_for_byte(

@@ -294,37 +294,22 @@ def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignor
     )
 
 
+HOOK = "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"
+
+
 @pytest.mark.parametrize(
     ("hook", "expected"),
     [
+        (HOOK.replace("gitea", "gitlab"), "01.yaml:2: webhook 'h': source must be gitea or forgejo"),
+        (HOOK.replace("a/b", "'*'"), "01.yaml:2: webhook 'h': a bare '*' repository lets any repository send; name it"),
         (
-            "{name: h, source: gitlab, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"  # noqa: E501,
-            "01.yaml:2: webhook 'h': source must be gitea or forgejo",
-        ),
-        (
-            "{name: h, source: gitea, repository: '*', secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"  # noqa: E501,
-            "01.yaml:2: webhook 'h': a bare '*' repository lets any repository send; name it",
-        ),
-        (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], events: [issues], service_account: payments-ci, services: [s]}"  # noqa: E501,
+            HOOK.replace("services:", "events: [issues], services:"),
             "01.yaml:2: webhook 'h': unknown event 'issues'; use push, tag or release",
         ),
-        (
-            "{name: h, source: gitea, repository: a/b, secret: [inline-hook-secret], service_account: payments-ci, services: [s]}"  # noqa: E501,
-            "01.yaml:2: webhook 'h'.secret is written inline",
-        ),
-        (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: NOPE}], service_account: payments-ci, services: [s]}"  # noqa: E501,
-            "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set",
-        ),
-        (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: ghost, services: [s]}"
-            "01.yaml:2: webhook 'h' names unknown service account 'ghost'",
-        ),
-        (
-            "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci}",
-            "01.yaml:2: webhook 'h' is missing 'services'",
-        ),
+        (HOOK.replace("{env: LS_PAY}", "inline-hook-secret"), "01.yaml:2: webhook 'h'.secret is written inline"),
+        (HOOK.replace("LS_PAY", "NOPE"), "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set"),
+        (HOOK.replace("payments-ci", "ghost"), "01.yaml:2: webhook 'h' names unknown service account 'ghost'"),
+        (HOOK.replace(", services: [s]", ""), "01.yaml:2: webhook 'h' is missing 'services'"),
     ],
 )
 def test_webhook_load_errors(tmp_path: Path, hook: str, expected: str) -> None:

@@ -17,7 +17,6 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from proxy.answers import refusal
-from proxy.audit import audit
 from proxy.errors import AuthError, BodyError
 from proxy.identify import extract_token
 from proxy.ingest import RUNTIME
@@ -65,7 +64,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
 
     def done(status: int, decision: str, reason: str, **more: Any) -> web.Response:
         runtime.metrics.webhooks.labels(source, decision, reason).inc()
-        audit(
+        runtime.audit(
             kind="webhook",
             decision=decision,
             reason=reason,
@@ -147,14 +146,14 @@ async def handle_deployment(request: web.Request) -> web.Response:
         identity = await gate.verifier.verify(extract_token(request.headers, request.query))
     except AuthError as exc:
         runtime.metrics.webhooks.labels("gitlab", "refused", exc.reason).inc()
-        audit(kind="deployment", decision="refused", reason=exc.reason, issuer=exc.issuer)
+        runtime.audit(kind="deployment", decision="refused", reason=exc.reason, issuer=exc.issuer)
         return refusal(exc.status, content_type, retry_after=5 if exc.status == 503 else None)
     claims = identity.claims
     decision = decide(gate.policy, identity.issuer, claims, None)
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
         runtime.metrics.webhooks.labels("gitlab", decision_, reason).inc()
-        audit(
+        runtime.audit(
             kind="deployment",
             decision=decision_,
             reason=reason,

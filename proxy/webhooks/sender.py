@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import aiohttp
 
-from proxy.audit import audit
 from proxy.runtime import Runtime
 from proxy.webhooks.outbox import Outbox, Pending
 
@@ -116,7 +115,7 @@ class Sender:
             await self._outbox.retry_later(event.id, result, self.backoff(event.attempts, retry_after))
             outcome = "retry"
         metrics.outbox_deliveries.labels(outcome).inc()
-        audit(
+        self._runtime.audit(
             kind="outbox",
             decision=outcome,
             reason=result,

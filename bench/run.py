@@ -1,0 +1,520 @@
+"""tracegate benchmarks: every contender under the same load, same upstream, same run.
+
+Contenders, interleaved round by round (A B C … A B C …), medians quoted:
+  a  straight to the sink (nginx answering 200)
+  b  nginx proxy_pass adding a static lightstep-access-token   (transport ceiling)
+  c  bare aiohttp pass-through forwarder, bench/forwarder.py  (same-stack ceiling)
+  d  tracegate: one valid GitLab-shaped token, policy match, key injection, audit + metrics on
+  e  tracegate with 10,000 distinct valid tokens in rotation
+  f  tracegate, every token well-formed with a bad signature   (401)
+  g  tracegate, every request denied by policy                 (403)
+
+Run through bench/run (which installs wrk, nginx and the Python extras). Everything listens
+on 127.0.0.1 and is stopped at the end. Writes bench/results/<date>.md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.payloads import otlp_payload  # noqa: E402
+from proxy.standins import StandInIssuer, gitlab_claims  # noqa: E402
+
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KB = 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def status_kib(pids: list[int], key: str) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    with_children: bool = False
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *(children(self.process.pid) if self.with_children else [])]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass
+class Run:
+    rps: float
+    p50: float
+    p99: float
+    p999: float
+    cpu_per_1k: float
+    rss_mib: float
+    requests: int
+    non_2xx: int
+    errors: int
+
+
+def _mint(args: tuple[bytes, str, str, int, int]) -> list[str]:
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pem, kid, issuer, start, count = args
+    key = load_pem_private_key(pem, None)
+    exp = int(time.time()) + 4 * 3600
+    return [
+        jwt.encode(
+            gitlab_claims(issuer, job_id=str(n), jti=f"bench-{n}", exp=exp),
+            key,
+            algorithm="RS256",  # type: ignore[arg-type]
+            headers={"kid": kid},
+        )
+        for n in range(start, start + count)
+    ]
+
+
+class Bench:
+    def __init__(self, work: Path, args: argparse.Namespace) -> None:
+        self.work = work
+        self.args = args
+        self.servers: list[Server] = []
+        self.issuer = StandInIssuer()
+
+    # --- servers --------------------------------------------------------------------
+
+    def _spawn(
+        self, name: str, argv: list[str], url: str, *, env: dict[str, str] | None = None, with_children: bool = False
+    ) -> Server:
+        log = (self.work / f"{name}.log").open("wb")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = Server(name, url, process, with_children)
+        self.servers.append(server)
+        return server
+
+    def nginx(self, name: str, server_block: str) -> Server:
+        port = free_port()
+        prefix = self.work / name
+        prefix.mkdir()
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            textwrap.dedent(f"""\
+            daemon off;
+            worker_processes 1;
+            pid {prefix}/nginx.pid;
+            error_log {prefix}/error.log warn;
+            events {{ worker_connections 4096; }}
+            http {{
+              access_log off;
+              client_body_temp_path {prefix}/body;
+              proxy_temp_path {prefix}/proxy;
+              keepalive_requests 1000000;
+              client_max_body_size 64m;
+              {server_block.replace("PORT", str(port))}
+            }}
+            """)
+        )
+        return self._spawn(
+            name, ["nginx", "-p", str(prefix), "-c", str(conf)], f"http://127.0.0.1:{port}", with_children=True
+        )
+
+    def tracegate(self, name: str, upstream: str, *extra: str) -> Server:
+        port, admin = free_port(), free_port()
+        env = {
+            "LS_TOKEN_BENCH": "bench-lightstep-key-0123456789",
+            "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
+            "TRACEGATE_DATA_DIR": str(self.work / name),
+            "TRACEGATE_TOKEN_CACHE_SIZE": "200000",
+        }
+        argv = [
+            PY,
+            "-m",
+            "proxy",
+            "serve",
+            "--policies",
+            str(self.work / "policies"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            f"127.0.0.1:{admin}",
+            "--upstream",
+            upstream,
+            *extra,
+        ]
+        server = self._spawn(name, argv, f"http://127.0.0.1:{port}", env=env)
+        server.admin = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
+        return server
+
+    async def wait_ready(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as client:
+            for server in self.servers:
+                probe = getattr(server, "admin", None)
+                for _ in range(400):
+                    try:
+                        if probe:
+                            async with client.get(probe + "/readyz") as resp:
+                                if resp.status == 200 and not (await resp.json())["issuers_without_keys"]:
+                                    break
+                        else:
+                            async with client.get(server.url + "/") as resp:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+                else:
+                    log = (self.work / f"{server.name}.log").read_text()[-2000:]
+                    raise RuntimeError(f"{server.name} did not start:\n{log}")
+
+    def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+
+    # --- load -----------------------------------------------------------------------
+
+    async def wrk(
+        self,
+        server: Server,
+        body: Path,
+        tokens: Path | None,
+        *,
+        encoding: str = "",
+        connections: int | None = None,
+        duration: float | None = None,
+        expect_2xx: bool = True,
+    ) -> Run:
+        connections = connections or self.args.connections
+        duration = duration or self.args.duration
+        env = {**os.environ, "BENCH_BODY": str(body), "BENCH_TOKENS": str(tokens or ""), "BENCH_ENCODING": encoding}
+        pids = server.pids()
+        cpu0 = cpu_seconds(pids)
+        proc = await asyncio.create_subprocess_exec(
+            "wrk",
+            "-t",
+            str(min(2, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            server.url + "/v1/traces",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        cpu = cpu_seconds(pids) - cpu0
+        line = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+        if not line:
+            raise RuntimeError(f"wrk failed against {server.name}: {out.decode()[-500:]} {err.decode()[-500:]}")
+        r = json.loads(line[-1])
+        n = max(r["requests"], 1)
+        if expect_2xx and r["status"]:
+            raise RuntimeError(f"{server.name}: {r['status']} non-2xx answers where all should be 2xx; see its log")
+        return Run(
+            rps=r["requests"] / (r["duration_us"] / 1e6),
+            p50=r["p50_us"] / 1000,
+            p99=r["p99_us"] / 1000,
+            p999=r["p999_us"] / 1000,
+            cpu_per_1k=cpu / n * 1000,
+            rss_mib=status_kib(pids, "VmHWM") / 1024,
+            requests=r["requests"],
+            non_2xx=r["status"],
+            errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
+        )
+
+    async def interleaved(self, cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Run]:
+        """Run each case once per round, in turn; return each case's median run."""
+        runs: dict[str, list[Run]] = {name: [] for name in cases}
+        for r in range(rounds):
+            for name, case in cases.items():
+                runs[name].append(await case())
+                print(f"  round {r + 1}/{rounds} {name:28s} {runs[name][-1].rps:9.0f} req/s", flush=True)
+        return {name: median_run(rs) for name, rs in runs.items()}
+
+
+def median_run(runs: list[Run]) -> Run:
+    def med(attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs)
+
+    return Run(
+        med("rps"),
+        med("p50"),
+        med("p99"),
+        med("p999"),
+        med("cpu_per_1k"),
+        max(r.rss_mib for r in runs),
+        sum(r.requests for r in runs),
+        sum(r.non_2xx for r in runs),
+        sum(r.errors for r in runs),
+    )
+
+
+POLICY = """\
+issuers:
+  gitlab:
+    issuer: {issuer}
+    audiences: [tracegate]
+service_accounts:
+  bench-ci:
+    access_token: {{env: LS_TOKEN_BENCH}}
+rules:
+  - name: no-forks
+    issuer: gitlab
+    effect: deny
+    when: {{project_path: "*/forks/*"}}
+  - name: payments-protected
+    issuer: gitlab
+    when: {{project_path: "payments/*", ref_protected: "true"}}
+    service_account: bench-ci
+"""
+
+
+async def main(args: argparse.Namespace) -> int:
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="tracegate-bench-") as tmp:
+        work = Path(tmp)
+        bench = Bench(work, args)
+        await bench.issuer.start()
+        try:
+            return await run_all(bench, work, args, started)
+        finally:
+            bench.stop_all()
+            await bench.issuer.stop()
+
+
+def write(work: Path, name: str, data: bytes) -> Path:
+    path = work / name
+    path.write_bytes(data)
+    return path
+
+
+async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: float) -> int:
+    issuer = bench.issuer
+    (work / "policies").mkdir()
+    (work / "policies" / "bench.yaml").write_text(POLICY.format(issuer=issuer.url))
+
+    print("payloads: generating OTLP trace exports with the OpenTelemetry SDK encoder", flush=True)
+    sizes = {"1KB": 1 * KB, "20KB": 20 * KB, "256KB": 256 * KB, "1MB": 1024 * KB, "4MB": 4096 * KB}
+    bodies: dict[str, Path] = {}
+    for label, size in sizes.items():
+        raw = otlp_payload(size)
+        bodies[label] = write(work, f"{label}.pb", raw)
+        bodies[label + "+gzip"] = write(work, f"{label}.pb.gz", gzip.compress(raw))
+    actual = {label: bodies[label].stat().st_size for label in bodies}
+
+    print(f"tokens: minting {args.max_tokens:,} RS256 GitLab-shaped ID tokens", flush=True)
+    from cryptography.hazmat.primitives import serialization
+
+    pem = issuer.rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    chunk = 2000
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        batches = pool.map(
+            _mint,
+            [
+                (pem, issuer.rsa_kid, issuer.url, s, min(chunk, args.max_tokens - s))
+                for s in range(0, args.max_tokens, chunk)
+            ],
+        )
+        tokens = [t for batch in batches for t in batch]
+
+    def token_file(name: str, items: list[str]) -> Path:
+        return write(work, name, ("\n".join(items) + "\n").encode())
+
+    one = token_file("one.tokens", tokens[:1])
+    ten_k = token_file("10k.tokens", tokens[:10_000])
+    head, payload, sig = issuer.mint().split(".")
+    bad = token_file("bad.tokens", [f"{head}.{payload}.{sig[:-6]}AAAAAA"])
+    denied = token_file("denied.tokens", [issuer.mint(project_path="marketing/site", exp=int(time.time()) + 4 * 3600)])
+
+    sink = bench.nginx(
+        "sink",
+        """
+      server { listen 127.0.0.1:PORT; keepalive_timeout 300s;
+        location / { default_type application/x-protobuf; return 200 ""; } }""",
+    )
+    nginx_proxy = bench.nginx(
+        "nginx-proxy",
+        f"""
+      upstream sink {{ server {sink.url.removeprefix("http://")}; keepalive 256; }}
+      server {{ listen 127.0.0.1:PORT; keepalive_timeout 300s;
+        location / {{ proxy_pass http://sink; proxy_http_version 1.1; proxy_set_header Connection "";
+                      proxy_request_buffering off;
+                      proxy_set_header lightstep-access-token "static-bench-key"; }} }}""",
+    )
+    fport = free_port()
+    forwarder = bench._spawn(
+        "forwarder", [PY, str(ROOT / "bench" / "forwarder.py"), str(fport), sink.url], f"http://127.0.0.1:{fport}"
+    )
+    extra = ["--workers", "1"]
+    tg = {name: bench.tracegate(f"tracegate-{name}", sink.url, *extra) for name in "defg"}
+    await bench.wait_ready()
+
+    contenders: dict[str, tuple[Server, Path | None]] = {
+        "a sink direct": (sink, None),
+        "b nginx proxy_pass": (nginx_proxy, None),
+        "c aiohttp forwarder": (forwarder, None),
+        "d tracegate": (tg["d"], one),
+        "e tracegate 10k tokens": (tg["e"], ten_k),
+        "f tracegate bad signature": (tg["f"], bad),
+        "g tracegate denied": (tg["g"], denied),
+    }
+    # Warm-up: every contender once, and e's 10,000 tokens through its cache once.
+    refusing = {tg["f"].name, tg["g"].name}
+    for server, toks in contenders.values():
+        await bench.wrk(server, bodies["1KB"], toks, duration=1, expect_2xx=server.name not in refusing)
+
+    def case(server: Server, toks: Path | None, body: str, **kw: Any) -> Callable[[], Any]:
+        encoding = "gzip" if body.endswith("+gzip") else ""
+        expect = server.name not in refusing
+        return lambda: bench.wrk(server, bodies[body], toks, encoding=encoding, expect_2xx=expect, **kw)
+
+    results: dict[str, Any] = {"payload_bytes": actual}
+    print("main: 20KB protobuf, all contenders", flush=True)
+    results["main"] = await bench.interleaved({n: case(s, t, "20KB") for n, (s, t) in contenders.items()}, args.rounds)
+
+    print("payload matrix: b, c, d × 1KB/20KB/1MB × plain/gzip", flush=True)
+    matrix = {}
+    for body in ("1KB", "1KB+gzip", "20KB", "20KB+gzip", "1MB", "1MB+gzip"):
+        for key in ("b nginx proxy_pass", "c aiohttp forwarder", "d tracegate"):
+            server, toks = contenders[key]
+            matrix[f"{key[0]} {body}"] = case(server, toks, body)
+    results["matrix"] = await bench.interleaved(matrix, args.rounds)
+
+    print("growth: payload size 1KB → 4MB (c, d)", flush=True)
+    growth_size = {}
+    for body in sizes:
+        for key in ("c aiohttp forwarder", "d tracegate"):
+            server, toks = contenders[key]
+            growth_size[f"{key[0]} {body}"] = case(server, toks, body, connections=8)
+    results["growth_size"] = await bench.interleaved(growth_size, args.rounds)
+
+    print("growth: connections 1 → 256 (c, d)", flush=True)
+    growth_conn = {}
+    for conns in (1, 4, 16, 64, 256):
+        for key in ("c aiohttp forwarder", "d tracegate"):
+            server, toks = contenders[key]
+            growth_conn[f"{key[0]} {conns}"] = case(server, toks, "20KB", connections=conns)
+    results["growth_conn"] = await bench.interleaved(growth_conn, args.rounds)
+
+    print("growth: distinct tokens 1 → 100,000 (d)", flush=True)
+    growth_tokens = {}
+    for count in (1, 100, 1000, 10_000, args.max_tokens):
+        path = token_file(f"{count}.tokens", tokens[:count])
+        growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
+    results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
+
+    print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
+    results["memory"] = await memory_test(bench, sink, tokens[0], bodies["4MB"].read_bytes())
+    bench.stop_all()
+
+    from bench.report import write_report
+
+    out = write_report(results, args, started, ROOT / "bench" / "results")
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+async def memory_test(bench: Bench, sink: Server, token: str, body: bytes) -> dict[str, float]:
+    import aiohttp
+
+    server = bench.tracegate("tracegate-memory", sink.url)
+    await bench.wait_ready()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        for _ in range(10):  # warm-up: imports, pools, caches
+            async with client.post(server.url + "/v1/traces", data=b"x" * 1000, headers=headers) as resp:
+                await resp.read()
+        before = status_kib(server.pids(), "VmRSS")
+
+        async def upload() -> int:
+            async with client.post(server.url + "/v1/traces", data=io.BytesIO(body), headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(upload() for _ in range(100)))
+    peak = status_kib(server.pids(), "VmHWM")
+    return {
+        "before_mib": before / 1024,
+        "peak_mib": peak / 1024,
+        "growth_mib": (peak - before) / 1024,
+        "ok": sum(1 for s in statuses if s == 200),
+        "uploads": len(statuses),
+        "body_mib": len(body) / 2**20,
+    }
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians quoted (default 3)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections for the main table (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=100_000, help="largest distinct-token count (default 100000)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse())))
