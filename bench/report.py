@@ -63,7 +63,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
         "",
         f"Machine: {os.cpu_count()} cores ({_cpu_model()}), Linux {platform.release()}, Python "
         f"{platform.python_version()}, aiohttp {aiohttp.__version__}, event loop {loop}, tracegate with 1 worker.",
-        f"Load: wrk, {args.connections} connections (2 threads), {args.duration:g} s per run, {args.rounds} interleaved "
+        f"Load: wrk, {args.connections} connections (2 threads), {args.duration:g} s per run, "
+        f"{args.rounds} interleaved "
         "rounds (A B C … A B C …); every figure is the median of the rounds. Load generator, contenders and sink "
         "share the machine; everything on 127.0.0.1. Sink: nginx answering 200 with an empty body, keep-alive on.",
         f"Run took {(datetime.datetime.now().timestamp() - started) / 60:.1f} min.",
@@ -77,7 +78,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[_row(name, r) for name, r in main.items()],
         "",
-        "f and g answer 401 and 403 by design (their non-2xx count is every request); nothing of theirs reaches the sink.",
+        "f and g answer 401 and 403 by design (their non-2xx count is every request); "
+        "nothing of theirs reaches the sink.",
         "",
         "## Ratios and targets",
         "",

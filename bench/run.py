@@ -143,7 +143,9 @@ class Bench:
         self, name: str, argv: list[str], url: str, *, env: dict[str, str] | None = None, with_children: bool = False
     ) -> Server:
         log = (self.work / f"{name}.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(  # noqa: S603 - our own fixed argv
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         server = Server(name, url, process, with_children)
         self.servers.append(server)
         return server
@@ -433,43 +435,68 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         return lambda: bench.wrk(server, bodies[body], toks, encoding=encoding, expect_2xx=expect, **kw)
 
     results: dict[str, Any] = {"payload_bytes": actual}
-    print("main: 20KB protobuf, all contenders", flush=True)
-    results["main"] = await bench.interleaved({n: case(s, t, "20KB") for n, (s, t) in contenders.items()}, args.rounds)
+    only = set(args.only.split(",")) if args.only else None
 
-    print("payload matrix: b, c, d × 1KB/20KB/1MB × plain/gzip", flush=True)
-    matrix = {}
-    for body in ("1KB", "1KB+gzip", "20KB", "20KB+gzip", "1MB", "1MB+gzip"):
-        for key in ("b nginx proxy_pass", "c aiohttp forwarder", "d tracegate"):
-            server, toks = contenders[key]
-            matrix[f"{key[0]} {body}"] = case(server, toks, body)
-    results["matrix"] = await bench.interleaved(matrix, args.rounds)
+    def wanted(section: str) -> bool:
+        return only is None or section in only
 
-    print("growth: payload size 1KB → 4MB (c, d)", flush=True)
-    growth_size = {}
-    for body in sizes:
-        for key in ("c aiohttp forwarder", "d tracegate"):
-            server, toks = contenders[key]
-            growth_size[f"{key[0]} {body}"] = case(server, toks, body, connections=8)
-    results["growth_size"] = await bench.interleaved(growth_size, args.rounds)
+    if wanted("main"):
+        print("main: 20KB protobuf, all contenders", flush=True)
+        results["main"] = await bench.interleaved(
+            {n: case(s, t, "20KB") for n, (s, t) in contenders.items()}, args.rounds
+        )
 
-    print("growth: connections 1 → 256 (c, d)", flush=True)
-    growth_conn = {}
-    for conns in (1, 4, 16, 64, 256):
-        for key in ("c aiohttp forwarder", "d tracegate"):
-            server, toks = contenders[key]
-            growth_conn[f"{key[0]} {conns}"] = case(server, toks, "20KB", connections=conns)
-    results["growth_conn"] = await bench.interleaved(growth_conn, args.rounds)
+    if wanted("matrix"):
+        print("payload matrix: b, c, d × 1KB/20KB/1MB × plain/gzip", flush=True)
+        matrix = {}
+        for body in ("1KB", "1KB+gzip", "20KB", "20KB+gzip", "1MB", "1MB+gzip"):
+            for key in ("b nginx proxy_pass", "c aiohttp forwarder", "d tracegate"):
+                server, toks = contenders[key]
+                matrix[f"{key[0]} {body}"] = case(server, toks, body)
+        results["matrix"] = await bench.interleaved(matrix, args.rounds)
 
-    print("growth: distinct tokens 1 → 100,000 (d)", flush=True)
-    growth_tokens = {}
-    for count in (1, 100, 1000, 10_000, args.max_tokens):
-        path = token_file(f"{count}.tokens", tokens[:count])
-        growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
-    results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
+    if wanted("size"):
+        print("growth: payload size 1KB → 4MB (c, d)", flush=True)
+        growth_size = {}
+        for body in sizes:
+            for key in ("c aiohttp forwarder", "d tracegate"):
+                server, toks = contenders[key]
+                growth_size[f"{key[0]} {body}"] = case(server, toks, body, connections=8)
+        results["growth_size"] = await bench.interleaved(growth_size, args.rounds)
 
-    print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
-    results["memory"] = await memory_test(bench, sink, tokens[0], bodies["4MB"].read_bytes())
+    if wanted("connections"):
+        print("growth: connections 1 → 256 (c, d)", flush=True)
+        growth_conn = {}
+        for conns in (1, 4, 16, 64, 256):
+            for key in ("c aiohttp forwarder", "d tracegate"):
+                server, toks = contenders[key]
+                growth_conn[f"{key[0]} {conns}"] = case(server, toks, "20KB", connections=conns)
+        results["growth_conn"] = await bench.interleaved(growth_conn, args.rounds)
+
+    if wanted("tokens"):
+        print("growth: distinct tokens 1 → 100,000 (d)", flush=True)
+        growth_tokens = {}
+        for count in (1, 100, 1000, 10_000, args.max_tokens):
+            path = token_file(f"{count}.tokens", tokens[:count])
+            growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
+        results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
+
+    if wanted("memory"):
+        print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
+        results["memory"] = await memory_test(bench, sink, tokens[0], bodies["4MB"].read_bytes())
     bench.stop_all()
+    if only is not None:
+        print(
+            json.dumps(
+                {
+                    k: v if k == "memory" else {n: vars(r) for n, r in v.items()}
+                    for k, v in results.items()
+                    if k != "payload_bytes"
+                },
+                indent=1,
+            )
+        )
+        return 0
 
     from bench.report import write_report
 
@@ -513,6 +540,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians quoted (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections for the main table (default 32)")
     parser.add_argument("--max-tokens", type=int, default=100_000, help="largest distinct-token count (default 100000)")
+    parser.add_argument(
+        "--only",
+        help="comma list of main,matrix,size,connections,tokens,memory: run those and "
+        "print figures without writing a report (for profiling work)",
+    )
     return parser.parse_args()
 
 

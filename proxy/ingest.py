@@ -15,7 +15,6 @@ from aiohttp import web
 from proxy.answers import refusal
 from proxy.errors import AuthError, BodyError, UpstreamError
 from proxy.identify import extract_token
-from proxy.policy import decide
 from proxy.runtime import Runtime
 
 log = logging.getLogger("tracegate")
@@ -36,17 +35,17 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
     try:
         identity = await gate.verifier.verify(extract_token(request.headers, request.query))
     except AuthError as exc:
-        metrics.requests.labels(signal, "", "refused", exc.reason).inc()
+        metrics.count_request(signal, "", "refused", exc.reason)
         audit(kind="ingest", decision="refused", reason=exc.reason, issuer=exc.issuer, signal=signal)
         retry = KEYS_RETRY_AFTER if exc.status == 503 else None
         return refusal(exc.status, content_type, retry_after=retry)
 
-    decision = decide(gate.policy, identity.issuer, identity.claims, signal)
+    decision = gate.decide(identity, signal)
     account = decision.account.name if decision.account else ""
     rule = decision.rule.name if decision.rule else None
 
     def record(outcome: str, reason: str, bytes_in: int = 0, upstream_status: int | None = None) -> None:
-        metrics.requests.labels(signal, account, outcome, reason).inc()
+        metrics.count_request(signal, account, outcome, reason)
         audit(
             kind="ingest",
             decision=outcome,

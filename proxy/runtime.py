@@ -21,10 +21,10 @@ from proxy.config import Settings
 from proxy.errors import PolicyLoadError
 from proxy.forward import Forwarder
 from proxy.headers import HeaderPolicy
-from proxy.identify import TokenVerifier
+from proxy.identify import Identity, TokenVerifier
 from proxy.keys import KeySource
 from proxy.metrics import Metrics
-from proxy.policy import Policy, load_policy
+from proxy.policy import Decision, Policy, decide, load_policy
 
 log = logging.getLogger("tracegate")
 
@@ -33,6 +33,13 @@ log = logging.getLogger("tracegate")
 class Gate:
     policy: Policy
     verifier: TokenVerifier
+
+    def decide(self, identity: Identity, signal: str | None) -> Decision:
+        """The policy's decision for a verified identity, computed once per token and signal."""
+        decision: Decision | None = identity.decisions.get(signal)
+        if decision is None:
+            decision = identity.decisions[signal] = decide(self.policy, identity.issuer, identity.claims, signal)
+        return decision
 
 
 class Runtime:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -32,6 +33,12 @@ log = logging.getLogger("tracegate")
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
+#: Per-connection request body buffer (aiohttp pauses reading at twice this): bounds the
+#: memory a slow upstream can make a fast client's upload take.
+READ_BUFSIZE = 64 * 1024
+#: Per-connection request body buffer (aiohttp pauses reading at twice this): bounds the
+#: memory a slow upstream can make a fast client's upload take.
+READ_BUFSIZE = 64 * 1024
 
 
 def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
@@ -71,6 +78,7 @@ async def start(
         max_line_size=MAX_LINE_SIZE,
         max_field_size=MAX_FIELD_SIZE,
         max_headers=MAX_HEADERS,
+        read_bufsize=READ_BUFSIZE,
     )
     admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
     await ingest.setup()
@@ -88,6 +96,7 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
         for problem in exc.problems:
             log.error("policy failed to load: %s", problem)
         return 2
+    gc.freeze()  # start-up objects (modules, policy, keys) are never garbage: stop scanning them
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(runtime.reload()))

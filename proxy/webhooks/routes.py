@@ -20,7 +20,6 @@ from proxy.answers import refusal
 from proxy.errors import AuthError, BodyError
 from proxy.identify import extract_token
 from proxy.ingest import RUNTIME
-from proxy.policy import decide
 from proxy.runtime import Runtime
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, otlp_json
@@ -149,7 +148,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
         runtime.audit(kind="deployment", decision="refused", reason=exc.reason, issuer=exc.issuer)
         return refusal(exc.status, content_type, retry_after=5 if exc.status == 503 else None)
     claims = identity.claims
-    decision = decide(gate.policy, identity.issuer, claims, None)
+    decision = gate.decide(identity, None)
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
         runtime.metrics.webhooks.labels("gitlab", decision_, reason).inc()
