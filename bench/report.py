@@ -195,6 +195,7 @@ def _chart(results: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("requests/s")
+        ax.set_ylim(bottom=0)
         ax.legend()
         ax.grid(alpha=0.3)
 

@@ -22,6 +22,7 @@ UNAUTHENTICATED = 16
 
 _BY_STATUS = {
     400: (INVALID_ARGUMENT, "bad request"),
+    408: (DEADLINE_EXCEEDED, "request body arrived too slowly"),
     401: (UNAUTHENTICATED, "the request's token is missing or invalid"),
     403: (PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (RESOURCE_EXHAUSTED, "request body too large"),

@@ -150,6 +150,20 @@ OPTIONS: tuple[Option, ...] = (
         "On SIGTERM, how long in-flight requests may finish.",
     ),
     Option(
+        "idle_timeout",
+        "TRACEGATE_IDLE_TIMEOUT",
+        "75",
+        positive(float),
+        "Seconds a connection may sit without completing a request's headers; then closed.",
+    ),
+    Option(
+        "body_timeout",
+        "TRACEGATE_BODY_TIMEOUT",
+        "30",
+        positive(float),
+        "Longest pause between two pieces of a request body, seconds; over it: 408.",
+    ),
+    Option(
         "workers",
         "TRACEGATE_WORKERS",
         "1",
@@ -182,6 +196,8 @@ class Settings:
     outbox_retry_base: float
     outbox_retry_max: float
     drain_seconds: float
+    idle_timeout: float
+    body_timeout: float
     workers: int
     log_level: str
 

@@ -79,6 +79,7 @@ class Forwarder:
         paths: Mapping[str, str] = DEFAULT_PATHS,
         timeout: float = 30.0,
         max_body: int = 64 << 20,
+        body_timeout: float = 30.0,
     ) -> None:
         self._session = session
         self._headers = header_policy
@@ -87,6 +88,7 @@ class Forwarder:
         self._paths = paths
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         self.max_body = max_body
+        self._body_timeout = body_timeout
         self._urls: dict[tuple[str, str], URL] = {}
 
     def url(self, account: ServiceAccount, signal: str) -> URL:
@@ -101,7 +103,11 @@ class Forwarder:
     async def _stream(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
         while True:
             try:
-                chunk = await request.content.read(CHUNK)
+                async with asyncio.timeout(self._body_timeout):
+                    chunk = await request.content.read(CHUNK)
+            except TimeoutError:
+                state.error = BodyError("body-timeout", 408)
+                raise state.error from None
             except (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
                 state.error = BodyError("body-incomplete", 400)
                 raise state.error from exc
@@ -112,6 +118,25 @@ class Forwarder:
                 state.error = BodyError("body-too-large", 413)
                 raise state.error
             yield chunk
+
+    async def send(
+        self, account: ServiceAccount, signal: str, body: bytes, content_type: str
+    ) -> tuple[int, str | None]:
+        """Send a body tracegate made itself (a deployment marker) as ``account``. Returns
+        the upstream's status and Retry-After; raises UpstreamError (502/504)."""
+        if account.access_token is None:
+            raise ConfigError(f"service account {account.name!r} was loaded without its access token")
+        headers = {"Content-Type": content_type, "lightstep-access-token": account.access_token.reveal()}
+        try:
+            async with self._session.post(
+                self.url(account, signal), data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                await _read_answer(resp)
+                return resp.status, resp.headers.get("Retry-After")
+        except TimeoutError:
+            raise UpstreamError("upstream-timeout", 504) from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError("upstream-unreachable", 502) from None
 
     async def forward(self, request: web.BaseRequest, signal: str, account: ServiceAccount) -> UpstreamAnswer:
         """Send the request upstream as ``account``. Raises BodyError or UpstreamError;

@@ -31,8 +31,9 @@ from proxy.keys import KeySource
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy
 
-#: Tokens longer than this are refused unparsed (GitLab ID tokens are ~1 KB).
-MAX_TOKEN_BYTES = 8192
+#: Tokens longer than this are refused unparsed (GitLab ID tokens are ~1 KB; the header
+#: line limit, 8190 bytes, refuses anything much longer before it gets here).
+MAX_TOKEN_BYTES = 6144
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _QUERY_TOKEN_NAMES = frozenset(
     {"access_token", "token", "id_token", "jwt", "lightstep-access-token", "lightstep_access_token"}

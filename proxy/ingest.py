@@ -70,7 +70,10 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
         answer = await forwarder.forward(request, signal, decision.account)
     except (BodyError, UpstreamError) as exc:
         record("failed", exc.reason)
-        return refusal(exc.status, content_type)
+        response = refusal(exc.status, content_type)
+        if isinstance(exc, BodyError):
+            response.force_close()  # the rest of the body is unread: do not keep the connection
+        return response
 
     reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
     record("allowed", reason, answer.body_bytes, answer.status)

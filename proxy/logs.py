@@ -1,8 +1,9 @@
 """Logging set-up: operational logs as JSON lines on stderr (audit lines go to stdout
 through :mod:`proxy.audit`, not through logging).
 
-aiohttp's own loggers are kept, but exception details from them are cut to the exception
-type: a malformed request's message can quote raw header bytes, and those may hold a token.
+aiohttp's own loggers are kept, but :class:`RedactAiohttp` cuts their records to the
+message and the exception type: a malformed request's error can quote raw header bytes.
+Our JSON formatter never prints tracebacks either, only the exception's type.
 aiohttp's access log is off (it would print query strings); the audit line replaces it.
 """
 
@@ -24,18 +25,39 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        if record.name.startswith("aiohttp"):
-            data["msg"] = record.msg if isinstance(record.msg, str) and not record.args else "aiohttp event"
-            if record.exc_info and record.exc_info[0] is not None:
-                data["error"] = record.exc_info[0].__name__
-        else:
-            data["msg"] = record.getMessage()
-            if record.exc_info and record.exc_info[0] is not None:
-                data["error"] = record.exc_info[0].__name__
+        data["msg"] = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            data["error"] = record.exc_info[0].__name__
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 data[key] = value
         return json.dumps(data, default=str)
+
+
+class RedactAiohttp(logging.Filter):
+    """Strips exception details and arguments from aiohttp's own log records: a malformed
+    request's error can quote raw header bytes, and those may hold a token. Installed on
+    aiohttp's loggers (not a handler) so it applies to every handler, tests' included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            record.msg = f"{record.msg} ({record.exc_info[0].__name__})"
+        elif record.args:
+            record.msg = str(record.msg).split("%", 1)[0].strip() or "aiohttp event"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal", "aiohttp.client")
+
+
+def redact_aiohttp() -> None:
+    for name in AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactAiohttp) for f in logger.filters):
+            logger.addFilter(RedactAiohttp())
 
 
 def configure(level: str = "INFO") -> None:
@@ -45,3 +67,4 @@ def configure(level: str = "INFO") -> None:
     errors.setFormatter(JsonFormatter())
     root.addHandler(errors)
     root.setLevel(level)
+    redact_aiohttp()

@@ -64,6 +64,7 @@ class Runtime:
         self._gate: Gate | None = None
         self._key_session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
+        self._upstream_session: aiohttp.ClientSession | None = None
         self._sources: dict[str, KeySource] = {}
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
@@ -90,8 +91,9 @@ class Runtime:
             paths=self.settings.paths,
             timeout=self.settings.upstream_timeout,
             max_body=self.settings.max_body,
+            body_timeout=self.settings.body_timeout,
         )
-        self.upstream_session = upstream
+        self._upstream_session = upstream
         self._key_session = aiohttp.ClientSession()
         self._install(policy)
         self.metrics.policy_loads.labels("ok").inc()
@@ -106,8 +108,8 @@ class Runtime:
         self._source_tasks.clear()
         if self._key_session is not None:
             await self._key_session.close()
-        if self.forwarder is not None:
-            await self.upstream_session.close()
+        if self._upstream_session is not None:
+            await self._upstream_session.close()
 
     def _install(self, policy: Policy) -> None:
         if self._key_session is None:

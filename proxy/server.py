@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.errors import PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
+from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.runtime import Runtime
@@ -39,6 +41,29 @@ READ_BUFSIZE = 64 * 1024
 #: Per-connection request body buffer (aiohttp pauses reading at twice this): bounds the
 #: memory a slow upstream can make a fast client's upload take.
 READ_BUFSIZE = 64 * 1024
+
+
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp answers a malformed request with its parser's message, which quotes the
+    offending header bytes — an ``Authorization`` line among them. Answer with the
+    status phrase alone."""
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        return super().handle_error(request, status, exc, HTTPStatus(status).phrase)
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _QuietRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _QuietServer  # same object and state; only how it makes handlers changes
+        return server
 
 
 def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
@@ -66,10 +91,11 @@ async def start(
 ) -> tuple[Runtime, list[web.AppRunner]]:
     """Load the policy and start both listeners. Raises PolicyLoadError if the first
     policy does not load: tracegate never starts without one."""
+    redact_aiohttp()
     runtime = Runtime(settings, environ, metrics or Metrics(), audit=audit)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
-    ingest = web.AppRunner(
+    ingest = _QuietRunner(
         build_ingest_app(runtime, policy),
         access_log=None,
         auto_decompress=False,
@@ -79,6 +105,7 @@ async def start(
         max_field_size=MAX_FIELD_SIZE,
         max_headers=MAX_HEADERS,
         read_bufsize=READ_BUFSIZE,
+        keepalive_timeout=settings.idle_timeout,
     )
     admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
     await ingest.setup()

@@ -176,6 +176,7 @@ async def test_sigkill_with_events_pending_then_restart_delivers_each_exactly_on
         "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
         "TRACEGATE_OUTBOX_RETRY_BASE_SECONDS": "0.05",
         "TRACEGATE_OUTBOX_RETRY_MAX_SECONDS": "0.2",
+        "TRACEGATE_UPSTREAM_TIMEOUT": "2",  # a send cut off by the kill is leased for 2 + 5 s
     }
     port = sink.port
     await sink.stop()  # Lightstep is down
@@ -196,7 +197,7 @@ async def test_sigkill_with_events_pending_then_restart_delivers_each_exactly_on
     await sink.start(port)
     process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
     try:
-        for _ in range(200):
+        for _ in range(300):
             if len(sink.received) >= 5:
                 break
             await asyncio.sleep(0.05)

@@ -125,16 +125,30 @@ class Outbox:
             self.wake.set()
         return result
 
-    async def due(self, limit: int = 50) -> list[Pending]:
+    async def due(self, limit: int = 50, lease: float = 60.0) -> list[Pending]:
+        """Claim up to ``limit`` due events for ``lease`` seconds: another sender (a second
+        worker on the same file) skips them until the lease runs out or this one records
+        the outcome. A sender that dies mid-send leaves its events to be retried then."""
         now = self._clock()
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT id, key, source, service_account, payload, attempts, received_at FROM events"
-                " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (now, limit),
-            ).fetchall()
-        )
-        return [Pending(*row) for row in rows]
+
+        def claim(db: sqlite3.Connection) -> list[Pending]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "SELECT id, key, source, service_account, payload, attempts, received_at FROM events"
+                    " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                db.executemany(
+                    "UPDATE events SET next_attempt_at = ? WHERE id = ?", [(now + lease, row[0]) for row in rows]
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return [Pending(*row) for row in rows]
+
+        return await self._run(claim)
 
     async def delivered(self, event_id: int, result: str) -> None:
         await self._run(

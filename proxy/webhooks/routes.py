@@ -32,14 +32,19 @@ MAX_DEPLOYMENT_BODY = 4096
 _SHA = set("0123456789abcdef")
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
+async def read_limited(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole body, refused (413) past ``limit`` bytes and (408) past ``timeout`` seconds."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyError("body-too-large", 413)
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BodyError("body-too-large", 413)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyError("body-too-large", 413)
+    except TimeoutError:
+        raise BodyError("body-timeout", 408) from None
     return bytes(body)
 
 
@@ -81,7 +86,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
         )
 
     try:
-        body = await read_limited(request, runtime.settings.webhook_max_body)
+        body = await read_limited(request, runtime.settings.webhook_max_body, runtime.settings.body_timeout)
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)
     if not event or not delivery:
@@ -166,7 +171,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
     if not decision.allowed or decision.rule is None or decision.account is None:
         return done(403, "denied", decision.reason)
     try:
-        raw = await read_limited(request, MAX_DEPLOYMENT_BODY)
+        raw = await read_limited(request, MAX_DEPLOYMENT_BODY, runtime.settings.body_timeout)
         body = json.loads(raw) if raw.strip() else {}
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)

@@ -17,8 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-import aiohttp
-
+from proxy.errors import UpstreamError
 from proxy.runtime import Runtime
 from proxy.webhooks.outbox import Outbox, Pending
 
@@ -58,7 +57,8 @@ class Sender:
         while True:
             self._outbox.wake.clear()  # before reading: an add from now on wakes the next wait
             try:
-                for event in await self._outbox.due():
+                lease = self._runtime.settings.upstream_timeout + 5  # longer than any one send
+                for event in await self._outbox.due(lease=lease):
                     await self._deliver(event)
                 stats = await self._outbox.stats()
                 if self._clock() - last_prune > 3600:
@@ -85,23 +85,13 @@ class Sender:
             return
         retry_after: float | None = None
         try:
-            async with self._runtime.upstream_session.post(
-                forwarder.url(account, "traces"),
-                data=event.payload,
-                headers={"Content-Type": "application/json", "lightstep-access-token": account.access_token.reveal()},
-                timeout=aiohttp.ClientTimeout(total=self._runtime.settings.upstream_timeout),
-                allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                status = resp.status
-                if resp.headers.get("Retry-After", "").isdigit():
-                    retry_after = float(resp.headers["Retry-After"])
-        except TimeoutError:
-            status, result = 0, "timeout"
-        except (aiohttp.ClientError, OSError):
-            status, result = 0, "unreachable"
+            status, retry_header = await forwarder.send(account, "traces", event.payload, "application/json")
+        except UpstreamError as exc:
+            status, result = 0, "timeout" if exc.status == 504 else "unreachable"
         else:
             result = str(status)
+            if retry_header is not None and retry_header.isdigit():
+                retry_after = float(retry_header)
         if 200 <= status < 300:
             await self._outbox.delivered(event.id, result)
             outcome = "delivered"
