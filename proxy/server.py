@@ -12,9 +12,9 @@ import gc
 import logging
 import os
 import signal
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
+from http import HTTPStatus
 
 from aiohttp import web
 
