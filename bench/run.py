@@ -21,7 +21,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,17 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.payloads import otlp_payload  # noqa: E402
-from proxy.standins import StandInIssuer, gitlab_claims  # noqa: E402
+from proxy.standins import StandInIssuer, free_port, gitlab_claims  # noqa: E402
 
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KB = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from multidict import CIMultiDict
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a server started just after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def gitlab_claims(issuer: str, audience: str = "tracegate", **overrides: Any) -> dict[str, Any]:

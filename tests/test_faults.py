@@ -17,14 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.standins import Sink, StandInIssuer, free_port
 from tests.conftest import policy_yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def open_fds() -> int:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,14 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.standins import Sink, StandInIssuer, free_port
 from tests.conftest import PAYMENTS_KEY, assert_no_secrets, policy_yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
