@@ -23,7 +23,7 @@ from proxy.ingest import RUNTIME
 from proxy.runtime import Runtime
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, otlp_json
-from proxy.webhooks.outbox import Outbox
+from proxy.webhooks.outbox import Added, Outbox
 from proxy.webhooks.sender import Sender
 from proxy.webhooks.signatures import presented_signatures, verifies
 
@@ -54,10 +54,12 @@ def _answer(status: int, **fields: Any) -> web.Response:
 
 async def _store(
     request: web.Request, *, key: str, digest: str, source: str, account: str, marker: Marker, services: tuple[str, ...]
-) -> tuple[str, int]:
-    outbox = request.app[OUTBOX]
+) -> Added:
+    """Put the marker in the outbox (durably, before the caller answers 202)."""
     payload = otlp_json(marker, services, key, time.time_ns())
-    return await outbox.add(key=key, body_digest=digest, source=source, service_account=account, payload=payload), 202
+    return await request.app[OUTBOX].add(
+        key=key, body_digest=digest, source=source, service_account=account, payload=payload
+    )
 
 
 async def handle_gitea(request: web.Request) -> web.Response:
@@ -126,7 +128,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
     if not hook.refs.match_text(classified.ref):
         return done(202, "ignored", "ref-not-listed", **facts)
     digest = hashlib.sha256(f"{source}\0{event}\0".encode() + signed).hexdigest()
-    stored, status = await _store(
+    stored = await _store(
         request,
         key=f"{source}:{delivery}",
         digest=digest,
@@ -136,8 +138,8 @@ async def handle_gitea(request: web.Request) -> web.Response:
         services=hook.services,
     )
     if stored != "stored":
-        return done(status, "ignored", stored, duplicate=True, **facts)
-    return done(status, "accepted", "stored", services=list(hook.services), **facts)
+        return done(202, "ignored", stored, duplicate=True, **facts)
+    return done(202, "accepted", "stored", services=list(hook.services), **facts)
 
 
 async def handle_deployment(request: web.Request) -> web.Response:
@@ -219,7 +221,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
         },
     )
     key = f"gitlab:{identity.issuer}:{job}:{','.join(services)}"
-    stored, status = await _store(
+    stored = await _store(
         request,
         key=key,
         digest=hashlib.sha256(key.encode()).hexdigest(),
@@ -229,8 +231,8 @@ async def handle_deployment(request: web.Request) -> web.Response:
         services=services,
     )
     if stored != "stored":
-        return done(status, "ignored", stored, duplicate=True)
-    return done(status, "accepted", "stored", services=list(services))
+        return done(202, "ignored", stored, duplicate=True)
+    return done(202, "accepted", "stored", services=list(services))
 
 
 def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
