@@ -101,10 +101,15 @@ class Forwarder:
         return found
 
     async def _stream(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
+        content = request.content
         while True:
             try:
-                async with asyncio.timeout(self._body_timeout):
-                    chunk = await request.content.read(CHUNK)
+                # What is already buffered needs no timer (the common case for OTLP bodies);
+                # only a read that must wait for the client is bounded by the body timeout.
+                chunk = content.read_nowait(CHUNK)
+                if not chunk and not content.at_eof():
+                    async with asyncio.timeout(self._body_timeout):
+                        chunk = await content.read(CHUNK)
             except TimeoutError:
                 state.error = BodyError("body-timeout", 408)
                 raise state.error from None
