@@ -98,20 +98,21 @@ def _check(directory: Path) -> int:
     return 0
 
 
-def _read_json(path: Path) -> Any:
+def _read_object(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: the {what} must be a JSON object")
+    return value
 
 
 def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
     policy = _load_unresolved(directory)
     if policy is None:
         return 1
-    claims = _read_json(claims_file)
-    if not isinstance(claims, dict):
-        raise ConfigError(f"{claims_file}: the claims must be a JSON object")
+    claims = _read_object(claims_file, "claims")
     issuer = policy.issuer_by_url(str(claims.get("iss", "")))
     if issuer is None:
         known = ", ".join(f"{i.name}={i.issuer}" for i in policy.issuers.values())
@@ -147,9 +148,7 @@ def _explain_webhook(directory: Path, payload_file: Path, event: str, source: st
     policy = _load_unresolved(directory)
     if policy is None:
         return 1
-    payload = _read_json(payload_file)
-    if not isinstance(payload, dict):
-        raise ConfigError(f"{payload_file}: the payload must be a JSON object")
+    payload = _read_object(payload_file, "payload")
     repository = repository_name(payload)
     hooks = [h for h in policy.webhooks if h.source == source and repository and h.repository.match_text(repository)]
     print(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")

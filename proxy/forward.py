@@ -22,6 +22,7 @@ from proxy.errors import BodyError, ConfigError, UpstreamError
 from proxy.headers import RELAYED, HeaderPolicy
 from proxy.metrics import Metrics
 from proxy.policy.model import ServiceAccount
+from proxy.secrets import Secret
 
 #: Lightstep's documented OTLP/HTTP paths on its public ingest (ingest.lightstep.com).
 DEFAULT_PATHS: Mapping[str, str] = {
@@ -52,6 +53,12 @@ def declared_length(request: web.BaseRequest, limit: int) -> None:
     """Refuse (413) a declared Content-Length over ``limit`` before reading anything."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyError("body-too-large", 413)
+
+
+def _key(account: ServiceAccount) -> Secret:
+    if account.access_token is None:
+        raise ConfigError(f"service account {account.name!r} was loaded without its access token")
+    return account.access_token
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
@@ -129,9 +136,7 @@ class Forwarder:
     ) -> tuple[int, str | None]:
         """Send a body tracegate made itself (a deployment marker) as ``account``. Returns
         the upstream's status and Retry-After; raises UpstreamError (502/504)."""
-        if account.access_token is None:
-            raise ConfigError(f"service account {account.name!r} was loaded without its access token")
-        headers = {"Content-Type": content_type, "lightstep-access-token": account.access_token.reveal()}
+        headers = {"Content-Type": content_type, "lightstep-access-token": _key(account).reveal()}
         try:
             async with self._session.post(
                 self.url(account, signal), data=body, headers=headers, timeout=self._timeout, allow_redirects=False
@@ -146,11 +151,10 @@ class Forwarder:
     async def forward(self, request: web.BaseRequest, signal: str, account: ServiceAccount) -> UpstreamAnswer:
         """Send the request upstream as ``account``. Raises BodyError or UpstreamError;
         returns the upstream's answer, whatever its status."""
-        if account.access_token is None:
-            raise ConfigError(f"service account {account.name!r} was loaded without its access token")
+        key = _key(account)
         declared_length(request, self.max_body)
         state = _BodyState()
-        headers = self._headers.upstream(request.headers, account.access_token)
+        headers = self._headers.upstream(request.headers, key)
         started = time.perf_counter()
         status_label = "error"
         try:

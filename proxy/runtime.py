@@ -96,6 +96,9 @@ class Runtime:
         self._upstream_session = upstream
         self._key_session = aiohttp.ClientSession()
         self._install(policy)
+        self._loaded()
+
+    def _loaded(self) -> None:
         self.metrics.policy_loads.labels("ok").inc()
         self.metrics.policy_loaded.set(1)
         self.metrics.policy_last_load.set(self.clock())
@@ -154,8 +157,6 @@ class Runtime:
                 self.metrics.policy_loaded.set(0)
                 return False
             self._install(policy)
-            self.metrics.policy_loads.labels("ok").inc()
-            self.metrics.policy_loaded.set(1)
-            self.metrics.policy_last_load.set(self.clock())
+            self._loaded()
             log.info("policy reloaded from %d file(s)", len(policy.files))
             return True

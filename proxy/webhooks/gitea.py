@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.webhooks.marker import Marker
+from proxy.webhooks.marker import Marker, is_commit_sha
 
-_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _ZERO = re.compile(r"^0+$")
 
 
@@ -76,7 +75,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
             return Skip("malformed-push")
         if _ZERO.match(after):
             return Skip("branch-deleted")
-        if not _SHA.match(after):
+        if not is_commit_sha(after):
             return Skip("malformed-push")
         ref_type = "tag" if ref.startswith("refs/tags/") else "branch"
         short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
@@ -97,7 +96,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
         if payload.get("ref_type") != "tag":
             return Skip("event-not-listed")
         tag, sha = _text(payload.get("ref")), _text(payload.get("sha"))
-        if tag is None or sha is None or not _SHA.match(sha):
+        if tag is None or sha is None or not is_commit_sha(sha):
             return Skip("malformed-tag")
         tag = tag.removeprefix("refs/tags/")
         return Classified("tag", "refs/tags/" + tag, marker("tag", tag, "tag", sha))
@@ -108,7 +107,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
         target = _text(_get(payload, "release", "target_commitish"))
         if tag is None:
             return Skip("malformed-release")
-        version = target if target and _SHA.match(target) else tag
+        version = target if target and is_commit_sha(target) else tag
         return Classified(
             "release",
             "refs/tags/" + tag,

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from proxy import __version__
 
 SCOPE = "tracegate.deployments"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+
+
+def is_commit_sha(value: object) -> TypeGuard[str]:
+    """A full SHA-1 (40) or SHA-256 (64) commit id in lower-case hex: a marker's version."""
+    return isinstance(value, str) and _COMMIT_SHA.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

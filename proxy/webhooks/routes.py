@@ -18,24 +18,23 @@ from aiohttp import web
 
 from proxy.answers import refusal
 from proxy.errors import AuthError, BodyError
+from proxy.forward import declared_length
 from proxy.identify import extract_token
 from proxy.ingest import RUNTIME
 from proxy.runtime import Runtime
 from proxy.webhooks.gitea import Classified, classify, repository_name
-from proxy.webhooks.marker import Marker, otlp_json
+from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
 from proxy.webhooks.outbox import Added, Outbox
 from proxy.webhooks.sender import Sender
 from proxy.webhooks.signatures import presented_signatures, verifies
 
 OUTBOX = web.AppKey("outbox", Outbox)
 MAX_DEPLOYMENT_BODY = 4096
-_SHA = set("0123456789abcdef")
 
 
 async def read_limited(request: web.Request, limit: int, timeout: float) -> bytes:
     """The whole body, refused (413) past ``limit`` bytes and (408) past ``timeout`` seconds."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyError("body-too-large", 413)
+    declared_length(request, limit)
     body = bytearray()
     try:
         async with asyncio.timeout(timeout):
@@ -193,7 +192,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
     if "environment" in body and body["environment"] != environment:
         return done(403, "denied", "environment-mismatch")
     sha = claims.get("sha")
-    if not isinstance(sha, str) or len(sha) not in (40, 64) or not set(sha) <= _SHA:
+    if not is_commit_sha(sha):
         return done(400, "refused", "token-has-no-sha")
     project = str(claims.get("project_path", ""))
     job = str(claims.get("job_id", ""))
