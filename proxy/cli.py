@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import logs
-from proxy.config import Settings
+from proxy.config import OPTIONS, Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.policy import decide, load_policy
 from proxy.policy.model import SIGNALS, Policy
@@ -26,13 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracegate", description="Identity-aware OTLP proxy for Lightstep.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--policies", help="policy directory [TRACEGATE_POLICIES, ./policies]")
-    serve.add_argument("--listen", help="ingest HOST:PORT [TRACEGATE_LISTEN, 0.0.0.0:4318]")
-    serve.add_argument(
-        "--admin-listen", dest="admin_listen", help="admin HOST:PORT [TRACEGATE_ADMIN_LISTEN, 0.0.0.0:9464]"
-    )
-    serve.add_argument("--upstream", help="upstream base URL [TRACEGATE_UPSTREAM, https://ingest.lightstep.com]")
-    serve.add_argument("--workers", help="processes sharing the ingest port [TRACEGATE_WORKERS, 1]")
+    for option in OPTIONS:
+        if option.flag:
+            default = option.default or "unset"
+            serve.add_argument(option.flag_name, dest=option.field, help=f"{option.help} [{option.env}, {default}]")
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
     check.add_argument("directory")
     explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
@@ -70,7 +67,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from proxy.server import run
 
-    flags = {k: getattr(args, k) for k in ("policies", "listen", "admin_listen", "upstream", "workers")}
+    flags = {o.field: getattr(args, o.field) for o in OPTIONS if o.flag}
     settings = Settings.load(flags, environ)
     logs.configure(settings.log_level)
     return run(settings, environ)

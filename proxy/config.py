@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.errors import ConfigError
 from proxy.forward import DEFAULT_PATHS
+from proxy.tls import TlsFiles
 from proxy.urls import check_url
 
 
@@ -58,19 +59,40 @@ class Option:
     default: str
     parse: Callable[[str], Any]
     help: str
+    #: Also a ``tracegate serve --flag`` (the flag is the field with dashes).
+    flag: bool = False
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.field.replace("_", "-")
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("policies", "TRACEGATE_POLICIES", "./policies", Path, "Policy directory (all *.yaml below it)."),
-    Option("listen", "TRACEGATE_LISTEN", "0.0.0.0:4318", host_port, "Ingest listener (OTLP/HTTP, webhooks)."),
+    Option("policies", "TRACEGATE_POLICIES", "./policies", Path, "Policy directory (all *.yaml below it).", flag=True),
+    Option(
+        "listen", "TRACEGATE_LISTEN", "0.0.0.0:4318", host_port, "Ingest listener (OTLP/HTTP, webhooks).", flag=True
+    ),
     Option(
         "admin_listen",
         "TRACEGATE_ADMIN_LISTEN",
-        "0.0.0.0:9464",
+        "127.0.0.1:9464",
         host_port,
-        "Admin listener: /metrics, /healthz, /readyz.",
+        "Admin listener: /metrics, /healthz, /readyz (keep it internal; the image sets 0.0.0.0).",
+        flag=True,
     ),
-    Option("upstream", "TRACEGATE_UPSTREAM", "https://ingest.lightstep.com", url, "Default upstream base URL."),
+    Option("tls_cert", "TRACEGATE_TLS_CERT", "", str, "PEM certificate chain: serve the ingest over TLS.", flag=True),
+    Option("tls_key", "TRACEGATE_TLS_KEY", "", str, "PEM private key for TRACEGATE_TLS_CERT.", flag=True),
+    Option(
+        "tls_client_ca",
+        "TRACEGATE_TLS_CLIENT_CA",
+        "",
+        str,
+        "PEM CA bundle: require client certificates signed by it (mTLS).",
+        flag=True,
+    ),
+    Option(
+        "upstream", "TRACEGATE_UPSTREAM", "https://ingest.lightstep.com", url, "Default upstream base URL.", flag=True
+    ),
     Option("path_traces", "TRACEGATE_UPSTREAM_PATH_TRACES", DEFAULT_PATHS["traces"], path, "Upstream path for traces."),
     Option(
         "path_metrics", "TRACEGATE_UPSTREAM_PATH_METRICS", DEFAULT_PATHS["metrics"], path, "Upstream path for metrics."
@@ -169,6 +191,7 @@ OPTIONS: tuple[Option, ...] = (
         "1",
         positive(int),
         "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
+        flag=True,
     ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
@@ -179,6 +202,9 @@ class Settings:
     policies: Path
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
     upstream: str
     path_traces: str
     path_metrics: str
@@ -206,6 +232,15 @@ class Settings:
         return {"traces": self.path_traces, "metrics": self.path_metrics, "logs": self.path_logs}
 
     @property
+    def tls(self) -> TlsFiles | None:
+        """The listeners' TLS files, or None for plain HTTP."""
+        if not self.tls_cert:
+            return None
+        return TlsFiles(
+            Path(self.tls_cert), Path(self.tls_key), Path(self.tls_client_ca) if self.tls_client_ca else None
+        )
+
+    @property
     def outbox_file(self) -> Path:
         return Path(self.outbox_path) if self.outbox_path else self.data_dir / "outbox.sqlite3"
 
@@ -224,4 +259,8 @@ class Settings:
                 values[opt.field] = opt.parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{source}={raw!r}: {exc}") from None
+        if bool(values["tls_cert"]) != bool(values["tls_key"]):
+            raise ConfigError("TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY must be set together (or neither)")
+        if values["tls_client_ca"] and not values["tls_cert"]:
+            raise ConfigError("TRACEGATE_TLS_CLIENT_CA needs TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY (mTLS is TLS)")
         return cls(**values)

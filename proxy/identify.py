@@ -24,7 +24,7 @@ from typing import Any
 
 import jwt
 from cachetools import TLRUCache, TTLCache
-from multidict import CIMultiDictProxy, MultiMapping
+from multidict import MultiMapping
 
 from proxy.errors import AuthError
 from proxy.keys import KeySource
@@ -53,7 +53,7 @@ class Identity:
     decisions: dict[str | None, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def extract_token(headers: CIMultiDictProxy[str], query: MultiMapping[str]) -> str:
+def extract_token(headers: MultiMapping[str], query: Mapping[str, str] | MultiMapping[str]) -> str:
     """The one bearer token of a request. Raises AuthError: ``missing-token``,
     ``conflicting-tokens`` (two different ones), ``token-in-query``, ``unsupported-auth-scheme``."""
     for name, value in query.items():

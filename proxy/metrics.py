@@ -19,8 +19,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "tracegate_requests",
-            "Ingest requests by outcome.",
-            ("signal", "service_account", "decision", "reason"),
+            "Ingest and authorization requests by outcome and door (transport: http, grpc, authz).",
+            ("signal", "service_account", "decision", "reason", "transport"),
             registry=r,
         )
         self.request_bytes = Counter(
@@ -47,6 +47,9 @@ class Metrics:
         )
         self.policy_last_load = Gauge(
             "tracegate_policy_last_load_timestamp_seconds", "Unix time of the last successful policy load.", registry=r
+        )
+        self.tls_reloads = Counter(
+            "tracegate_tls_reloads", "TLS certificate reloads (SIGHUP) by result.", ("result",), registry=r
         )
         self.token_cache = Counter("tracegate_token_cache", "Verified-token cache lookups.", ("result",), registry=r)
         # Outbox (deployment markers).
@@ -76,8 +79,8 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def count_request(self, signal: str, account: str, decision: str, reason: str) -> None:
-        self.child(self.requests, signal, account, decision, reason).inc()
+    def count_request(self, signal: str, account: str, decision: str, reason: str, transport: str = "http") -> None:
+        self.child(self.requests, signal, account, decision, reason, transport).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

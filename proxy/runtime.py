@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 
+from proxy import tls
 from proxy.audit import AuditLog
 from proxy.config import Settings
-from proxy.errors import PolicyLoadError
+from proxy.errors import ConfigError, PolicyLoadError
 from proxy.forward import Forwarder
 from proxy.headers import HeaderPolicy
 from proxy.identify import Identity, TokenVerifier
@@ -68,6 +70,8 @@ class Runtime:
         self._sources: dict[str, KeySource] = {}
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
+        #: The listeners' TLS context (None: plain HTTP); its certificate is reloaded in place.
+        self.tls_context: ssl.SSLContext | None = None
 
     @property
     def gate(self) -> Gate:
@@ -142,12 +146,26 @@ class Runtime:
         )
         self._gate = Gate(policy, verifier)
 
+    def _reload_tls(self) -> None:
+        files = self.settings.tls
+        if files is None or self.tls_context is None:
+            return
+        try:
+            tls.load(self.tls_context, files)
+        except ConfigError as exc:
+            log.error("TLS certificate reload failed; the previous certificate keeps serving: %s", exc)
+            self.metrics.tls_reloads.labels("failed").inc()
+            return
+        self.metrics.tls_reloads.labels("ok").inc()
+
     def issuers_without_keys(self) -> list[str]:
         return sorted(name for name, source in self._sources.items() if not source.ready)
 
     async def reload(self) -> bool:
-        """Reload policies and secret files. True if the new policy now serves."""
+        """Reload policies, secret files and the TLS certificate. True if the new policy now
+        serves. Each part is all-or-nothing: a failed part keeps what it had."""
         async with self._reload_lock:
+            self._reload_tls()
             try:
                 policy = await asyncio.to_thread(self.load)
             except PolicyLoadError as exc:

@@ -27,6 +27,7 @@ from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.runtime import Runtime
+from proxy.tls import server_context
 from proxy.webhooks.routes import add_webhook_routes
 
 log = logging.getLogger("tracegate")
@@ -35,9 +36,6 @@ log = logging.getLogger("tracegate")
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
-#: Per-connection request body buffer (aiohttp pauses reading at twice this): bounds the
-#: memory a slow upstream can make a fast client's upload take.
-READ_BUFSIZE = 64 * 1024
 #: Per-connection request body buffer (aiohttp pauses reading at twice this): bounds the
 #: memory a slow upstream can make a fast client's upload take.
 READ_BUFSIZE = 64 * 1024
@@ -93,6 +91,8 @@ async def start(
     policy does not load: tracegate never starts without one."""
     redact_aiohttp()
     runtime = Runtime(settings, environ, metrics or Metrics(), audit=audit)
+    if settings.tls is not None:
+        runtime.tls_context = server_context(settings.tls)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
     ingest = _QuietRunner(
@@ -111,7 +111,9 @@ async def start(
     await ingest.setup()
     await admin.setup()
     shared = settings.workers > 1
-    await web.TCPSite(ingest, *settings.listen, reuse_address=True, reuse_port=shared).start()
+    await web.TCPSite(
+        ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
+    ).start()
     await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
     return runtime, [ingest, admin]
 

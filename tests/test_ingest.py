@@ -243,7 +243,7 @@ async def test_metrics_health_and_ready(
         text = await resp.text()
     assert (
         'tracegate_requests_total{decision="allowed",reason="forwarded",'
-        'service_account="payments-ci",signal="traces"} 1.0'
+        'service_account="payments-ci",signal="traces",transport="http"} 1.0'
     ) in text
     assert 'tracegate_jwks_fetches_total{issuer="gitlab",result="ok"}' in text
     assert "tracegate_upstream_duration_seconds_bucket" in text

@@ -180,6 +180,7 @@ async def test_refused(
             service_account=audit[-1]["service_account"] or "",
             decision=decision,
             reason=reason,
+            transport="http",
         )
         == 1
     )
