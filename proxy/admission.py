@@ -23,7 +23,7 @@ from multidict import MultiMapping
 from proxy.errors import AuthError
 from proxy.identify import Identity, extract_token
 from proxy.policy.evaluate import Decision
-from proxy.policy.model import ServiceAccount
+from proxy.policy.model import Policy, ServiceAccount
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -50,6 +50,7 @@ class Admitted:
     how the request ended (forwarded, failed upstream, or simply authorized)."""
 
     runtime: Runtime
+    policy: Policy  # the policy that decided (a reload may have replaced it since)
     identity: Identity
     decision: Decision
     account: ServiceAccount
@@ -126,7 +127,7 @@ async def admit(
     if not decision.allowed or decision.account is None:
         _record(runtime, signal, transport, mode, "denied", decision.reason, identity=identity, decision=decision)
         return Refused(403, decision.reason)
-    return Admitted(runtime, identity, decision, decision.account, signal, transport, mode)
+    return Admitted(runtime, gate.policy, identity, decision, decision.account, signal, transport, mode)
 
 
 def refuse(runtime: Runtime, *, signal: str, transport: str, reason: str, status: int, mode: str = "ingest") -> Refused:

@@ -1,8 +1,10 @@
 """One JSON line per decision: the audit log.
 
 Only names and claims that identify a pipeline are written — never a token, a signature,
-an access key or a request body. Claims are cut to 256 characters so that a hostile token
-cannot fill the log.
+an access key or a request body. Every text value (claims, and whatever a door adds: a
+repository name from an unsigned webhook, a delivery id) is cut to
+:data:`proxy.untrusted.MAX_LOGGED_CHARS` with control characters escaped, whichever code
+path writes it, so that no request can fill the log or forge a line.
 
 Lines are buffered and written in batches (at most ``flush_interval`` seconds, or 64 KiB,
 apart) rather than one write per request: per-request writes through ``logging`` were
@@ -18,17 +20,21 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from proxy.untrusted import log_text
+
 #: GitLab CI ID token claims that go into each audit line.
 AUDITED_CLAIMS = ("project_path", "pipeline_id", "job_id", "ref", "user_login", "jti")
-_MAX_CLAIM_CHARS = 256
 _MAX_BUFFER = 64 * 1024
 
 
-def _claim(value: Any) -> str | int | bool | None:
+def _field(value: Any) -> str | int | float | bool | None:
+    """A value fit for an audit field: numbers and booleans as they are, text bounded,
+    anything else (a list, an object from a claim) by its type name only."""
     if value is None or isinstance(value, (bool, int)):
         return value
-    text = value if isinstance(value, str) else type(value).__name__
-    return text[:_MAX_CLAIM_CHARS]
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    return log_text(value if isinstance(value, str) else type(value).__name__)
 
 
 def _stdout(text: str) -> None:
@@ -74,8 +80,11 @@ class AuditLog:
         }
         claims = claims or {}
         for name in AUDITED_CLAIMS:
-            record[name] = _claim(claims.get(name))
+            record[name] = claims.get(name)
         record.update(extra)
+        for name, value in record.items():
+            if value is not None and not isinstance(value, (bool, int)):
+                record[name] = _field(value)
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"
         if self._interval <= 0:
             self._write(line)

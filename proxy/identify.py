@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import jwt
 from cachetools import TLRUCache, TTLCache
 from multidict import MultiMapping
 
+from proxy import untrusted
 from proxy.errors import AuthError
 from proxy.keys import KeySource
 from proxy.metrics import Metrics
@@ -87,9 +87,13 @@ PERMANENT_REFUSALS = frozenset(
         "unknown-issuer",
         "missing-kid",
         "key-algorithm-mismatch",
+        "malformed-claims",
     }
 )
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub")
+TIME_CLAIMS = ("exp", "iat", "nbf")
+#: Time claims outside [0, this) are not times (this is the year 5138): ``malformed-claims``.
+MAX_TIME = 1e11
 
 
 def _b64(segment: str) -> bytes:
@@ -158,8 +162,8 @@ class TokenVerifier:
             raise AuthError("malformed-token")
         head_b64, payload_b64, signature_b64 = token.split(".")
         try:
-            header = json.loads(_b64(head_b64))
-            claims = json.loads(_b64(payload_b64))
+            header = untrusted.loads(_b64(head_b64))
+            claims = untrusted.loads(_b64(payload_b64))
             signature = _b64(signature_b64)
         except (ValueError, RecursionError):
             raise AuthError("malformed-token") from None
@@ -194,15 +198,18 @@ class TokenVerifier:
         return Identity(issuer.name, MappingProxyType(claims), expires_at)
 
     def _check_times(self, claims: dict[str, Any], issuer: str) -> float:
-        now = self._clock()
-        times = {}
-        for name in ("exp", "iat", "nbf"):
-            value = claims.get(name)
-            if value is None:
+        """``exp``/``iat`` (required) and ``nbf`` against the clock. Each present time claim
+        must be a finite JSON number (not a bool, not null) in [0, MAX_TIME); anything else
+        is ``malformed-claims``: a time that cannot be compared must not pass a comparison."""
+        times: dict[str, float] = {}
+        for name in TIME_CLAIMS:
+            if name not in claims:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AuthError("malformed-token", issuer=issuer)
+            value = claims[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < MAX_TIME:
+                raise AuthError("malformed-claims", issuer=issuer)
             times[name] = float(value)
+        now = self._clock()
         if now > times["exp"] + self._leeway:
             raise AuthError("token-expired", issuer=issuer)
         if "nbf" in times and times["nbf"] > now + self._leeway:

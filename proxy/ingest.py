@@ -3,34 +3,75 @@
 Identify → decide is :func:`proxy.admission.admit`, shared with every other door; this
 module only knows where HTTP puts the credential and the signal, and how an OTLP/HTTP
 answer is written. Every refusal is answered before the body is read and before anything
-is sent upstream; an accepted request is answered with the upstream's own status, body
-and content type, so the client never sees a 2xx the upstream did not give.
+is sent upstream — with ``Expect: 100-continue``, before the body is even invited — and an
+accepted request is answered with the upstream's own status, body and content type, so
+the client never sees a 2xx the upstream did not give.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.admission import Refused, admit
+from proxy.admission import Admitted, Refused, admit
 from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
+from proxy.protocol import send_continue
 from proxy.runtime import Runtime
 
 log = logging.getLogger("tracegate")
 
 RUNTIME = web.AppKey("runtime", Runtime)
+ADMISSION = web.RequestKey("admission", object)
 SIGNALS = ("traces", "metrics", "logs")
+
+
+async def admit_http(request: web.Request, *, signal: str, mode: str = "ingest") -> Admitted | Refused:
+    """The request's admission, made once: by its ``Expect`` handler when the client asked
+    before sending the body, else now."""
+    found = request.get(ADMISSION)
+    if isinstance(found, (Admitted, Refused)):
+        return found
+    admitted = await admit(
+        request.app[RUNTIME], request.headers, request.query, signal=signal, transport="http", mode=mode
+    )
+    request[ADMISSION] = admitted
+    return admitted
+
+
+def expect_admitted(
+    signal_of: Callable[[web.Request], str],
+    answer_refused: Callable[[web.Request, Refused], web.StreamResponse],
+    *,
+    mode: str = "ingest",
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An ``Expect: 100-continue`` handler that admits the request first: a refused one is
+    answered (and its connection closed) without inviting the body."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        admitted = await admit_http(request, signal=signal_of(request), mode=mode)
+        if isinstance(admitted, Refused):
+            response = answer_refused(request, admitted)
+            response.force_close()
+            return response
+        return await send_continue(request)
+
+    return expect
+
+
+def _refused(request: web.Request, refused: Refused) -> web.StreamResponse:
+    return refusal(refused.status, request.headers.get("Content-Type"), retry_after=refused.retry_after)
 
 
 async def handle_signal(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     signal = request.match_info["signal"]
     content_type = request.headers.get("Content-Type")
-    admitted = await admit(runtime, request.headers, request.query, signal=signal, transport="http")
+    admitted = await admit_http(request, signal=signal)
     if isinstance(admitted, Refused):
-        return refusal(admitted.status, content_type, retry_after=admitted.retry_after)
+        return _refused(request, admitted)
     try:
         forwarder = runtime.forwarder
         if forwarder is None:
@@ -49,5 +90,6 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
 
 
 def add_ingest_routes(app: web.Application) -> None:
+    expect = expect_admitted(lambda request: request.match_info["signal"], _refused)
     for signal in SIGNALS:
-        app.router.add_post(f"/v1/{{signal:{signal}}}", handle_signal)
+        app.router.add_post(f"/v1/{{signal:{signal}}}", handle_signal, expect_handler=expect)

@@ -19,7 +19,6 @@ The last good key set stays in use while the issuer is down or serving garbage.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from proxy import untrusted
 from proxy.errors import AuthError, KeysUnavailable
 from proxy.metrics import Metrics
 from proxy.policy.model import Issuer
@@ -205,7 +205,7 @@ class KeySource:
         except aiohttp.ClientError:
             raise FetchFailed("unreachable") from None
         try:
-            return json.loads(body), cache_control
+            return untrusted.loads(body), cache_control
         except (ValueError, RecursionError):
             raise FetchFailed("bad-document") from None
 

@@ -15,6 +15,10 @@ import sys
 import time
 from typing import Any
 
+from proxy.untrusted import log_text
+
+#: The longest log message written (a message quotes outside text only through log_text).
+MAX_MESSAGE_CHARS = 1024
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -25,13 +29,13 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        data["msg"] = record.getMessage()
+        data["msg"] = log_text(record.getMessage(), MAX_MESSAGE_CHARS)
         if record.exc_info and record.exc_info[0] is not None:
             data["error"] = record.exc_info[0].__name__
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value
-        return json.dumps(data, default=str)
+                data[key] = value if value is None or isinstance(value, (bool, int, float)) else log_text(value)
+        return json.dumps(data)
 
 
 class RedactAiohttp(logging.Filter):
@@ -40,10 +44,13 @@ class RedactAiohttp(logging.Filter):
     aiohttp's loggers (not a handler) so it applies to every handler, tests' included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # The format without its arguments: cut at the first placeholder, so that no
+        # literal ``%s`` is left in the message (the arguments are what we drop).
+        message = str(record.msg).split("%", 1)[0].strip() if record.args else str(record.msg)
+        message = message.removesuffix(" from") or "aiohttp event"
         if record.exc_info and record.exc_info[0] is not None:
-            record.msg = f"{record.msg} ({record.exc_info[0].__name__})"
-        elif record.args:
-            record.msg = str(record.msg).split("%", 1)[0].strip() or "aiohttp event"
+            message = f"{message} ({record.exc_info[0].__name__})"
+        record.msg = message
         record.args = None
         record.exc_info = None
         record.exc_text = None

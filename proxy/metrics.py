@@ -51,6 +51,15 @@ class Metrics:
         self.tls_reloads = Counter(
             "tracegate_tls_reloads", "TLS certificate reloads (SIGHUP) by result.", ("result",), registry=r
         )
+        self.protocol_errors = Counter(
+            "tracegate_protocol_errors",
+            "Requests refused before routing: malformed HTTP, HTTP/2 on the HTTP port.",
+            ("kind",),
+            registry=r,
+        )
+        self.unhandled_errors = Counter(
+            "tracegate_unhandled_errors", "Exceptions no handler expected (a bug: each is logged).", registry=r
+        )
         self.token_cache = Counter("tracegate_token_cache", "Verified-token cache lookups.", ("result",), registry=r)
         # Outbox (deployment markers).
         self.outbox_depth = Gauge("tracegate_outbox_depth", "Events waiting in the outbox.", registry=r)

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from http import HTTPStatus
 
 from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
 from proxy.config import Settings
-from proxy.errors import PolicyLoadError
+from proxy.errors import ConfigError, PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
 from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
 from proxy.policy import Policy
+from proxy.protocol import EdgeRunner, guard
 from proxy.runtime import Runtime
 from proxy.tls import server_context
 from proxy.webhooks.routes import add_webhook_routes
@@ -41,31 +43,12 @@ MAX_HEADERS = 100
 READ_BUFSIZE = 64 * 1024
 
 
-class _QuietRequestHandler(web.RequestHandler):
-    """aiohttp answers a malformed request with its parser's message, which quotes the
-    offending header bytes — an ``Authorization`` line among them. Answer with the
-    status phrase alone."""
-
-    def handle_error(
-        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
-    ) -> web.StreamResponse:
-        return super().handle_error(request, status, exc, HTTPStatus(status).phrase)
-
-
-class _QuietServer(web.Server):
-    def __call__(self) -> web.RequestHandler:
-        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _QuietRunner(web.AppRunner):
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _QuietServer  # same object and state; only how it makes handlers changes
-        return server
+#: What a gRPC/HTTP/2 client on the OTLP/HTTP port is told.
+GRPC_HINT = "send OTLP/gRPC to the gRPC listener (TRACEGATE_GRPC_LISTEN, port 4317 by default)"
 
 
 def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
-    app = web.Application(client_max_size=runtime.settings.max_body)
+    app = web.Application(client_max_size=runtime.settings.max_body, middlewares=[guard(runtime.metrics)])
     app[RUNTIME] = runtime
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
@@ -95,8 +78,10 @@ async def start(
         runtime.tls_context = server_context(settings.tls)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
-    ingest = _QuietRunner(
+    ingest = EdgeRunner(
         build_ingest_app(runtime, policy),
+        metrics=runtime.metrics,
+        grpc_hint=GRPC_HINT,
         access_log=None,
         auto_decompress=False,
         shutdown_timeout=settings.drain_seconds,
@@ -108,17 +93,47 @@ async def start(
         keepalive_timeout=settings.idle_timeout,
     )
     admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
-    await ingest.setup()
-    await admin.setup()
-    shared = settings.workers > 1
-    await web.TCPSite(
-        ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
-    ).start()
-    await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
-    return runtime, [ingest, admin]
+    runners: list[web.AppRunner] = []
+    try:
+        for runner in (ingest, admin):
+            runners.append(runner)
+            await runner.setup()
+        shared = settings.workers > 1
+        await _listen(
+            web.TCPSite(
+                ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
+            ),
+            "TRACEGATE_LISTEN",
+            settings.listen,
+        )
+        await _listen(
+            web.TCPSite(admin, *settings.admin_listen, reuse_address=True),
+            "TRACEGATE_ADMIN_LISTEN",
+            settings.admin_listen,
+        )
+    except BaseException:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        raise
+    return runtime, runners
+
+
+async def _listen(site: web.TCPSite, setting: str, address: tuple[str, int]) -> None:
+    """Start a listener; a port in use or not ours to bind is a ConfigError naming the setting."""
+    try:
+        await site.start()
+    except OSError as exc:
+        what = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges tracegate does not have"}.get(
+            exc.errno or 0, f"cannot be bound ({exc.strerror})"
+        )
+        raise ConfigError(
+            f"{setting}={address[0]}:{address[1]}: the address {what}; choose another with {setting}"
+        ) from None
 
 
 async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
+    """Serve until SIGTERM/SIGINT. Raises ConfigError (nothing left open) when tracegate
+    cannot start: the caller prints it as one line and exits 2."""
     try:
         runtime, runners = await start(settings, environ)
     except PolicyLoadError as exc:
@@ -169,7 +184,11 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = run_one(replace(settings, admin_listen=(host, port + k if port else 0)), environ)
+            try:
+                code = run_one(replace(settings, admin_listen=(host, port + k if port else 0)), environ)
+            except ConfigError as exc:
+                print(f"tracegate: worker {k}: {exc}", file=sys.stderr, flush=True)
+                code = 2
             os._exit(code)
         pids.append(pid)
 

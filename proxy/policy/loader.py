@@ -366,4 +366,11 @@ def _cross_check(
                 f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; "
                 f"define it under service_accounts: (known: {known_accounts})",
             )
+        elif "traces" not in accounts[hook.service_account].signals:
+            add(
+                hook.where,
+                f"webhook {hook.name!r} sends its markers (trace spans) as service account "
+                f"{hook.service_account!r}, which may not send traces; add traces to its signals "
+                "or use another account",
+            )
     return problems

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from proxy.webhooks.marker import Marker, is_commit_sha
 
@@ -49,17 +50,41 @@ def repository_name(payload: dict[str, Any]) -> str | None:
     return _text(_get(payload, "repository", "full_name"))
 
 
+def repository_url(payload: dict[str, Any], full_name: str) -> str | None:
+    """The repository's web URL, if the payload's ``html_url`` names the same repository as
+    ``full_name`` (its path is ``/<full_name>``, as Gitea and Forgejo build it); else None."""
+    url = _text(_get(payload, "repository", "html_url"))
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return None
+    if unquote(parts.path).rstrip("/").lower().endswith("/" + full_name.lower()):
+        return url
+    return None
+
+
 def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any]) -> Classified | Skip:
-    found = payload.get("repository")
-    repo: dict[str, Any] = found if isinstance(found, dict) else {}
+    """The marker an authentic event draws. Its repository identity — name, owner, URL —
+    comes only from ``repository.full_name``, the value the webhook entry was matched on:
+    the payload's other fields (``name``, ``owner.login``) are not trusted to agree, and an
+    ``html_url`` that names another repository is a refusal (``repository-mismatch``)."""
+    full_name = repository_name(payload) or ""
+    owner, _, name = full_name.rpartition("/")
+    url = repository_url(payload, full_name)
+    if url is None and _get(payload, "repository", "html_url") is not None:
+        return Skip("repository-mismatch")
     actor = _text(_get(payload, "sender", "login")) or _text(_get(payload, "pusher", "login"))
 
     def marker(kind: str, ref_name: str, ref_type: str, sha: str, **more: str | None) -> Marker:
         return Marker(
             provider=source,
-            repository_url=_text(repo.get("html_url")) or "",
-            repository_name=_text(repo.get("name")) or "",
-            owner=_text(_get(repo, "owner", "login")) or _text(_get(repo, "owner", "username")) or "",
+            repository_url=url or "",
+            repository_name=name,
+            owner=owner,
             ref_name=ref_name,
             ref_type=ref_type,
             revision=sha,

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from proxy import untrusted
+from proxy.admission import Refused
 from proxy.answers import refusal
-from proxy.errors import AuthError, BodyError
+from proxy.errors import BodyError, ConfigError
 from proxy.forward import declared_length
-from proxy.identify import extract_token
-from proxy.ingest import RUNTIME
+from proxy.ingest import RUNTIME, admit_http, expect_admitted
+from proxy.protocol import send_continue
 from proxy.runtime import Runtime
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
@@ -30,6 +34,8 @@ from proxy.webhooks.signatures import presented_signatures, verifies
 
 OUTBOX = web.AppKey("outbox", Outbox)
 MAX_DEPLOYMENT_BODY = 4096
+#: More fields than this in a form-encoded delivery is not Gitea's form (it sends one).
+MAX_FORM_FIELDS = 20
 
 
 async def read_limited(request: web.Request, limit: int, timeout: float) -> bytes:
@@ -61,9 +67,40 @@ async def _store(
     )
 
 
+def _gitea_source(headers: CIMultiDictProxy[str]) -> str:
+    return "forgejo" if "X-Forgejo-Event" in headers else "gitea"
+
+
+def _gitea_headers_refusal(headers: CIMultiDictProxy[str]) -> tuple[int, str, str, str | None] | None:
+    """(status, decision, reason, header) for a delivery missing what every authentic one
+    carries: the event and delivery headers, and a signature."""
+    prefix = f"X-{_gitea_source(headers).capitalize()}"
+    for name in (f"{prefix}-Event", f"{prefix}-Delivery"):
+        if not headers.get(name):
+            return 400, "refused", "missing-header", name
+    if not presented_signatures(headers):
+        return 401, "refused", "missing-signature", None
+    return None
+
+
+async def expect_gitea(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse a delivery that lacks its headers before inviting the
+    body; otherwise continue as aiohttp would."""
+    refused = _gitea_headers_refusal(request.headers)
+    if refused is not None:
+        status, decision, reason, header = refused
+        runtime = request.app[RUNTIME]
+        runtime.metrics.webhooks.labels(_gitea_source(request.headers), decision, reason).inc()
+        runtime.audit(kind="webhook", decision=decision, reason=reason, source=_gitea_source(request.headers))
+        response = _answer(status, accepted=False, reason=reason, **({"header": header} if header else {}))
+        response.force_close()
+        return response
+    return await send_continue(request)
+
+
 async def handle_gitea(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    source = "forgejo" if "X-Forgejo-Event" in request.headers else "gitea"
+    source = _gitea_source(request.headers)
     event = request.headers.get(f"X-{source.capitalize()}-Event") or ""
     delivery = request.headers.get(f"X-{source.capitalize()}-Delivery") or ""
 
@@ -74,8 +111,8 @@ async def handle_gitea(request: web.Request) -> web.Response:
             decision=decision,
             reason=reason,
             source=source,
-            webhook_event=event[:32] or None,
-            delivery=delivery[:64] or None,
+            webhook_event=event or None,
+            delivery=delivery or None,
             repository=more.get("repository"),
             service_account=more.get("account"),
         )
@@ -83,26 +120,29 @@ async def handle_gitea(request: web.Request) -> web.Response:
             status,
             accepted=decision == "accepted",
             reason=reason,
-            **{k: v for k, v in more.items() if k in ("services", "duplicate")},
+            **{k: v for k, v in more.items() if k in ("services", "duplicate", "header")},
         )
 
+    missing = _gitea_headers_refusal(request.headers)
+    if missing is not None:
+        status, decision, reason, header = missing
+        return done(status, decision, reason, **({"header": header} if header else {}))
     try:
         body = await read_limited(request, runtime.settings.webhook_max_body, runtime.settings.body_timeout)
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)
-    if not event or not delivery:
-        return done(400, "refused", "missing-event-or-delivery-header")
     signatures = presented_signatures(request.headers)
-    if not signatures:
-        return done(401, "refused", "missing-signature")
     signed = body
     if request.content_type == "application/x-www-form-urlencoded":
-        form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+        try:
+            form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+        except ValueError:
+            return done(400, "refused", "bad-form")
         if len(form.get("payload", [])) != 1:
             return done(400, "refused", "bad-form")
         signed = form["payload"][0].encode("utf-8")
     try:
-        payload = json.loads(signed)
+        payload = untrusted.loads(signed)
     except (ValueError, RecursionError):
         return done(400, "refused", "bad-json")
     if not isinstance(payload, dict):
@@ -114,13 +154,15 @@ async def handle_gitea(request: web.Request) -> web.Response:
         if hook.source == source and repository is not None and hook.repository.match_text(repository)
     ]
     if not candidates:
-        return done(403, "refused", "unknown-repository")
+        return done(403, "refused", "unknown-repository", repository=repository)
     hook = next((h for h in candidates if verifies(signed, signatures, h.secrets)), None)
     if hook is None:
         return done(401, "refused", "bad-signature", repository=repository)
     facts = {"repository": repository, "account": hook.service_account}
     classified = classify(source, event, delivery, payload)
     if not isinstance(classified, Classified):
+        if classified.reason == "repository-mismatch":
+            return done(400, "refused", classified.reason, **facts)
         return done(202, "ignored", classified.reason, **facts)
     if classified.kind not in hook.events:
         return done(202, "ignored", "event-not-listed", **facts)
@@ -141,46 +183,44 @@ async def handle_gitea(request: web.Request) -> web.Response:
     return done(202, "accepted", "stored", services=list(hook.services), **facts)
 
 
-async def handle_deployment(request: web.Request) -> web.Response:
+def _deployment_refused(request: web.Request, refused: Refused) -> web.StreamResponse:
+    """A deployment's refusal: a credential problem in the OTLP form every door uses, a
+    denial as the endpoint's JSON. Already audited and counted by the admission."""
+    decision = "denied" if refused.status == 403 else "refused"
+    request.app[RUNTIME].metrics.webhooks.labels("gitlab", decision, refused.reason).inc()
+    if refused.status == 403:
+        return _answer(403, accepted=False, reason=refused.reason)
+    return refusal(refused.status, request.headers.get("Content-Type"), retry_after=refused.retry_after)
+
+
+async def handle_deployment(request: web.Request) -> web.StreamResponse:
     """A GitLab job marks its deploy. Every fact comes from the verified token; the body
-    may only narrow the services to those the matched rule lists."""
+    may only narrow the services to those the matched rule lists. A marker is a trace span,
+    so the token's account must be allowed to send traces."""
     runtime = request.app[RUNTIME]
-    gate = runtime.gate
-    content_type = request.headers.get("Content-Type")
-    try:
-        identity = await gate.verifier.verify(extract_token(request.headers, request.query))
-    except AuthError as exc:
-        runtime.metrics.webhooks.labels("gitlab", "refused", exc.reason).inc()
-        runtime.audit(kind="deployment", decision="refused", reason=exc.reason, issuer=exc.issuer)
-        return refusal(exc.status, content_type, retry_after=5 if exc.status == 503 else None)
+    admitted = await admit_http(request, signal="traces", mode="deployment")
+    if isinstance(admitted, Refused):
+        return _deployment_refused(request, admitted)
+    identity, rule = admitted.identity, admitted.decision.rule
     claims = identity.claims
-    decision = gate.decide(identity, None)
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
         runtime.metrics.webhooks.labels("gitlab", decision_, reason).inc()
-        runtime.audit(
-            kind="deployment",
-            decision=decision_,
-            reason=reason,
-            issuer=identity.issuer,
-            claims=claims,
-            rule=decision.rule.name if decision.rule else None,
-            service_account=decision.account.name if decision.account else None,
-        )
+        admitted.record(decision_, reason)
         return _answer(status, accepted=decision_ == "accepted", reason=reason, **more)
 
-    if not decision.allowed or decision.rule is None or decision.account is None:
-        return done(403, "denied", decision.reason)
+    if rule is None:
+        return done(403, "denied", "no-rule-matched")
     try:
         raw = await read_limited(request, MAX_DEPLOYMENT_BODY, runtime.settings.body_timeout)
-        body = json.loads(raw) if raw.strip() else {}
+        body = untrusted.loads(raw) if raw.strip() else {}
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)
     except (ValueError, RecursionError):
         return done(400, "refused", "bad-json")
     if not isinstance(body, dict) or set(body) - {"service", "environment"}:
         return done(400, "refused", "unknown-field")
-    allowed = decision.rule.services
+    allowed = rule.services
     if not allowed:
         return done(403, "denied", "rule-lists-no-services")
     services = allowed
@@ -196,7 +236,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
         return done(400, "refused", "token-has-no-sha")
     project = str(claims.get("project_path", ""))
     job = str(claims.get("job_id", ""))
-    issuer_url = gate.policy.issuers[identity.issuer].issuer
+    issuer_url = admitted.policy.issuers[identity.issuer].issuer
     marker = Marker(
         provider="gitlab",
         repository_url=f"{issuer_url}/{project}",
@@ -225,7 +265,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
         key=key,
         digest=hashlib.sha256(key.encode()).hexdigest(),
         source="gitlab",
-        account=decision.account.name,
+        account=admitted.account.name,
         marker=marker,
         services=services,
     )
@@ -239,7 +279,14 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         outbox = Outbox(settings.outbox_file, clock=time.time, dedupe_window=settings.dedupe_window)
-        await outbox.open()
+        try:
+            await outbox.open()
+        except (OSError, sqlite3.Error) as exc:
+            await outbox.close()
+            raise ConfigError(
+                f"TRACEGATE_OUTBOX={settings.outbox_file}: cannot open the outbox ({type(exc).__name__}); make "
+                f"TRACEGATE_DATA_DIR writable by uid {os.getuid()} or point TRACEGATE_OUTBOX at a writable file"
+            ) from None
         app[OUTBOX] = outbox
         sender = Sender(outbox, runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max)
         task = asyncio.get_running_loop().create_task(sender.run())
@@ -249,5 +296,9 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
         await outbox.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/webhooks/gitea", handle_gitea)
-    app.router.add_post("/v1/deployments", handle_deployment)
+    app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_gitea)
+    app.router.add_post(
+        "/v1/deployments",
+        handle_deployment,
+        expect_handler=expect_admitted(lambda _request: "traces", _deployment_refused, mode="deployment"),
+    )
