@@ -136,7 +136,11 @@ class Forwarder:
     ) -> tuple[int, str | None]:
         """Send a body tracegate made itself (a deployment marker) as ``account``. Returns
         the upstream's status and Retry-After; raises UpstreamError (502/504)."""
-        headers = {"Content-Type": content_type, "lightstep-access-token": _key(account).reveal()}
+        headers = {
+            "Content-Type": content_type,
+            "Accept-Encoding": "identity",
+            "lightstep-access-token": _key(account).reveal(),
+        }
         try:
             async with self._session.post(
                 self.url(account, signal), data=body, headers=headers, timeout=self._timeout, allow_redirects=False

@@ -1,7 +1,10 @@
 """Which request headers travel upstream, and which answer headers travel back.
 
 An allowlist, built once: the upstream never sees a header tracegate did not choose to
-send. Everything else the client sent — Authorization, Proxy-Authorization, every spelling
+send. The client's ``Accept-Encoding`` is forwarded, or ``identity`` when it sent none, so
+the upstream never compresses an answer for a client that did not ask (the HTTP client
+underneath would otherwise offer its own). Everything else the client sent —
+Authorization, Proxy-Authorization, every spelling
 of lightstep-access-token, Cookie, Forwarded, X-Forwarded-*, X-Real-IP, hop-by-hop headers
 (Connection and the headers it names, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade)
 and any name with ``_`` (which some servers fold into ``-``) — is dropped. The upstream
@@ -17,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.secrets import Secret
 
 #: End-to-end headers an OTLP exporter sends that the upstream needs. Lower case.
-FORWARDED = frozenset({"content-type", "content-encoding", "content-length", "user-agent", "accept"})
+FORWARDED = frozenset({"content-type", "content-encoding", "content-length", "user-agent", "accept", "accept-encoding"})
 #: Upstream answer headers relayed to the client.
 RELAYED = ("Content-Type", "Content-Encoding", "Retry-After")
 #: Names that may never be forwarded, even when configured as extra headers.
@@ -61,5 +64,10 @@ class HeaderPolicy:
             lower = name.lower()
             if lower in self.forwarded and lower not in named_by_connection:
                 out.add(name, value)
+        if "Accept-Encoding" not in out:
+            # The client asked for no compression; say so, or the HTTP client underneath
+            # would offer its own (aiohttp: gzip, deflate) and the answer could come back in
+            # an encoding this client never said it reads.
+            out["Accept-Encoding"] = "identity"
         out["lightstep-access-token"] = access_token.reveal()
         return out

@@ -165,6 +165,8 @@ class TokenVerifier:
             header = untrusted.loads(_b64(head_b64))
             claims = untrusted.loads(_b64(payload_b64))
             signature = _b64(signature_b64)
+        except untrusted.NonFiniteNumber:
+            raise AuthError("malformed-claims") from None
         except (ValueError, RecursionError):
             raise AuthError("malformed-token") from None
         if not isinstance(header, dict) or not isinstance(claims, dict):

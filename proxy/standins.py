@@ -177,7 +177,12 @@ class Sink(_Server):
         self.app.router.add_route("*", "/{tail:.*}", self._record)
 
     async def _record(self, request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except (ConnectionError, web.HTTPException):
+            # The sender gave up mid-body (as tracegate does when its client's body breaks a
+            # limit): nothing complete arrived, so nothing is recorded.
+            return web.Response(status=400)
         if self.delay:
             await asyncio.sleep(self.delay)
         self.received.append(Received(request.method, request.path, CIMultiDict(request.headers), body))

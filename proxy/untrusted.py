@@ -20,8 +20,12 @@ MAX_LOGGED_CHARS = 256
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 
 
+class NonFiniteNumber(ValueError):
+    """The document holds ``NaN`` or ``±Infinity``: not JSON (RFC 8259 §6)."""
+
+
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} is not JSON")
+    raise NonFiniteNumber(f"non-finite number {name} is not JSON")
 
 
 def loads(data: str | bytes | bytearray) -> Any:
@@ -34,8 +38,8 @@ def log_text(value: object, limit: int = MAX_LOGGED_CHARS) -> str:
     """``value`` as text fit for one log field: at most ``limit`` characters (a cut one
     ends with ``…``), control characters escaped as ``\\xNN``."""
     text = value if isinstance(value, str) else str(value)
+    if not text.isprintable():
+        text = text.translate(_CONTROL)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
-    if text.isprintable():
-        return text
-    return text.translate(_CONTROL)
+    return text

@@ -1,0 +1,336 @@
+"""Regression tests for the defects an outside review found (issue 8), each written to fail
+before its fix, and for the class of bug behind each one."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import struct
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import jwt
+import pytest
+
+from proxy.errors import PolicyLoadError
+from proxy.logs import JsonFormatter, RedactAiohttp
+from proxy.policy import load_policy
+from proxy.standins import Sink, StandInIssuer, gitlab_claims
+from proxy.untrusted import MAX_LOGGED_CHARS, loads, log_text
+from tests import gitea_payloads as g
+from tests.conftest import PAYMENTS_KEY, Tracegate, environ, policy_yaml
+
+GLOB_SECRET = "glob-entry-secret-abcdef"
+GLOB_WEBHOOKS = """
+webhooks:
+  - name: payments-all
+    source: gitea
+    repository: "payments/*"
+    secret: [{env: GLOB_SECRET}]
+    events: [push]
+    service_account: payments-ci
+    services: [payments-api]
+"""
+
+
+@pytest.fixture
+async def hooked(start_tracegate: Any, issuer: StandInIssuer) -> Tracegate:
+    tg: Tracegate = await start_tracegate(
+        policy_yaml(issuer.url, GLOB_WEBHOOKS), env={**environ(), "GLOB_SECRET": GLOB_SECRET}
+    )
+    await tg.keys_ready()
+    return tg
+
+
+async def post_hook(
+    client: aiohttp.ClientSession,
+    tg: Tracegate,
+    body: bytes,
+    secret: str | None,
+    content_type: str = "application/json",
+) -> tuple[int, dict[str, Any]]:
+    headers = {**g.gitea_headers("push", body, secret), "Content-Type": content_type}
+    async with client.post(tg.url + "/webhooks/gitea", data=io.BytesIO(body), headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+# 1. Every attacker-controlled value that reaches a log, audit line or metric is bounded.
+
+
+async def test_unsigned_webhook_with_huge_repository_name_writes_a_bounded_audit_line(
+    hooked: Tracegate, client: aiohttp.ClientSession
+) -> None:
+    name = "payments/" + "x\n\x1b[31m" * 60_000  # ~500 KB, matches the glob, control characters inside
+    payload = g.push(repo="payments/api")
+    payload["repository"]["full_name"] = name
+    status, _ = await post_hook(client, hooked, json.dumps(payload).encode(), "wrong-secret")
+    assert status == 401
+    line = hooked.audit_lines[-1]
+    assert len(line) < 2 * MAX_LOGGED_CHARS + 1024
+    record = json.loads(line)
+    assert record["reason"] == "bad-signature"
+    assert len(record["repository"]) == MAX_LOGGED_CHARS
+    assert "\n" not in record["repository"] and "\x1b" not in record["repository"]
+
+
+async def test_token_claims_and_headers_in_audit_lines_are_bounded(
+    tracegate: Tracegate, issuer: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    token = issuer.mint(project_path="payments/api", ref="r" * 3000 + "\r\n{forged}", user_login=["a"] * 5)
+    async with client.post(tracegate.url + "/v1/traces", data=b"", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+    record = tracegate.audit()[-1]
+    assert len(record["ref"]) == MAX_LOGGED_CHARS
+    assert record["user_login"] == "list"
+    assert "\r" not in "".join(tracegate.audit_lines[-1:])[:-1]
+
+
+def test_log_fields_and_messages_are_bounded_and_escaped() -> None:
+    record = logging.LogRecord("tracegate", logging.WARNING, __file__, 1, "m" * 5000 + "\n", (), None)
+    record.repository = "r\x00" * 1000
+    out = json.loads(JsonFormatter().format(record))
+    assert len(out["msg"]) <= 1024 and "\n" not in out["msg"]
+    assert len(out["repository"]) == MAX_LOGGED_CHARS and "\x00" not in out["repository"]
+    assert log_text("a\tb") == "a\\x09b"
+
+
+# 2. A form body with too many fields: 400, never 500.
+
+
+async def test_form_body_with_many_fields_is_400_not_500(
+    hooked: Tracegate, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = urlencode([(f"f{i}", "v") for i in range(50)] + [("payload", "{}")]).encode()
+    status, answer = await post_hook(client, hooked, body, GLOB_SECRET, "application/x-www-form-urlencoded")
+    assert (status, answer["reason"]) == (400, "bad-form")
+    assert hooked.metric("tracegate_unhandled_errors_total") == 0
+
+
+# 3. Time claims: finite JSON numbers in range, or malformed-claims.
+
+
+def _signed(issuer: StandInIssuer, raw_claims: bytes) -> str:
+    return jwt.PyJWS().encode(raw_claims, issuer.rsa_key, algorithm="RS256", headers={"kid": issuer.rsa_kid})
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("exp", "null"),
+        ("exp", "NaN"),
+        ("exp", "Infinity"),
+        ("exp", "1e400"),
+        ("exp", "true"),
+        ("exp", '"4102444800"'),
+        ("iat", "null"),
+        ("iat", "-Infinity"),
+        ("iat", "-1"),
+        ("nbf", "NaN"),
+        ("nbf", "null"),
+    ],
+)
+async def test_time_claims_that_are_not_finite_numbers_are_malformed_claims(
+    tracegate: Tracegate, issuer: StandInIssuer, client: aiohttp.ClientSession, sink: Sink, name: str, value: str
+) -> None:
+    claims = gitlab_claims(issuer.url, project_path="payments/api")
+    claims[name] = 0  # placeholder, replaced in the raw JSON below
+    raw = json.dumps(claims).replace(f'"{name}": 0', f'"{name}": {value}').encode()
+    token = _signed(issuer, raw)
+    async with client.post(tracegate.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 401
+    assert tracegate.audit()[-1]["reason"] == "malformed-claims"
+    assert sink.received == []
+
+
+def test_untrusted_json_refuses_non_finite_constants() -> None:
+    for text in ("NaN", '{"exp": Infinity}', "[-Infinity]"):
+        with pytest.raises(ValueError):
+            loads(text)
+    assert loads('{"exp": 1.5}') == {"exp": 1.5}
+
+
+# 4. A marker's repository identity comes from the value the entry matched.
+
+
+async def test_marker_identity_comes_from_full_name_not_other_fields(
+    hooked: Tracegate, client: aiohttp.ClientSession, sink: Sink
+) -> None:
+    payload = g.push(repo="payments/api")
+    payload["repository"]["name"] = "billing-core"
+    payload["repository"]["owner"]["login"] = "finance"
+    status, _ = await post_hook(client, hooked, json.dumps(payload).encode(), GLOB_SECRET)
+    assert status == 202
+    for _ in range(200):
+        if sink.received:
+            break
+        await asyncio.sleep(0.02)
+    span = json.loads(sink.received[0].body)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    attrs = {a["key"]: a["value"]["stringValue"] for a in span["attributes"]}
+    assert attrs["vcs.repository.name"] == "api"
+    assert attrs["vcs.owner.name"] == "payments"
+    assert attrs["vcs.repository.url.full"] == "https://gitea.example.com/payments/api"
+
+
+async def test_html_url_naming_another_repository_is_refused(hooked: Tracegate, client: aiohttp.ClientSession) -> None:
+    payload = g.push(repo="payments/api")
+    payload["repository"]["html_url"] = "https://gitea.example.com/finance/billing-core"
+    status, answer = await post_hook(client, hooked, json.dumps(payload).encode(), GLOB_SECRET)
+    assert (status, answer["reason"]) == (400, "repository-mismatch")
+
+
+# 5. Markers are traces: the account must allow them.
+
+
+def test_webhook_entry_whose_account_cannot_send_traces_fails_to_load(tmp_path: Any) -> None:
+    policy = policy_yaml("https://gitlab.example.com", GLOB_WEBHOOKS).replace(
+        "access_token: {env: LS_TOKEN_PAYMENTS}", "access_token: {env: LS_TOKEN_PAYMENTS}\n    signals: [metrics]"
+    )
+    (tmp_path / "p.yaml").write_text(policy)
+    with pytest.raises(PolicyLoadError) as caught:
+        load_policy(tmp_path, environ={}, resolve_secrets=False)
+    assert "may not send traces" in str(caught.value)
+
+
+async def test_deployment_by_metrics_only_account_is_403(
+    start_tracegate: Any, issuer: StandInIssuer, client: aiohttp.ClientSession, sink: Sink
+) -> None:
+    policy = policy_yaml(issuer.url).replace(
+        "access_token: {env: LS_TOKEN_PAYMENTS}", "access_token: {env: LS_TOKEN_PAYMENTS}\n    signals: [metrics]"
+    )
+    tg: Tracegate = await start_tracegate(policy)
+    await tg.keys_ready()
+    token = issuer.mint(project_path="payments/api", sha="a" * 40)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    async with client.post(tg.url + "/v1/deployments", data=b"{}", headers=headers) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["reason"] == "signal-not-allowed"
+    await asyncio.sleep(0.2)
+    assert sink.received == []
+
+
+# 6. Expect: 100-continue is answered only once the credential is known to be good.
+
+
+async def _raw_exchange(url: str, head: bytes, body: bytes | None = None) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head)
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    rest = b""
+    if body is not None and first.startswith(b"HTTP/1.1 100"):
+        writer.write(body)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    return first + rest
+
+
+async def test_expect_continue_without_token_is_refused_before_continue(tracegate: Tracegate, sink: Sink) -> None:
+    head = (
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        b"Content-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(tracegate.url, head, b"abcd")
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b"100 Continue" not in answer
+    assert sink.received == []
+
+
+async def test_expect_continue_with_good_token_continues_and_forwards(
+    tracegate: Tracegate, issuer: StandInIssuer, sink: Sink
+) -> None:
+    token = issuer.mint(project_path="payments/api")
+    head = (
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(tracegate.url, head, b"abcd")
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer
+    assert [r.body for r in sink.received] == [b"abcd"]
+    assert len([r for r in tracegate.audit() if r["event"] == "ingest"]) == 1  # admitted once, audited once
+
+
+async def test_expect_continue_on_webhook_without_headers_is_refused_before_continue(hooked: Tracegate) -> None:
+    head = b"POST /webhooks/gitea HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    answer = await _raw_exchange(hooked.url, head, b"abcd")
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
+# 7. Malformed requests: counted, one short warning, no format placeholders, never error level.
+
+
+@pytest.mark.parametrize(
+    "raw,kind",
+    [
+        (b"GET /v1/traces HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", "bad-message"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "line-too-long"),
+        (b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n", "bad-message"),
+    ],
+)
+async def test_malformed_requests_are_counted_and_logged_as_one_warning(
+    tracegate: Tracegate, caplog: pytest.LogCaptureFixture, raw: bytes, kind: str
+) -> None:
+    host, port = tracegate.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b" ", 2)[1].startswith(b"4")  # aiohttp answers an unparsed request as HTTP/1.0
+    assert tracegate.metric("tracegate_protocol_errors_total", kind=kind) == 1
+    ours = [r for r in caplog.records if r.name.startswith(("tracegate", "aiohttp"))]
+    assert all(r.levelno < logging.ERROR for r in ours)
+    assert all("%s" not in r.getMessage() for r in ours)
+
+
+def test_redaction_filter_leaves_no_format_placeholder() -> None:
+    record = logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("1.2.3.4",), None
+    )
+    RedactAiohttp().filter(record)
+    assert "%" not in record.getMessage()
+    assert record.getMessage() == "Error handling request"
+
+
+# 8. An HTTP/2 (gRPC) client on the HTTP port is told where to go.
+
+
+async def test_h2_preface_gets_goaway_naming_the_grpc_port(tracegate: Tracegate) -> None:
+    host, port = tracegate.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    frames = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    assert [kind for kind, _ in frames] == [0x4, 0x7]  # SETTINGS, GOAWAY
+    _last_stream, error = struct.unpack(">II", frames[1][1][:8])
+    assert error == 0xD  # HTTP_1_1_REQUIRED
+    assert b"4317" in frames[1][1]
+    assert tracegate.metric("tracegate_protocol_errors_total", kind="grpc-or-h2-on-http-port") == 1
+
+
+# 9. The upstream compresses only for a client that asked.
+
+
+@pytest.mark.parametrize("sent,upstream_sees", [(None, "identity"), ("gzip", "gzip")])
+async def test_accept_encoding_is_the_clients_or_identity(
+    tracegate: Tracegate, issuer: StandInIssuer, sink: Sink, sent: str | None, upstream_sees: str
+) -> None:
+    token = issuer.mint(project_path="payments/api")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
+    if sent:
+        headers["Accept-Encoding"] = sent
+    async with aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as session:
+        async with session.post(tracegate.url + "/v1/traces", data=b"x", headers=headers) as resp:
+            assert resp.status == 200
+    assert sink.received[-1].headers.getall("Accept-Encoding") == [upstream_sees]
+    assert sink.received[-1].headers["lightstep-access-token"] == PAYMENTS_KEY
