@@ -329,8 +329,8 @@ async def test_accept_encoding_is_the_clients_or_identity(
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
     if sent:
         headers["Accept-Encoding"] = sent
-    async with aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as session:
-        async with session.post(tracegate.url + "/v1/traces", data=b"x", headers=headers) as resp:
-            assert resp.status == 200
+    session = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
+    async with session, session.post(tracegate.url + "/v1/traces", data=b"x", headers=headers) as resp:
+        assert resp.status == 200
     assert sink.received[-1].headers.getall("Accept-Encoding") == [upstream_sees]
     assert sink.received[-1].headers["lightstep-access-token"] == PAYMENTS_KEY
