@@ -17,7 +17,9 @@ ENV TRACEGATE_POLICIES=/policies \
     PYTHONUNBUFFERED=1
 VOLUME ["/policies", "/var/lib/tracegate"]
 EXPOSE 4318 9464
+# Follows TRACEGATE_ADMIN_LISTEN (the admin listener is loopback-only by default; the image
+# opens it on 0.0.0.0 so that an orchestrator's probes and Prometheus reach it).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=2).status == 200 else 1)"]
+  CMD ["python", "-m", "proxy.healthcheck"]
 ENTRYPOINT ["tracegate"]
 CMD ["serve"]

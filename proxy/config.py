@@ -193,6 +193,13 @@ OPTIONS: tuple[Option, ...] = (
         "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
         flag=True,
     ),
+    Option(
+        "ready_grace",
+        "TRACEGATE_READY_GRACE_SECONDS",
+        "30",
+        float,
+        "After start, /readyz waits at most this long for the first issuer keys; then ready anyway.",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -225,6 +232,7 @@ class Settings:
     idle_timeout: float
     body_timeout: float
     workers: int
+    ready_grace: float
     log_level: str
 
     @property

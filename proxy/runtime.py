@@ -62,6 +62,7 @@ class Runtime:
         self.clock = clock
         self.monotonic = monotonic
         self.draining = False
+        self.started_at = monotonic()
         self.header_policy = HeaderPolicy(settings.forward_headers)
         self._gate: Gate | None = None
         self._key_session: aiohttp.ClientSession | None = None
@@ -85,6 +86,7 @@ class Runtime:
 
     async def start(self, policy: Policy) -> None:
         """Open the shared sessions and serve ``policy``. Never waits for an issuer."""
+        self.started_at = self.monotonic()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
         upstream = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
         self.forwarder = Forwarder(

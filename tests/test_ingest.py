@@ -21,7 +21,9 @@ from proxy.standins import Sink, StandInIssuer
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets
 
 
-def export_span(endpoint: str, headers: dict[str, str], *, gzip_body: bool = False) -> SpanExportResult:
+def export_span(
+    endpoint: str, headers: dict[str, str], *, gzip_body: bool = False, timeout: float = 10
+) -> SpanExportResult:
     """Make one real span with the SDK and export it with the SDK's OTLP/HTTP exporter."""
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
@@ -32,7 +34,7 @@ def export_span(endpoint: str, headers: dict[str, str], *, gzip_body: bool = Fal
     exporter = OTLPSpanExporter(
         endpoint=endpoint,
         headers=headers,
-        timeout=10,
+        timeout=timeout,
         compression=Compression.Gzip if gzip_body else Compression.NoCompression,
     )
     try:

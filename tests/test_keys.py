@@ -26,8 +26,12 @@ async def test_starts_and_serves_with_issuer_down_then_keys_arrive(
     issuer.available = False
     tg = await start_tracegate(policy_yaml(issuer.url), jwks_min_refetch="0.05")
     async with client.get(tg.admin_url + "/readyz") as resp:
-        assert resp.status == 200
-        assert (await resp.json())["issuers_without_keys"] == ["gitlab"]
+        assert resp.status == 503  # no issuer has keys: every token would get 503
+        assert await resp.json() == {
+            "ready": False,
+            "reason": "waiting-for-issuer-keys",
+            "issuers_without_keys": ["gitlab"],
+        }
     resp = await post(client, tg.url, issuer.mint())
     assert resp.status == 503
     assert resp.headers["Retry-After"] == "5"
@@ -37,6 +41,23 @@ async def test_starts_and_serves_with_issuer_down_then_keys_arrive(
     resp = await post(client, tg.url, issuer.mint())
     assert resp.status == 200
     assert tg.metric("tracegate_jwks_fetches_total", issuer="gitlab", result="http-error") >= 1
+    async with client.get(tg.admin_url + "/readyz") as resp:
+        assert (resp.status, (await resp.json())["ready"]) == (200, True)
+
+
+async def test_readiness_waits_for_keys_only_for_the_start_up_grace(
+    start_tracegate: Any, issuer: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    issuer.available = False
+    tg = await start_tracegate(policy_yaml(issuer.url), ready_grace="0.3")
+    async with client.get(tg.admin_url + "/readyz") as resp:
+        assert resp.status == 503
+    await asyncio.sleep(0.4)
+    async with client.get(tg.admin_url + "/readyz") as resp:
+        # Past the grace: ready, so that webhooks are served through the issuer's outage,
+        # and the body still says which issuer has no keys.
+        assert resp.status == 200
+        assert (await resp.json())["issuers_without_keys"] == ["gitlab"]
 
 
 async def test_garbage_empty_and_huge_jwks_keep_the_last_good_keys(

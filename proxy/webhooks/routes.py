@@ -277,7 +277,7 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
 def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     settings = runtime.settings
 
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+    async def storage(_app: web.Application) -> AsyncIterator[None]:
         outbox = Outbox(settings.outbox_file, clock=time.time, dedupe_window=settings.dedupe_window)
         try:
             await outbox.open()
@@ -288,14 +288,20 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
                 f"TRACEGATE_DATA_DIR writable by uid {os.getuid()} or point TRACEGATE_OUTBOX at a writable file"
             ) from None
         app[OUTBOX] = outbox
-        sender = Sender(outbox, runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max)
+        yield
+        await outbox.close()
+
+    async def sending(_app: web.Application) -> AsyncIterator[None]:
+        sender = Sender(app[OUTBOX], runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max)
         task = asyncio.get_running_loop().create_task(sender.run())
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await outbox.close()
 
-    app.cleanup_ctx.append(lifecycle)
+    # The outbox opens first — before the runtime starts fetching keys — so that an unusable
+    # data directory stops start-up before anything else is under way; the sender starts last.
+    app.cleanup_ctx.insert(0, storage)
+    app.cleanup_ctx.append(sending)
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_gitea)
     app.router.add_post(
         "/v1/deployments",
