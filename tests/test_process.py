@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.standins import Sink, StandInIssuer, free_port
-from tests.conftest import PAYMENTS_KEY, assert_no_secrets, policy_yaml
+from tests.conftest import PAYMENTS_KEY, UNHANDLED_MARKERS, assert_no_secrets, policy_yaml
 
 
 @dataclass
@@ -90,6 +90,8 @@ async def proc(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> AsyncIterat
     if process.returncode is None:
         process.kill()
         await process.wait()
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert not [m for m in UNHANDLED_MARKERS if m in stderr], stderr  # the whole suite's rule, for processes too
 
 
 async def send(client: aiohttp.ClientSession, proc: Proc, token: str) -> int:
