@@ -366,4 +366,10 @@ def _cross_check(
                 f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; "
                 f"define it under service_accounts: (known: {known_accounts})",
             )
+        elif "traces" not in accounts[hook.service_account].signals:
+            add(
+                hook.where,
+                f"webhook {hook.name!r} sends spans as service account {hook.service_account!r}, which may not "
+                "send traces; add traces to its signals or name another account",
+            )
     return problems
