@@ -393,3 +393,49 @@ async def test_gitea_actions_run_and_job_attempts_become_one_trace(
     assert [e["name"] for e in first["events"]] == ["started", "step Set up job", "step Run tests"]  # zero time: none
     assert second["status"] == {"code": 1}
     assert attrs(second)["cicd.pipeline.task.run.result"] == "success"
+
+
+async def test_sigkill_with_spans_pending_then_restart_delivers_each_once(
+    tmp_path: Path, issuer: StandInIssuer, sink: Sink
+) -> None:
+    import signal
+
+    from tests.test_process import spawn
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "main.yaml").write_text(policy_yaml(issuer.url, CI_WEBHOOKS))
+    env = {
+        **ci_env(),
+        "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
+        "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
+        "TRACEGATE_OUTBOX_RETRY_BASE_SECONDS": "0.05",
+        "TRACEGATE_OUTBOX_RETRY_MAX_SECONDS": "0.2",
+        "TRACEGATE_UPSTREAM_TIMEOUT": "2",
+    }
+    port = sink.port
+    await sink.stop()  # Lightstep is down
+    process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
+    async with aiohttp.ClientSession() as client:
+        for event, body, headers in gitlab_deliveries("https://gitlab.example.com"):
+            status, _ = await post_gitlab(client, url, event, body, **headers)
+            assert status == 202
+    await asyncio.sleep(0.3)
+    process.kill()  # SIGKILL: no cleanup, no flush
+    await process.wait()
+    assert process.returncode == -signal.SIGKILL
+    await sink.start(port)
+    process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
+    try:
+        got = await settle(sink, 5, timeout=20)
+        assert sorted(attrs(s).get("cicd.pipeline.task.run.id", "root") for _, s in got) == [
+            "880010",
+            "880011",
+            "880012",
+            "880013",
+            "root",
+        ]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 15)
+    assert process.returncode == 0
