@@ -53,3 +53,17 @@ def test_ids_are_well_formed_and_distinct_per_part(instance: str, project: str, 
     assert traceparent(instance, project, pipeline, job) == f"00-{trace}-{span}-01"
     assert trace_id(instance, project, pipeline + "1") != trace
     assert job_span_id(instance, project, pipeline, job, "2") != span
+
+
+def test_the_readme_picture_is_what_the_code_draws() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("trace_svg", root / "docs" / "trace_svg.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    drawn = module.render(module.spans())
+    assert drawn == (root / "docs" / "ci-trace.svg").read_text(), "run: python docs/trace_svg.py"
+    assert drawn.count("<rect x=") >= 5 + 4  # five spans, four queue shades
