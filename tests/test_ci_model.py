@@ -3,6 +3,8 @@ both sides (webhooks and /v1/traceparent) share."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,3 +69,51 @@ def test_the_readme_picture_is_what_the_code_draws() -> None:
     drawn = module.render(module.spans())
     assert drawn == (root / "docs" / "ci-trace.svg").read_text(), "run: python docs/trace_svg.py"
     assert drawn.count("<rect x=") >= 5 + 4  # five spans, four queue shades
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+def _mutations() -> st.SearchStrategy[dict[str, object]]:
+    """Documented payloads with one field anywhere replaced by arbitrary JSON."""
+    from tests import ci_payloads as c
+
+    bases = [c.gitlab_pipeline(), c.gitlab_job(880011), c.gitea_run(), c.gitea_job()]
+
+    def mutate(base: dict[str, object], path: list[int], value: object) -> dict[str, object]:
+        node: object = base
+        for step in path:
+            if isinstance(node, dict) and node:
+                key = sorted(node)[step % len(node)]
+                if not isinstance(node[key], (dict, list)) or step % 3 == 0:
+                    node[key] = value
+                    break
+                node = node[key]
+            elif isinstance(node, list) and node:
+                node = node[step % len(node)]
+        return base
+
+    return st.builds(mutate, st.sampled_from(bases), st.lists(st.integers(0, 50), min_size=1, max_size=4), _json)
+
+
+@given(_mutations())
+def test_no_payload_breaks_the_span_builders(payload: dict[str, object]) -> None:
+    from proxy.webhooks import actions, gitlab
+    from proxy.webhooks.pipeline import CiSpan, otlp_json
+
+    results: list[object] = [
+        gitlab.spans_for(event, payload, "https://gitlab.example.com", with_jobs=True)
+        for event in ("Pipeline Hook", "Job Hook")
+    ]
+    results += [actions.spans_for(event, payload) for event in actions.EVENTS]
+    gitlab.instance_for(payload, None)
+    for result in results:
+        spans = result.spans if isinstance(result, gitlab.Spans) else [result] if isinstance(result, CiSpan) else []
+        for span in spans:
+            [encoded] = json.loads(otlp_json([span], "ci/x", "gitlab"))["resourceSpans"][0]["scopeSpans"][0]["spans"]
+            assert 0 < int(encoded["startTimeUnixNano"]) <= int(encoded["endTimeUnixNano"])
+            span.outbox_key("gitlab")

@@ -96,7 +96,7 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     if not isinstance(payload, dict):
         return done(400, "refused", "bad-json")
     project_id, path = gitlab.project_of(payload)
-    shown = path or (f"project {project_id}" if project_id else None)
+    shown = (path or (f"project {project_id}" if project_id else ""))[:200] or None
     found = candidates(runtime.gate.policy.webhooks, project_id, path)
     if not found:
         return done(403, "refused", "unknown-project", repository=shown)

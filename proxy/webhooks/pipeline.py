@@ -117,9 +117,9 @@ def parse_time(value: Any) -> int | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if moment.year <= 1:
-        return None
     seconds = int(moment.timestamp())
+    if seconds <= 0:  # Go's zero time (year 1), or anything before 1970: not a CI time
+        return None
     return seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
 
 
