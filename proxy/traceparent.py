@@ -3,7 +3,8 @@
 A door like the OTLP ingest: the token is identified and decided by
 :func:`proxy.admission.admit` for the ``traces`` signal (a token whose account may not send
 traces may not ask). The answer is computed from the *verified* claims only — ``iss`` (the
-forge instance), ``project_id``, ``pipeline_id``, ``job_id`` — with the derivation the
+forge instance), ``project_id`` (``job_project_id`` when present: where the job ran),
+``pipeline_id``, ``job_id`` — with the derivation the
 webhook side uses for that job's span (:mod:`proxy.webhooks.pipeline`), so spans the job
 exports with this parent nest under its job span in the pipeline's trace:
 
@@ -83,7 +84,10 @@ async def handle_traceparent(request: web.Request) -> web.Response:
         return _text(400)
     claims = admitted.identity.claims
     instance = instance_of(str(claims.get("iss", "")))
-    ids = [_claim_id(claims, name) for name in ("project_id", "pipeline_id", "job_id")]
+    # A fork's merge-request pipeline runs in the parent project, but since GitLab 18.2.2 its
+    # token's project_* claims name the fork; job_project_id (18.4) names where it ran.
+    project = "job_project_id" if _claim_id(claims, "job_project_id") else "project_id"
+    ids = [_claim_id(claims, name) for name in (project, "pipeline_id", "job_id")]
     if instance is None or None in ids:
         admitted.record("refused", "token-lacks-job-claims")
         return _text(400)

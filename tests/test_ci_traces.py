@@ -44,6 +44,12 @@ webhooks:
     repository: "docs/*"
     secret: [{env: GITLAB_HOOK_DOCS}]
     service_account: docs-ci
+  - name: pipelines-only
+    source: gitlab
+    project_id: [5252, 5253]
+    secret: [{env: GITLAB_HOOK_OLD}]
+    events: [pipeline]
+    service_account: payments-ci
   - name: payments-actions
     source: gitea
     repository: payments/api
@@ -261,6 +267,7 @@ async def test_a_jobs_traceparent_is_the_parent_of_its_job_span_and_its_own_span
     status, _ = await post_gitlab(client, tg.url, "Job Hook", c.gitlab_job(880013), instance=issuer.url)
     assert status == 202
     [(_, job_span)] = await settle(sink, 1)
+    assert "880013" in attrs(job_span)["cicd.pipeline.task.run.url.full"]
     assert parent == f"00-{job_span['traceId']}-{job_span['spanId']}-01"
 
     # The job's own test span, through tracegate with the same token, nests under it.
@@ -305,6 +312,14 @@ async def test_traceparent_refusals(tg: Tracegate, issuer: StandInIssuer, client
     async with client.get(tg.url + "/v1/traceparent?format=json", headers={"Authorization": f"Bearer {good}"}) as resp:
         body = await resp.json()
         assert body["traceparent"].startswith("00-") and body["traceparent"].endswith("-01")
+    # A fork's merge-request pipeline: project_id names the fork, job_project_id where it ran.
+    fork_mr = issuer.mint(project_id="9999", job_project_id="4242", pipeline_id="99001", job_id="880013")
+    same = issuer.mint(project_id="4242", pipeline_id="99001", job_id="880013")
+    answers = []
+    for token in (fork_mr, same):
+        async with client.get(tg.url + "/v1/traceparent", headers={"Authorization": f"Bearer {token}"}) as resp:
+            answers.append(await resp.text())
+    assert answers[0] == answers[1]
     decisions = [(a["event"], a["decision"], a["reason"]) for a in tg.audit() if a["event"] == "traceparent"]
     assert ("traceparent", "refused", "missing-token") in decisions
     assert sum(1 for d in decisions if d[1] == "denied") == 2
@@ -439,3 +454,35 @@ async def test_sigkill_with_spans_pending_then_restart_delivers_each_once(
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 15)
     assert process.returncode == 0
+
+
+async def test_outbox_failure_answers_503_so_the_forge_retries(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    await tg.runners[0].app[OUTBOX].close()  # the disk is gone
+    status, answer = await post_gitlab(client, tg.url, "Job Hook", c.gitlab_job(880010), instance="https://g.example")
+    assert (status, answer["accepted"], answer["reason"]) == (503, False, "outbox-unavailable")
+    assert await post_gitea(client, tg.url, "workflow_job", c.gitea_job()) == (503, "outbox-unavailable")
+    await asyncio.sleep(0.2)
+    assert sink.received == []
+
+
+async def test_without_job_events_the_pipeline_hook_gives_the_latest_attempts(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    instance = "https://gitlab.example.com"
+    status, answer = await post_gitlab(
+        client, tg.url, "Job Hook", c.gitlab_job(880011, project_id=5252), instance=instance
+    )
+    assert (status, answer["reason"]) == (202, "event-not-listed")
+    status, answer = await post_gitlab(
+        client, tg.url, "Pipeline Hook", c.gitlab_pipeline(project_id=5252), instance=instance
+    )
+    assert (status, answer["accepted"], answer["spans"]) == (202, True, 4)
+    got = [s for _, s in await settle(sink, 4)]
+    [root] = [s for s in got if "parentSpanId" not in s]
+    jobs = {attrs(s)["cicd.pipeline.task.run.id"]: s for s in got if s is not root}
+    assert set(jobs) == {"880010", "880012", "880013"}  # builds[] has no 880011: only the latest attempts
+    assert all(s["parentSpanId"] == root["spanId"] for s in jobs.values())
+    assert int(jobs["880010"]["startTimeUnixNano"]) == c.ns("2026-11-21T08:00:04Z")  # pipeline hooks: whole seconds
+    assert jobs["880012"]["status"] == {"code": 2, "message": "script_failure"}
