@@ -233,6 +233,10 @@ async def test_gitlab_token_and_project_refusals_store_nothing(
     assert (status, answer["reason"]) == (403, "unknown-project")
     status, answer = await post_gitlab(client, url, "Job Hook", b"[1, 2]", instance=instance)
     assert (status, answer["reason"]) == (400, "bad-json")
+    nan = json.dumps({**job, "build_queued_duration": "@"}).replace('"@"', "NaN").encode()
+    assert b"NaN" in nan
+    status, answer = await post_gitlab(client, url, "Job Hook", nan, instance=instance)
+    assert (status, answer["reason"]) == (400, "bad-json")  # not JSON (RFC 8259), though Python parses it
     status, answer = await post_gitlab(client, url, "Push Hook", job, instance=instance)
     assert (status, answer["accepted"], answer["reason"]) == (202, False, "event-not-listed")
     await asyncio.sleep(0.3)

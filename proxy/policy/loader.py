@@ -369,7 +369,8 @@ def _cross_check(
         elif "traces" not in accounts[hook.service_account].signals:
             add(
                 hook.where,
-                f"webhook {hook.name!r} sends spans as service account {hook.service_account!r}, which may not "
-                "send traces; add traces to its signals or name another account",
+                f"webhook {hook.name!r} sends its markers (trace spans) as service account "
+                f"{hook.service_account!r}, which may not send traces; add traces to its signals "
+                "or use another account",
             )
     return problems

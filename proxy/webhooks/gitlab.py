@@ -17,6 +17,7 @@ attempts are then missing: subscribe to Job events for them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,10 @@ def _id(value: Any) -> str | None:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite duration in seconds (GitLab sends numbers; a NaN would make the export invalid JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def project_of(payload: dict[str, Any]) -> tuple[str | None, str | None]:

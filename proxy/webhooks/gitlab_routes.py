@@ -40,6 +40,10 @@ from proxy.webhooks.outbox import Outbox
 MAX_TOKEN_BYTES = 1024
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python accepts them, RFC 8259 does not
+
+
 def token_matches(presented: str, secrets: Iterable[Secret]) -> bool:
     """True if ``presented`` equals any secret. Digests are compared (equal lengths), every
     secret is tried (no early exit), each in constant time."""
@@ -90,7 +94,7 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     if len(token) > MAX_TOKEN_BYTES:
         return done(401, "refused", "bad-token")
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return done(400, "refused", "bad-json")
     if not isinstance(payload, dict):

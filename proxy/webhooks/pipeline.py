@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -188,7 +189,12 @@ def _value(value: Attribute) -> dict[str, Any]:
 
 
 def _attributes(values: dict[str, Attribute]) -> list[dict[str, Any]]:
-    return [{"key": k, "value": _value(v)} for k, v in values.items() if v is not None and v != ""]
+    """Set attributes only: empty strings and non-finite numbers (not JSON) are left out."""
+    return [
+        {"key": k, "value": _value(v)}
+        for k, v in values.items()
+        if v is not None and v != "" and not (isinstance(v, float) and not math.isfinite(v))
+    ]
 
 
 def span_json(span: CiSpan) -> dict[str, Any]:
