@@ -36,6 +36,8 @@ def test_forge_times(text: object, expected: int | None) -> None:
     [
         ("https://GitLab.Example.com/", "https://gitlab.example.com"),
         ("https://example.com:8443/gitlab", "https://example.com:8443/gitlab"),
+        ("https://gitlab.example.com:443", "https://gitlab.example.com"),
+        ("http://127.0.0.1:80/", "http://127.0.0.1"),
         ("ftp://example.com", None),
         ("not a url", None),
     ],

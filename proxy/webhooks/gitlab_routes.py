@@ -84,15 +84,13 @@ async def handle_gitlab(request: web.Request) -> web.Response:
         fields = {k: v for k, v in more.items() if k in ("spans", "duplicate")}
         return web.json_response({"accepted": decision == "accepted", "reason": reason, **fields}, status=status)
 
+    token = request.headers.get("X-Gitlab-Token") or ""
+    if not token or len(token) > MAX_TOKEN_BYTES:  # refused before the body is read
+        return done(401, "refused", "missing-token" if not token else "bad-token")
     try:
         body = await read_limited(request, runtime.settings.webhook_max_body, runtime.settings.body_timeout)
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)
-    token = request.headers.get("X-Gitlab-Token") or ""
-    if not token:
-        return done(401, "refused", "missing-token")
-    if len(token) > MAX_TOKEN_BYTES:
-        return done(401, "refused", "bad-token")
     try:
         payload = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):

@@ -42,8 +42,9 @@ Attribute = str | int | float | bool
 
 
 def instance_of(url: str) -> str | None:
-    """``scheme://host[:port][/path]`` of a forge URL, lower-cased host, no trailing ``/``;
-    None for anything that is not an http(s) URL."""
+    """``scheme://host[:port][/path]`` of a forge URL: lower-cased host, no default port, no
+    trailing ``/`` — one spelling per instance, so ``iss`` and a webhook's URLs agree. None
+    for anything that is not an http(s) URL."""
     try:
         parts = urlsplit(url.strip())
     except ValueError:
@@ -55,7 +56,8 @@ def instance_of(url: str) -> str | None:
         port = parts.port
     except ValueError:
         return None
-    netloc = f"{host}:{port}" if port else host
+    default = {"http": 80, "https": 443}[parts.scheme]
+    netloc = f"{host}:{port}" if port and port != default else host
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"[:256]
 
 
