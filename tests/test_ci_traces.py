@@ -330,23 +330,30 @@ async def test_traceparent_refusals(tg: Tracegate, issuer: StandInIssuer, client
     assert ("traceparent", "allowed", "traceparent") in decisions
 
 
-async def test_upstream_down_then_back_each_span_once(tg: Tracegate, sink: Sink, client: aiohttp.ClientSession) -> None:
+async def test_upstream_down_then_back_each_span_once_gitlab_and_gitea(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
     port = sink.port
     await sink.stop()
     instance = "https://gitlab.example.com"
     for event, body, headers in gitlab_deliveries(instance):
         status, _ = await post_gitlab(client, tg.url, event, body, **headers)
         assert status == 202
+    for event, payload in (("workflow_job", c.gitea_job()), ("workflow_run", c.gitea_run())):
+        assert await post_gitea(client, tg.url, event, payload) == (202, "stored")
     await asyncio.sleep(1.0)  # several failed attempts
     await sink.start(port)
-    got = await settle(sink, 5)
+    got = await settle(sink, 7)
     assert sorted(attrs(s).get("cicd.pipeline.task.run.id", "root") for _, s in got) == [
+        "1301",
         "880010",
         "880011",
         "880012",
         "880013",
         "root",
+        "root",
     ]
+    assert len({s["traceId"] for _, s in got}) == 2  # one GitLab pipeline, one Gitea run
 
 
 def sign_headers(event: str, body: bytes, delivery: str | None = None) -> dict[str, str]:
@@ -439,6 +446,8 @@ async def test_sigkill_with_spans_pending_then_restart_delivers_each_once(
         for event, body, headers in gitlab_deliveries("https://gitlab.example.com"):
             status, _ = await post_gitlab(client, url, event, body, **headers)
             assert status == 202
+        for event, payload in (("workflow_job", c.gitea_job()), ("workflow_run", c.gitea_run())):
+            assert await post_gitea(client, url, event, payload) == (202, "stored")
     await asyncio.sleep(0.3)
     process.kill()  # SIGKILL: no cleanup, no flush
     await process.wait()
@@ -446,12 +455,14 @@ async def test_sigkill_with_spans_pending_then_restart_delivers_each_once(
     await sink.start(port)
     process, url, _ = await spawn(policies, env, f"http://127.0.0.1:{port}")
     try:
-        got = await settle(sink, 5, timeout=20)
+        got = await settle(sink, 7, timeout=20)
         assert sorted(attrs(s).get("cicd.pipeline.task.run.id", "root") for _, s in got) == [
+            "1301",
             "880010",
             "880011",
             "880012",
             "880013",
+            "root",
             "root",
         ]
     finally:
