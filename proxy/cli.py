@@ -20,6 +20,7 @@ from proxy.config import OPTIONS, Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.policy import decide, load_policy
 from proxy.policy.model import SIGNALS, Policy
+from proxy.webhooks.explain_ci import is_ci
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--claims", help="JSON file with a token's claims (iss selects the issuer)")
     what.add_argument("--payload", help="JSON file with a Gitea/Forgejo webhook payload")
     explain.add_argument("--signal", choices=SIGNALS, help="with --claims: check the account may send this signal")
-    explain.add_argument("--event", default="push", help="with --payload: the X-Gitea-Event (push, create, release)")
-    explain.add_argument("--source", choices=("gitea", "forgejo"), default="gitea", help="with --payload")
+    explain.add_argument(
+        "--event",
+        default="push",
+        help="with --payload: the X-Gitea-Event (push, create, release, workflow_run, workflow_job) or, "
+        "for gitlab, pipeline / job (default: from object_kind)",
+    )
+    explain.add_argument("--source", choices=("gitea", "forgejo", "gitlab"), default="gitea", help="with --payload")
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
     return parser
 
@@ -52,6 +58,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _serve(args, env)
         if args.command == "check":
             return _check(Path(args.directory))
+        if args.command == "explain" and args.payload and is_ci(args.source, args.event):
+            return _explain_ci(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain" and args.payload:
             return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
@@ -170,3 +178,12 @@ def _explain_webhook(directory: Path, payload_file: Path, event: str, source: st
         return 0
     print(f"no marker ({reason}) → 202, nothing sent")
     return 1
+
+
+def _explain_ci(directory: Path, payload_file: Path, event: str, source: str) -> int:
+    from proxy.webhooks.explain_ci import explain
+
+    policy = _load_unresolved(directory)
+    if policy is None:
+        return 1
+    return explain(policy, _read_object(payload_file, "payload"), event, source, print)

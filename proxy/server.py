@@ -30,6 +30,7 @@ from proxy.policy import Policy
 from proxy.protocol import EdgeRunner, guard
 from proxy.runtime import Runtime
 from proxy.tls import server_context
+from proxy.traceparent import add_traceparent_route
 from proxy.webhooks.routes import add_webhook_routes
 
 log = logging.getLogger("tracegate")
@@ -59,6 +60,7 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     add_ingest_routes(app)
     add_webhook_routes(app, runtime)
+    add_traceparent_route(app)
     return app
 
 

@@ -71,3 +71,23 @@ def test_explain_webhook_payloads(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no marker (event-not-listed)" in capsys.readouterr().out
     assert main(["explain", str(ROOT / "policies"), "--payload", str(push), "--source", "forgejo"], environ={}) == 1
     assert "refused (unknown-repository)" in capsys.readouterr().out
+
+
+def test_explain_ci_payloads_shows_the_spans(capsys: pytest.CaptureFixture[str]) -> None:
+    policies = str(ROOT / "policies")
+    pipeline = ROOT / "examples/webhooks/gitlab-pipeline.json"
+    assert main(["explain", policies, "--payload", str(pipeline), "--source", "gitlab"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "entry 'payments-api-pipelines'" in out
+    assert "(root) 'pipeline Build and test': 2026-11-21T08:00:00+00:00 + 400.0s, result failure" in out
+    assert "1 span(s) as service.name 'ci/payments-api' via service account 'payments-ci'" in out
+    job = ROOT / "examples/webhooks/gitlab-job.json"
+    assert main(["explain", policies, "--payload", str(job), "--source", "gitlab", "--event", "job"], environ={}) == 0
+    assert "'job unit-tests'" in capsys.readouterr().out
+    assert main(["explain", policies, "--payload", str(job), "--source", "gitlab", "--event", "Push Hook"]) == 1
+    assert "no spans (event-not-listed)" in capsys.readouterr().out
+    run = ROOT / "examples/webhooks/gitea-workflow-run.json"
+    assert main(["explain", policies, "--payload", str(run), "--event", "workflow_run"], environ={}) == 0
+    assert "(root) 'workflow CI'" in capsys.readouterr().out
+    assert main(["explain", policies, "--payload", str(pipeline), "--source", "gitea", "--event", "workflow_job"]) == 1
+    assert "refused (unknown-repository)" in capsys.readouterr().out

@@ -294,25 +294,53 @@ def test_yaml_booleans_compare_as_gitlab_strings(policy) -> None:  # type: ignor
     )
 
 
+GL = "{name: g, source: gitlab, project_id: 4242, secret: [{env: LS_PAY}], service_account: payments-ci}"
 HOOK = "{name: h, source: gitea, repository: a/b, secret: [{env: LS_PAY}], service_account: payments-ci, services: [s]}"
 
 
 @pytest.mark.parametrize(
     ("hook", "expected"),
     [
-        (HOOK.replace("gitea", "gitlab"), "01.yaml:2: webhook 'h': source must be gitea or forgejo"),
+        (HOOK.replace("gitea", "gitlab-ce"), "01.yaml:2: webhook 'h': source must be gitea, forgejo or gitlab"),
         (HOOK.replace("a/b", "'*'"), "01.yaml:2: webhook 'h': a bare '*' repository lets any repository send; name it"),
         (
             HOOK.replace("services:", "events: [issues], services:"),
-            "01.yaml:2: webhook 'h': unknown event 'issues'; use push, tag or release",
+            "01.yaml:2: webhook 'h': unknown event 'issues' for gitea; use push, tag, release, workflow_run",
         ),
         (HOOK.replace("{env: LS_PAY}", "inline-hook-secret"), "01.yaml:2: webhook 'h'.secret is written inline"),
         (HOOK.replace("LS_PAY", "NOPE"), "01.yaml:2: webhook 'h'.secret: environment variable NOPE is not set"),
         (HOOK.replace("payments-ci", "ghost"), "01.yaml:2: webhook 'h' names unknown service account 'ghost'"),
         (HOOK.replace(", services: [s]", ""), "01.yaml:2: webhook 'h' is missing 'services'"),
+        (GL.replace("4242", "abc"), "01.yaml:2: webhook 'g'.project_id must hold positive project ids"),
+        (GL.replace("project_id: 4242, ", ""), "01.yaml:2: webhook 'g' is missing project_id (preferred"),
+        (GL.replace("secret:", "events: [pipeline, push], secret:"), "webhook 'g': unknown event 'push' for gitlab"),
+        (HOOK.replace("a/b,", "a/b, project_id: 1,"), "01.yaml:2: webhook 'h': project_id is for source: gitlab"),
     ],
 )
 def test_webhook_load_errors(tmp_path: Path, hook: str, expected: str) -> None:
     found = problems(tmp_path, HEAD, f"webhooks:\n  - {hook}\n")
     assert any(expected in p for p in found), found
     assert all("inline-hook-secret" not in p for p in found)
+
+
+def test_gitlab_webhook_entries_load_with_ci_defaults(tmp_path: Path) -> None:
+    from proxy.policy import load_policy
+
+    by_path_entry = GL.replace("name: g", "name: p").replace("project_id: 4242", "repository: 'pay/*'")
+    root = write(tmp_path, HEAD, f"webhooks:\n  - {GL}\n  - {by_path_entry}\n")
+    by_id, by_path = load_policy(root, environ=ENV).webhooks
+    assert (by_id.source, by_id.project_ids, by_id.events, by_id.service_name) == (
+        "gitlab",
+        frozenset({"4242"}),
+        frozenset({"pipeline", "job"}),
+        "ci/g",
+    )
+    assert by_path.project_ids == frozenset() and by_path.repository.match_text("pay/api")
+
+
+def test_a_webhook_account_must_allow_traces(tmp_path: Path) -> None:
+    own = "service_accounts:\n  m:\n    access_token: {env: LS_PAY}\n    signals: [metrics]\n"
+    found = problems(tmp_path, HEAD, own + f"webhooks:\n  - {GL.replace('payments-ci', 'm')}\n")
+    assert any("01.yaml:6: webhook 'g' sends its markers (trace spans) as service account 'm'" in p for p in found), (
+        found
+    )

@@ -60,10 +60,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class WebhookSource:
-    """A repository whose signed webhooks may become deployment markers (see webhooks)."""
+    """A repository whose signed webhooks may become deployment markers or CI traces
+    (see webhooks). GitLab entries match by ``project_ids`` and/or ``repository`` (the
+    project's path); CI spans carry ``service_name`` as their resource's service.name."""
 
     name: str
-    source: Literal["gitea", "forgejo"]
+    source: Literal["gitea", "forgejo", "gitlab"]
     repository: Matcher
     secret_refs: tuple[SecretRef, ...]
     events: frozenset[str]
@@ -72,6 +74,8 @@ class WebhookSource:
     services: tuple[str, ...]
     where: Where
     secrets: tuple[Secret, ...] = field(default=(), repr=False, compare=False)
+    project_ids: frozenset[str] = frozenset()
+    service_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from proxy.forward import declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
 from proxy.protocol import send_continue
 from proxy.runtime import Runtime
+from proxy.webhooks import actions
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
 from proxy.webhooks.outbox import Added, Outbox
@@ -159,6 +160,9 @@ async def handle_gitea(request: web.Request) -> web.Response:
     if hook is None:
         return done(401, "refused", "bad-signature", repository=repository)
     facts = {"repository": repository, "account": hook.service_account}
+    if event in actions.EVENTS:  # Actions runs become CI trace spans (proxy/webhooks/actions.py)
+        status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, source, event, payload)
+        return done(status, decision, reason, **more, **facts)
     classified = classify(source, event, delivery, payload)
     if not isinstance(classified, Classified):
         if classified.reason == "repository-mismatch":
@@ -303,6 +307,9 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     app.cleanup_ctx.insert(0, storage)
     app.cleanup_ctx.append(sending)
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_gitea)
+    from proxy.webhooks.gitlab_routes import handle_gitlab  # it reads OUTBOX from here
+
+    app.router.add_post("/webhooks/gitlab", handle_gitlab)
     app.router.add_post(
         "/v1/deployments",
         handle_deployment,

@@ -1,0 +1,198 @@
+"""Gitea / Forgejo Actions: ``workflow_run`` and ``workflow_job`` → the spans of a run's trace.
+
+Gitea ≥ 1.24 sends both (``modules/structs/hook.go``: ``WorkflowRunPayload``,
+``WorkflowJobPayload``; ``repo_actions.go``: ``ActionWorkflowRun``, ``ActionWorkflowJob``);
+they arrive signed on ``/webhooks/gitea`` like every other Gitea event, and
+:func:`receive` is called once the signature verified. The model is GitLab's
+(:mod:`.pipeline`): the trace is (instance, repository id, run id); the run is the root span
+from ``started_at`` to ``completed_at``; each job attempt (job id, ``run_attempt``) is a
+child span from ``started_at`` to ``completed_at``, its queued time ``started_at -
+created_at``, its steps span events. Unset times are Go's zero time
+``0001-01-01T00:00:00Z`` and count as absent. Only ``completed`` events draw spans.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.policy.model import WebhookSource
+from proxy.webhooks.ci_outbox import store_spans
+from proxy.webhooks.outbox import Outbox
+from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
+
+EVENTS = ("workflow_run", "workflow_job")
+MAX_STEPS = 100
+_RESULTS = {
+    "success": "success",
+    "neutral": "success",
+    "failure": "failure",
+    "cancelled": "cancellation",
+    "canceled": "cancellation",
+    "skipped": "skip",
+    "timed_out": "timeout",
+}
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+def _get(node: Any, *path: str) -> Any:
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _text(value: Any, limit: int = 256) -> str | None:
+    return value[:limit] if isinstance(value, str) and value else None
+
+
+def _id(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    return None
+
+
+def run_of(payload: dict[str, Any], run_id: Any) -> RunId | None:
+    """The run's trace: instance from the repository's ``html_url`` minus its
+    ``full_name`` (so a sub-path install keeps its prefix), the repository's id."""
+    html = _text(_get(payload, "repository", "html_url"), 1024)
+    full_name = _text(_get(payload, "repository", "full_name"), 512)
+    repo_id, run = _id(_get(payload, "repository", "id")), _id(run_id)
+    if html is None or repo_id is None or run is None:
+        return None
+    html = html.rstrip("/")
+    instance = (
+        instance_of(html[: -len(full_name) - 1]) if full_name and html.endswith("/" + full_name) else origin_of(html)
+    )
+    return RunId(instance, repo_id, run) if instance else None
+
+
+def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
+    return {
+        "cicd.pipeline.run.id": int(run.pipeline_id),
+        "vcs.repository.url.full": _text(_get(payload, "repository", "html_url"), 1024) or "",
+        "vcs.ref.head.name": _text(node.get("head_branch")) or "",
+        "vcs.ref.head.revision": _text(node.get("head_sha"), 64) or "",
+        "tracegate.project.id": run.project_id,
+        "tracegate.actor.login": _text(_get(payload, "sender", "login")) or "",
+    }
+
+
+def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
+    node = payload.get("workflow_run")
+    if not isinstance(node, dict):
+        return Skip("malformed-workflow-run")
+    if node.get("status") != "completed":
+        return Skip("not-final")
+    run = run_of(payload, node.get("id"))
+    start = parse_time(node.get("started_at"))
+    if run is None or start is None:
+        return Skip("malformed-workflow-run")
+    conclusion = _text(node.get("conclusion"), 32) or "failure"
+    result = _RESULTS.get(conclusion, "failure")
+    name = _text(_get(payload, "workflow", "name")) or _text(node.get("display_title")) or _text(node.get("path"))
+    name = name or f"run {run.pipeline_id}"
+    attempt = _id(node.get("run_attempt")) or "1"
+    return CiSpan(
+        run=run,
+        name=f"workflow {name}",
+        start_ns=start,
+        end_ns=parse_time(node.get("completed_at")) or start,
+        result=result,
+        attributes={
+            **_common(payload, run, node),
+            "cicd.pipeline.name": name,
+            "cicd.pipeline.run.url.full": _text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.result": result,
+            "tracegate.cicd.run.attempt": int(attempt),
+            "tracegate.cicd.run.number": int(_id(node.get("run_number")) or 0),
+            "tracegate.cicd.pipeline.source": _text(node.get("event"), 64) or "",
+        },
+        failure_reason=conclusion if result != "success" else None,
+        final_state=f"{conclusion}:{attempt}",
+    )
+
+
+def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
+    node = payload.get("workflow_job")
+    if not isinstance(node, dict):
+        return Skip("malformed-workflow-job")
+    if node.get("status") != "completed":
+        return Skip("not-final")
+    run, job_id = run_of(payload, node.get("run_id")), _id(node.get("id"))
+    created, started = parse_time(node.get("created_at")), parse_time(node.get("started_at"))
+    completed = parse_time(node.get("completed_at"))
+    start = started or created or completed
+    if run is None or job_id is None or start is None:
+        return Skip("malformed-workflow-job")
+    conclusion = _text(node.get("conclusion"), 32) or "failure"
+    result = _RESULTS.get(conclusion, "failure")
+    attempt = _id(node.get("run_attempt")) or "1"
+    queued = max(started - created, 0) / 1e9 if started is not None and created is not None else None
+    name = _text(node.get("name")) or job_id
+    events: list[tuple[str, int, dict[str, Attribute]]] = []
+    if started is not None:
+        events.append(("started", started, {"tracegate.cicd.queued_seconds": queued} if queued is not None else {}))
+    listed = node.get("steps")
+    steps: list[Any] = listed[:MAX_STEPS] if isinstance(listed, list) else []
+    for step in steps:
+        at = parse_time(_get(step, "started_at"))
+        if at is not None:
+            outcome = _text(_get(step, "conclusion"), 32) or _text(_get(step, "status"), 32) or ""
+            events.append((f"step {_text(_get(step, 'name')) or '?'}", at, {"tracegate.cicd.step.result": outcome}))
+    failed_steps = [_text(_get(s, "name"), 64) or "?" for s in steps if _get(s, "conclusion") == "failure"]
+    failure = f"{conclusion}: {', '.join(failed_steps)}" if failed_steps else conclusion
+    return CiSpan(
+        run=run,
+        name=f"job {name}",
+        start_ns=start,
+        end_ns=completed or start,
+        result=result,
+        attributes={
+            **_common(payload, run, node),
+            "cicd.pipeline.task.name": name,
+            "cicd.pipeline.task.run.id": int(job_id),
+            "cicd.pipeline.task.run.url.full": _text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.task.run.result": result,
+            "cicd.worker.id": _id(node.get("runner_id")) or "",
+            "cicd.worker.name": _text(node.get("runner_name")) or "",
+            "tracegate.cicd.run.attempt": int(attempt),
+            "tracegate.cicd.queued_seconds": queued if queued is not None else "",
+            "tracegate.cicd.failure_reason": failure[:256] if result != "success" else "",
+        },
+        job_id=job_id,
+        attempt=attempt,
+        started_ns=started,
+        failure_reason=failure[:256] if result != "success" else None,
+        final_state=conclusion,
+        events=tuple(events),
+    )
+
+
+def spans_for(event: str, payload: dict[str, Any]) -> CiSpan | Skip:
+    return run_span(payload) if event == "workflow_run" else job_span(payload)
+
+
+async def receive(
+    outbox: Outbox, hook: WebhookSource, source: str, event: str, payload: dict[str, Any]
+) -> tuple[int, str, str, dict[str, Any]]:
+    """An authentic workflow_run / workflow_job for ``hook``: (status, decision, reason,
+    answer fields) for the Gitea door to answer and record."""
+    if event not in hook.events:
+        return 202, "ignored", "event-not-listed", {}
+    span = spans_for(event, payload)
+    if isinstance(span, Skip):
+        return 202, "ignored", span.reason, {}
+    try:
+        [outcome] = await store_spans(outbox, [span], source=source, hook=hook)
+    except (sqlite3.Error, OSError, RuntimeError):
+        return 503, "failed", "outbox-unavailable", {}
+    if outcome != "stored":
+        return 202, "ignored", outcome, {"duplicate": True}
+    return 202, "accepted", "stored", {}

@@ -1,0 +1,126 @@
+"""``POST /webhooks/gitlab``: GitLab pipeline and job hooks become CI trace spans.
+
+The door: the body (bounded), the secret token in ``X-Gitlab-Token`` (GitLab sends it as
+is; there is no signature), the project the payload names, the entry that lists that
+project, the token checked against every secret of that entry in constant time (rotation:
+list old and new), then :mod:`.gitlab` for the spans and :mod:`.ci_outbox` to store them.
+
+Answers: 401 when the token is missing or no entry's secret matches; 403 when no
+``webhooks:`` entry names the project (by ``project_id``, preferred, or its path); 400 for a
+body that is not a JSON object; 202 with ``accepted: false`` for authentic events that draw
+nothing (an intermediate status, an unlisted event); 202 ``accepted: true`` once every span
+is durably stored; 503 if the outbox cannot store (GitLab retries). Refusals store nothing.
+
+Idempotency: ``Idempotency-Key`` (GitLab ≥ 17.4) or ``X-Gitlab-Event-UUID`` names the
+delivery in the audit log; the outbox keys are derived from the content (the span and its
+final state), so a redelivery — same key or not — and two racing deliveries of the same
+run's events store each span once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import BodyError
+from proxy.ingest import RUNTIME
+from proxy.policy.model import WebhookSource
+from proxy.secrets import Secret
+from proxy.webhooks import gitlab
+from proxy.webhooks.ci_outbox import store_spans
+from proxy.webhooks.outbox import Outbox
+
+#: Longest token compared; GitLab's secret token field is free text, bounded here.
+MAX_TOKEN_BYTES = 1024
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python accepts them, RFC 8259 does not
+
+
+def token_matches(presented: str, secrets: Iterable[Secret]) -> bool:
+    """True if ``presented`` equals any secret. Digests are compared (equal lengths), every
+    secret is tried (no early exit), each in constant time."""
+    given = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+    ok = False
+    for secret in secrets:
+        ok |= hmac.compare_digest(given, hashlib.sha256(secret.reveal().encode()).digest())
+    return ok
+
+
+def candidates(hooks: Iterable[WebhookSource], project_id: str | None, path: str | None) -> list[WebhookSource]:
+    """GitLab entries naming the project: those matching its id first, then its path."""
+    gitlab_hooks = [h for h in hooks if h.source == "gitlab"]
+    by_id = [h for h in gitlab_hooks if project_id is not None and project_id in h.project_ids]
+    by_path = [h for h in gitlab_hooks if h not in by_id and path is not None and h.repository.match_text(path)]
+    return by_id + by_path
+
+
+async def handle_gitlab(request: web.Request) -> web.Response:
+    from proxy.webhooks.routes import OUTBOX, read_limited  # routes registers this door
+
+    runtime = request.app[RUNTIME]
+    event = request.headers.get("X-Gitlab-Event") or ""
+    delivery = request.headers.get("Idempotency-Key") or request.headers.get("X-Gitlab-Event-UUID") or ""
+
+    def done(status: int, decision: str, reason: str, **more: Any) -> web.Response:
+        runtime.metrics.webhooks.labels("gitlab", decision, reason).inc()
+        runtime.audit(
+            kind="webhook",
+            decision=decision,
+            reason=reason,
+            source="gitlab",
+            webhook_event=event[:32] or None,
+            delivery=delivery[:64] or None,
+            repository=more.get("repository"),
+            service_account=more.get("account"),
+        )
+        fields = {k: v for k, v in more.items() if k in ("spans", "duplicate")}
+        return web.json_response({"accepted": decision == "accepted", "reason": reason, **fields}, status=status)
+
+    token = request.headers.get("X-Gitlab-Token") or ""
+    if not token or len(token) > MAX_TOKEN_BYTES:  # refused before the body is read
+        return done(401, "refused", "missing-token" if not token else "bad-token")
+    try:
+        body = await read_limited(request, runtime.settings.webhook_max_body, runtime.settings.body_timeout)
+    except BodyError as exc:
+        return done(exc.status, "refused", exc.reason)
+    try:
+        payload = json.loads(body, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        return done(400, "refused", "bad-json")
+    if not isinstance(payload, dict):
+        return done(400, "refused", "bad-json")
+    project_id, path = gitlab.project_of(payload)
+    shown = (path or (f"project {project_id}" if project_id else ""))[:200] or None
+    found = candidates(runtime.gate.policy.webhooks, project_id, path)
+    if not found:
+        return done(403, "refused", "unknown-project", repository=shown)
+    hook = next((h for h in found if token_matches(token, h.secrets)), None)
+    if hook is None:
+        return done(401, "refused", "bad-token", repository=shown)
+    facts = {"repository": shown, "account": hook.service_account}
+    listed = gitlab.EVENTS.get(event)
+    if listed is None or listed not in hook.events:
+        return done(202, "ignored", "event-not-listed", **facts)
+    instance = gitlab.instance_for(payload, request.headers.get("X-Gitlab-Instance"))
+    if instance is None:
+        return done(202, "ignored", "no-instance-url", **facts)
+    drawn = gitlab.spans_for(event, payload, instance, with_jobs="job" not in hook.events)
+    if isinstance(drawn, gitlab.Skip):
+        return done(202, "ignored", drawn.reason, **facts)
+    outbox: Outbox = request.app[OUTBOX]
+    try:
+        outcomes = await store_spans(outbox, drawn.spans, source="gitlab", hook=hook)
+    except (sqlite3.Error, OSError, RuntimeError):
+        return done(503, "failed", "outbox-unavailable", **facts)
+    stored = sum(1 for o in outcomes if o == "stored")
+    if not stored:
+        return done(202, "ignored", "duplicate-delivery", duplicate=True, spans=0, **facts)
+    return done(202, "accepted", "stored", spans=stored, **facts)

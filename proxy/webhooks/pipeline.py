@@ -1,0 +1,244 @@
+"""The trace of one CI pipeline run: ids, spans, and their OTLP/JSON encoding.
+
+One run is one trace. Its id derives from (forge instance, project id, pipeline id) alone,
+so every event of the run — a GitLab pipeline or job hook, a Gitea ``workflow_run`` or
+``workflow_job``, a job's own ``/v1/traceparent`` request with its ID token — names the
+same trace whatever order they arrive in and whichever replica takes them. The pipeline is
+the root span; each job *attempt* is a child span (a GitLab retry is a new job id; a Gitea
+re-run is the same job id with a new ``run_attempt``).
+
+``instance`` is the forge's base URL as its ID tokens name it in ``iss`` (GitLab:
+``https://gitlab.example.com``); :func:`instance_of` normalises any URL of the forge to it.
+Ids are SHA-256 over the NUL-joined parts, cut to 16 bytes (trace) and 8 bytes (span): not
+secret, only stable — anyone who knows a project's and pipeline's ids can compute them, as
+anyone who can read the pipeline can.
+
+Attributes follow the OpenTelemetry CI/CD and VCS semantic conventions (``cicd.*``,
+``vcs.*``); the stage and the triggering user, which those do not cover, go under
+``tracegate.*``. Times are the forge's own, to the nanosecond it gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from proxy import __version__
+
+SCOPE = "tracegate.cicd"
+#: OTLP span status codes.
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
+#: OTLP span kinds.
+KIND_INTERNAL, KIND_SERVER = 1, 2
+#: ``cicd.pipeline.result`` / ``cicd.pipeline.task.run.result`` values (semconv).
+RESULTS = ("success", "failure", "error", "timeout", "cancellation", "skip")
+
+Attribute = str | int | float | bool
+
+
+def instance_of(url: str) -> str | None:
+    """``scheme://host[:port][/path]`` of a forge URL: lower-cased host, no default port, no
+    trailing ``/`` — one spelling per instance, so ``iss`` and a webhook's URLs agree. None
+    for anything that is not an http(s) URL."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    default = {"http": 80, "https": 443}[parts.scheme]
+    netloc = f"{host}:{port}" if port and port != default else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"[:256]
+
+
+def origin_of(url: str) -> str | None:
+    """``scheme://host[:port]`` of a URL: the instance of a forge installed at the root."""
+    base = instance_of(url)
+    if base is None:
+        return None
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def trace_id(instance: str, project_id: str, pipeline_id: str) -> str:
+    """32 hex digits, never all zeros."""
+    value = _digest("tracegate-cicd-trace", instance, project_id, pipeline_id)[:32]
+    return value if value.strip("0") else "1" * 32
+
+
+def pipeline_span_id(instance: str, project_id: str, pipeline_id: str) -> str:
+    value = _digest("tracegate-cicd-pipeline", instance, project_id, pipeline_id)[:16]
+    return value if value.strip("0") else "1" * 16
+
+
+def job_span_id(instance: str, project_id: str, pipeline_id: str, job_id: str, attempt: str = "") -> str:
+    """A job attempt's span. GitLab: ``attempt`` is empty (every retry is a new job id);
+    Gitea/Forgejo: the ``run_attempt``."""
+    value = _digest("tracegate-cicd-job", instance, project_id, pipeline_id, job_id, attempt)[:16]
+    return value if value.strip("0") else "1" * 16
+
+
+def traceparent(instance: str, project_id: str, pipeline_id: str, job_id: str, attempt: str = "") -> str:
+    """The W3C ``traceparent`` whose parent is the job's span (sampled)."""
+    trace = trace_id(instance, project_id, pipeline_id)
+    return f"00-{trace}-{job_span_id(instance, project_id, pipeline_id, job_id, attempt)}-01"
+
+
+def parse_time(value: Any) -> int | None:
+    """A forge timestamp as Unix nanoseconds, or None when unset. Accepts GitLab's pipeline
+    hook form ``2016-08-12 15:23:28 UTC``, ISO 8601 with ``Z`` or an offset and any
+    fraction (job hooks, Gitea), and treats Go's zero time (year 1) as unset."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if text.endswith(" UTC"):
+        text = text[:-4].replace(" ", "T") + "+00:00"
+    elif text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    fraction = ""
+    head, dot, rest = text.partition(".")
+    if dot:  # keep nanoseconds that datetime would drop
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        fraction, text = rest[:digits], head + rest[digits:]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = int(moment.timestamp())
+    if seconds <= 0:  # Go's zero time (year 1), or anything before 1970: not a CI time
+        return None
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+
+
+@dataclass(frozen=True)
+class RunId:
+    """Which trace: the forge instance, the project (repository) id, the pipeline (run) id."""
+
+    instance: str
+    project_id: str
+    pipeline_id: str
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id(self.instance, self.project_id, self.pipeline_id)
+
+    @property
+    def root_span_id(self) -> str:
+        return pipeline_span_id(self.instance, self.project_id, self.pipeline_id)
+
+
+@dataclass(frozen=True)
+class CiSpan:
+    """One finished pipeline or job attempt, ready to encode. ``job_id`` None: the root."""
+
+    run: RunId
+    name: str
+    start_ns: int
+    end_ns: int
+    result: str  # one of RESULTS
+    attributes: dict[str, Attribute]
+    job_id: str | None = None
+    attempt: str = ""
+    started_ns: int | None = None  # a job's "started" event
+    failure_reason: str | None = None
+    final_state: str = ""  # the forge's own final status, part of the outbox key
+    events: tuple[tuple[str, int, dict[str, Attribute]], ...] = field(default=())
+
+    @property
+    def span_id(self) -> str:
+        if self.job_id is None:
+            return self.run.root_span_id
+        return job_span_id(self.run.instance, self.run.project_id, self.run.pipeline_id, self.job_id, self.attempt)
+
+    @property
+    def parent_span_id(self) -> str:
+        return "" if self.job_id is None else self.run.root_span_id
+
+    def outbox_key(self, source: str) -> str:
+        """Once per final event: the same span in the same final state at the same end is
+        one outbox row, however many deliveries carry it (GitLab retries, racing
+        replicas); a re-run pipeline that finishes again is a new row (same span id)."""
+        what = "pipeline" if self.job_id is None else f"job:{self.job_id}:{self.attempt}"
+        run = self.run
+        parts = ("ci", source, run.instance, run.project_id, run.pipeline_id, what, self.final_state, str(self.end_ns))
+        return ":".join(parts)
+
+
+def _value(value: Attribute) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": value}
+
+
+def _attributes(values: dict[str, Attribute]) -> list[dict[str, Any]]:
+    """Set attributes only: empty strings and non-finite numbers (not JSON) are left out."""
+    return [
+        {"key": k, "value": _value(v)}
+        for k, v in values.items()
+        if v is not None and v != "" and not (isinstance(v, float) and not math.isfinite(v))
+    ]
+
+
+def span_json(span: CiSpan) -> dict[str, Any]:
+    status: dict[str, Any] = {"code": STATUS_OK}
+    if span.result in ("failure", "error", "timeout"):
+        status = {"code": STATUS_ERROR, "message": (span.failure_reason or span.result)[:256]}
+    elif span.result in ("cancellation", "skip"):
+        status = {"code": STATUS_UNSET}
+    events = [
+        {"timeUnixNano": str(at), "name": name, "attributes": _attributes(attrs)} for name, at, attrs in span.events
+    ]
+    body: dict[str, Any] = {
+        "traceId": span.run.trace_id,
+        "spanId": span.span_id,
+        "name": span.name,
+        "kind": KIND_SERVER if span.job_id is None else KIND_INTERNAL,
+        "startTimeUnixNano": str(span.start_ns),
+        "endTimeUnixNano": str(max(span.end_ns, span.start_ns)),
+        "attributes": _attributes(span.attributes),
+        "status": status,
+    }
+    if span.parent_span_id:
+        body["parentSpanId"] = span.parent_span_id
+    if events:
+        body["events"] = events
+    return body
+
+
+def otlp_json(spans: list[CiSpan], service_name: str, provider: str) -> bytes:
+    """An ExportTraceServiceRequest (OTLP/JSON) carrying ``spans`` under one resource."""
+    resource = _attributes({"service.name": service_name, "vcs.provider.name": provider})
+    scope = {"name": SCOPE, "version": __version__}
+    scope_spans = [{"scope": scope, "spans": [span_json(s) for s in spans]}]
+    request = {"resourceSpans": [{"resource": {"attributes": resource}, "scopeSpans": scope_spans}]}
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def describe(span: CiSpan) -> str:
+    """One line for ``tracegate explain``: name, ids, times, result."""
+    seconds = (span.end_ns - span.start_ns) / 1e9
+    parent = f" parent {span.parent_span_id}" if span.parent_span_id else " (root)"
+    start = datetime.fromtimestamp(span.start_ns / 1e9, UTC).isoformat(timespec="seconds")
+    return f"span {span.span_id}{parent} {span.name!r}: {start} + {seconds:.1f}s, result {span.result}" + (
+        f" ({span.failure_reason})" if span.failure_reason else ""
+    )
