@@ -209,6 +209,14 @@ class KeySource:
         except (ValueError, RecursionError):
             raise FetchFailed("bad-document") from None
 
+    async def close(self) -> None:
+        """Stop a fetch in flight (shielded from its callers, so not cancelled with them):
+        at shutdown it must end quietly, not fail noisily on a session being closed."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def run(self) -> None:
         """Background upkeep: fetch at start (retrying with backoff while the issuer is
         down, so tracegate serves meanwhile) and refresh before the cache runs out."""

@@ -115,6 +115,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
         self._source_tasks.clear()
+        await asyncio.gather(*(source.close() for source in self._sources.values()))
         if self._key_session is not None:
             await self._key_session.close()
         if self._upstream_session is not None:
