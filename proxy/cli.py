@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import logs
+from proxy import __version__, logs
 from proxy.config import OPTIONS, Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.policy import decide, load_policy
@@ -24,6 +24,7 @@ from proxy.policy.model import SIGNALS, Policy
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracegate", description="Identity-aware OTLP proxy for Lightstep.")
+    parser.add_argument("--version", action="version", version=f"tracegate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     for option in OPTIONS:
