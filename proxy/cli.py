@@ -1,4 +1,4 @@
-"""``tracegate`` — serve, check, explain, demo.
+"""``tracegate`` — serve, check, explain, demo, dev.
 
 Exit codes: 0 success (explain: allowed); 1 policy errors (check) or a denial (explain);
 2 bad usage or configuration.
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--event", default="push", help="with --payload: the X-Gitea-Event (push, create, release)")
     explain.add_argument("--source", choices=("gitea", "forgejo"), default="gitea", help="with --payload")
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
+    from proxy.dev import add_dev_parser
+
+    add_dev_parser(sub)
     return parser
 
 
@@ -57,6 +60,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal)
+        if args.command == "dev":
+            from proxy.dev import run_dev_command
+
+            return run_dev_command(args, env)
         from proxy.demo import run_demo
 
         return asyncio.run(run_demo())
