@@ -32,6 +32,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -81,7 +82,7 @@ def add_dev_parser(sub: Any) -> None:
     dev.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})")
     dev.add_argument("--listen", default="127.0.0.1:4318", help="tracegate's OTLP/HTTP listener (default %(default)s)")
     dev.add_argument("--admin-listen", default="127.0.0.1:9464", help="admin listener (default %(default)s)")
-    dev.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="printed token lifetime, seconds (default 3600)")
+    dev.add_argument("--ttl", type=_seconds, help=f"token lifetime, seconds (default {DEFAULT_TTL})")
     more = dev.add_subparsers(dest="dev_command")
     token = more.add_parser("token", help="mint a token for the running `tracegate dev` issuer (printed on stdout)")
     token.add_argument("--state", default=argparse.SUPPRESS, help="the dev process's state directory")
@@ -93,8 +94,17 @@ def add_dev_parser(sub: Any) -> None:
         help="set a claim (repeatable); NAME= removes it. project_path also sets namespace_path, "
         "and project_path/ref/ref_type set sub, unless given",
     )
-    token.add_argument("--ttl", type=int, default=argparse.SUPPRESS, help="lifetime, seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=_seconds, default=argparse.SUPPRESS, help="lifetime, seconds (default: the dev process's)"
+    )
     token.add_argument("--export", action="store_true", help="print `export OTEL_EXPORTER_OTLP_HEADERS=…` instead")
+
+
+def _seconds(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= 7 * 86400:
+        raise argparse.ArgumentTypeError("seconds between 1 and 604800 (a week)")
+    return value
 
 
 def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -108,7 +118,10 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
             raise ConfigError(str(exc)) from None
         print(export_headers(token) if args.export else token)
         return 0
-    return asyncio.run(run_dev(state, args.listen, args.admin_listen, args.ttl))
+    try:
+        return asyncio.run(run_dev(state, args.listen, args.admin_listen, args.ttl or DEFAULT_TTL))
+    except KeyboardInterrupt:  # Ctrl-C while starting, before our handler is installed
+        return 130
 
 
 # --- minting -----------------------------------------------------------------------------
@@ -236,6 +249,26 @@ def _prepare(state: Path) -> None:
     raise ValueError(f"{state}: another `tracegate dev` (pid {info['pid']}) uses it; stop it or pass --state DIR")
 
 
+def _check_free(flag: str, address: str) -> None:
+    """Fail before anything starts when a listener's port is taken (the usual cause: a
+    ``tracegate dev`` or ``serve`` already running)."""
+    from proxy.config import host_port
+
+    try:
+        host, port = host_port(address)
+    except ValueError as exc:
+        raise ValueError(f"{flag}={address!r}: {exc}") from None
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"{flag}={address}: cannot listen there ({exc.strerror}); is another tracegate running? "
+                f"pass {flag} 127.0.0.1:PORT"
+            ) from None
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -257,6 +290,8 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
 
     try:
         _prepare(state)
+        for flag, address in (("--listen", listen), ("--admin-listen", admin_listen)):
+            _check_free(flag, address)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     logs.configure("WARNING")
@@ -313,9 +348,11 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
         }
         _write_private(state / "state.json", json.dumps(info, indent=1).encode())
         token = mint(state, {}, ttl)
+        stop = _install_signals(runtime.reload)
         _banner(info, token, grpc_endpoint(runners), state)
-        await _until_stopped(runtime.reload)
+        await stop.wait()
     finally:
+        _remove_signals()
         for runner in runners:
             await runner.cleanup()
         await issuer.stop()
@@ -347,25 +384,29 @@ def _banner(info: Mapping[str, Any], token: str, grpc: str | None, state: Path) 
     _say("# ready")
 
 
-async def _until_stopped(reload: Callable[[], Awaitable[bool]]) -> None:
+def _install_signals(reload: Callable[[], Awaitable[bool]]) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event; SIGHUP reloads the policy. Installed before
+    "ready" is printed, so a signal sent on seeing it is never the default (kill)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
+
+    async def reloaded() -> None:
+        ok = await reload()
+        _say("# policy reloaded" if ok else "# policy reload failed; the previous policy keeps serving (see stderr)")
 
     def on_hup() -> None:
         task = loop.create_task(reloaded())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def reloaded() -> None:
-        ok = await reload()
-        _say("# policy reloaded" if ok else "# policy reload failed; the previous policy keeps serving (see stderr)")
-
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    return stop
+
+
+def _remove_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)

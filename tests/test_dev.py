@@ -175,6 +175,13 @@ async def test_dev_real_sdk_export_decisions_more_tokens_reload_and_cleanup(dev:
     code, _, err = await run(sys.executable, "-m", "proxy", "dev", "--state", str(dev.state))
     assert code == 2
     assert "another `tracegate dev`" in err
+    taken = variables["OTEL_EXPORTER_OTLP_ENDPOINT"].removeprefix("http://")
+    code, _, err = await run(
+        sys.executable, "-m", "proxy", "dev", "--state", str(dev.state.parent / "other"), "--listen", taken
+    )
+    assert code == 2
+    assert err.splitlines() == [f"tracegate: --listen={taken}: cannot listen there (Address already in use); "
+                                "is another tracegate running? pass --listen 127.0.0.1:PORT"]  # fmt: skip
     dev.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(dev.process.wait(), 20) == 0
     assert not (dev.state / "signing-key.pem").exists()
