@@ -229,3 +229,15 @@ def test_grpc_variables_appear_once_a_grpc_endpoint_exists() -> None:
     both = exporter_variables("T", "http://127.0.0.1:4318", "http://127.0.0.1:4317")
     assert "export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in both
     assert "export OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in both
+
+
+def test_the_request_path_never_imports_the_stand_ins() -> None:
+    import subprocess
+
+    script = (
+        "import sys, proxy.cli, proxy.server, proxy.runtime, proxy.ingest, proxy.webhooks.routes\n"
+        "proxy.cli._parser()\n"
+        "print(sorted(m for m in sys.modules if m in ('proxy.standins', 'proxy.demo')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
