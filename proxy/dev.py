@@ -225,6 +225,17 @@ def exporter_variables(token: str, http_endpoint: str, grpc_endpoint: str | None
     return lines
 
 
+def collector_exporter(token: str, http_endpoint: str) -> list[str]:
+    """An OpenTelemetry Collector exporter block (the Collector does not read the
+    ``OTEL_EXPORTER_OTLP_*`` variables; ``otlphttp`` appends ``/v1/<signal>`` itself)."""
+    return [
+        "exporters:",
+        "  otlphttp/tracegate:",
+        f"    endpoint: {http_endpoint}",
+        f'    headers: {{authorization: "Bearer {token}"}}',
+    ]
+
+
 def grpc_endpoint(runners: list[Any]) -> str | None:
     """HOOK for the OTLP/gRPC door (port 4317, added by another change): once tracegate has
     a gRPC listener, set its listen setting to loopback in :func:`_settings` and return
@@ -378,6 +389,9 @@ def _banner(info: Mapping[str, Any], token: str, grpc: str | None, state: Path) 
     _say(token)
     _say("# paste into the shell that runs your SDK or Collector:")
     for line in exporter_variables(token, info["ingest"], grpc):
+        _say(line)
+    _say("# or, in an OpenTelemetry Collector's configuration (add it to a pipeline's exporters):")
+    for line in collector_exporter(token, info["ingest"]):
         _say(line)
     _say(f"# more tokens: tracegate dev token --state {state} --claim project_path=a/b --claim ref=main")
     _say("# decisions (audit lines) follow; Ctrl-C stops")

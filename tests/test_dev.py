@@ -223,6 +223,18 @@ def test_claims_follow_gitlab_derivations() -> None:
         parse_claims(["project_path"])
 
 
+async def test_the_printed_collector_exporter_is_valid_yaml_naming_the_same_endpoint_and_token(dev: Dev) -> None:
+    import yaml
+
+    start = dev.lines.index("exporters:")
+    block = yaml.safe_load("\n".join(dev.lines[start : start + 4]))
+    exporter = block["exporters"]["otlphttp/tracegate"]
+    variables = dev.exports()
+    assert exporter["endpoint"] == variables["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    token = variables["OTEL_EXPORTER_OTLP_HEADERS"].removeprefix("authorization=Bearer%20")
+    assert exporter["headers"] == {"authorization": f"Bearer {token}"}
+
+
 def test_grpc_variables_appear_once_a_grpc_endpoint_exists() -> None:
     http_only = exporter_variables("T", "http://127.0.0.1:4318")
     assert "export OTEL_EXPORTER_OTLP_PROTOCOL=grpc" not in http_only
