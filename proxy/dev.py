@@ -19,8 +19,8 @@ The policy is in ``STATE/policies``: ``00-dev-issuer.yaml`` (rewritten on every 
 the issuer's port changes) and ``10-dev-rules.yaml`` (written once; edit it and send
 SIGHUP to the dev process to reload, as with ``serve``).
 
-Stand-ins come from :mod:`proxy.standins`; this module is never imported by the request
-path (only by the ``dev`` command).
+The stand-ins come from :mod:`proxy.standins`, imported only when ``dev`` runs; the
+request path imports neither module. Everything listens on loopback only.
 """
 
 from __future__ import annotations
@@ -28,25 +28,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
 import signal
 import socket
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STATE = ".tracegate-dev"
-DEFAULT_TTL = 3600
-AUDIENCE = "tracegate"
+from proxy.devstate import (
+    AUDIENCE,
+    DEFAULT_STATE,
+    DEFAULT_TTL,
+    DEV_PROJECT_ID,
+    mint,
+    parse_claims,
+    prepare,
+    write_private,
+)
+
 #: The dev service account's key: made up, only ever sent to the dev sink.
 KEY_VARIABLE = "LIGHTSTEP_ACCESS_TOKEN"
-#: The default dev token's project id; the dev rule allows it (as the starter policy would).
-DEV_PROJECT_ID = "4242"
-
 ISSUER_YAML = """\
 # Rewritten by `tracegate dev` on every start. The dev issuer stands in for https://gitlab.com.
 issuers:
@@ -124,79 +129,6 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         return 130
 
 
-# --- minting -----------------------------------------------------------------------------
-
-
-def parse_claims(items: list[str]) -> dict[str, str | None]:
-    """``NAME=VALUE`` pairs; an empty VALUE means "remove this claim" (None)."""
-    out: dict[str, str | None] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--claim {item!r}: expected NAME=VALUE, for example project_path=group/project")
-        out[name] = value if value else None
-    return out
-
-
-def dev_claims(issuer: str, overrides: Mapping[str, str | None], ttl: int) -> dict[str, Any]:
-    """GitLab-shaped claims for the dev issuer, with ``overrides`` applied and the claims
-    GitLab derives from them kept consistent (namespace_path, sub, ref_path)."""
-    from proxy.standins import gitlab_claims
-
-    now = int(time.time())
-    claims = gitlab_claims(issuer, AUDIENCE, project_id=DEV_PROJECT_ID, iat=now, nbf=now - 5, exp=now + ttl)
-    given = dict(overrides)
-    if "project_path" in given and "namespace_path" not in given and given["project_path"]:
-        given["namespace_path"] = str(given["project_path"]).rpartition("/")[0] or None
-    claims.update(given)
-    if "ref_path" not in given and ("ref" in given or "ref_type" in given):
-        prefix = "refs/tags/" if claims.get("ref_type") == "tag" else "refs/heads/"
-        claims["ref_path"] = f"{prefix}{claims.get('ref', '')}"
-    if "sub" not in given:
-        claims["sub"] = (
-            f"project_path:{claims.get('project_path')}:ref_type:{claims.get('ref_type')}:ref:{claims.get('ref')}"
-        )
-    return {k: v for k, v in claims.items() if v is not None}
-
-
-def mint(state: Path, overrides: Mapping[str, str | None], ttl: int | None) -> str:
-    """A token for the issuer of the ``tracegate dev`` whose state directory is ``state``."""
-    from proxy.standins import mint_with_key
-
-    info = read_state(state)
-    try:
-        key = (state / "signing-key.pem").read_bytes()
-    except OSError:
-        raise ValueError(f"{state}/signing-key.pem: not readable; is `tracegate dev` running?") from None
-    claims = dev_claims(info["issuer"], overrides, ttl or info.get("ttl", DEFAULT_TTL))
-    return mint_with_key(key, info["kid"], claims)
-
-
-def read_state(state: Path) -> dict[str, Any]:
-    """The running dev process's ``state.json``. Raises ValueError (with what to do)."""
-    try:
-        info = json.loads((state / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ValueError(
-            f"{state}/state.json: no running `tracegate dev` here; start one, or pass --state DIR"
-        ) from None
-    if not isinstance(info, dict) or not _alive(info.get("pid")):
-        raise ValueError(f"{state}: the `tracegate dev` that wrote it is gone; start it again")
-    return info
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --- what to paste -------------------------------------------------------------------------
 
 
@@ -247,17 +179,11 @@ def grpc_endpoint(runners: list[Any]) -> str | None:
 # --- running -------------------------------------------------------------------------------
 
 
-def _prepare(state: Path) -> None:
-    """Create the state directory (0700) and refuse one a live dev process is using."""
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if state.is_symlink() or state.stat().st_uid != os.getuid():
-        raise ValueError(f"{state}: not a directory of yours; pass --state DIR")
-    state.chmod(0o700)
+def _is_loopback(host: str) -> bool:
     try:
-        info = read_state(state)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return  # nobody is using it
-    raise ValueError(f"{state}: another `tracegate dev` (pid {info['pid']}) uses it; stop it or pass --state DIR")
+        return False
 
 
 def _check_free(flag: str, address: str) -> None:
@@ -269,6 +195,8 @@ def _check_free(flag: str, address: str) -> None:
         host, port = host_port(address)
     except ValueError as exc:
         raise ValueError(f"{flag}={address!r}: {exc}") from None
+    if host != "localhost" and not _is_loopback(host):
+        raise ValueError(f"{flag}={address}: tracegate dev listens on loopback only; use 127.0.0.1:PORT")
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
         try:
@@ -278,12 +206,6 @@ def _check_free(flag: str, address: str) -> None:
                 f"{flag}={address}: cannot listen there ({exc.strerror}); is another tracegate running? "
                 f"pass {flag} 127.0.0.1:PORT"
             ) from None
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
 
 
 def _say(text: str = "") -> None:
@@ -300,7 +222,7 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
     from proxy.standins import Received, Sink, StandInIssuer
 
     try:
-        _prepare(state)
+        prepare(state)
         for flag, address in (("--listen", listen), ("--admin-listen", admin_listen)):
             _check_free(flag, address)
     except (ValueError, OSError) as exc:
@@ -346,7 +268,7 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
                 break
             await asyncio.sleep(0.025)
         port = runners[0].addresses[0][1]
-        _write_private(state / "signing-key.pem", issuer.private_key_pem())
+        write_private(state / "signing-key.pem", issuer.private_key_pem())
         info = {
             "pid": os.getpid(),
             "issuer": issuer.url,
@@ -357,7 +279,7 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
             "admin": f"http://127.0.0.1:{runners[1].addresses[0][1]}",
             "sink": sink.url,
         }
-        _write_private(state / "state.json", json.dumps(info, indent=1).encode())
+        write_private(state / "state.json", json.dumps(info, indent=1).encode())
         token = mint(state, {}, ttl)
         stop = _install_signals(runtime.reload)
         _banner(info, token, grpc_endpoint(runners), state)

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from proxy.dev import dev_claims, exporter_variables, parse_claims
+from proxy.dev import exporter_variables
+from proxy.devstate import dev_claims, parse_claims
 from proxy.standins import free_port
 
 #: Exports one span with the OTLP/HTTP exporter configured only by OTEL_EXPORTER_OTLP_*.
@@ -253,3 +254,10 @@ def test_the_request_path_never_imports_the_stand_ins() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_dev_refuses_a_non_loopback_listener(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main(["dev", "--state", str(tmp_path / "s"), "--listen", "0.0.0.0:4318"], environ={}) == 2
+    assert "tracegate dev listens on loopback only" in capsys.readouterr().err
