@@ -1,4 +1,5 @@
-# tracegate: slim, non-root; policies are mounted at /policies.
+# tracegate: slim, non-root; policies are mounted at /policies. The repository's policies/ is a
+# starter that needs one variable (-e LIGHTSTEP_ACCESS_TOKEN); examples/policies/ is the fuller example.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./

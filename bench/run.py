@@ -5,7 +5,7 @@ Contenders, interleaved round by round (A B C … A B C …), medians quoted:
   b  nginx proxy_pass adding a static lightstep-access-token   (transport ceiling)
   c  bare aiohttp pass-through forwarder, bench/forwarder.py  (same-stack ceiling)
   d  tracegate: one valid GitLab-shaped token, policy match, key injection, audit + metrics on
-  e  tracegate with 10,000 distinct valid tokens in rotation
+  e  tracegate with 10,000 distinct valid tokens in rotation (fewer if --max-tokens is lower)
   f  tracegate, every token well-formed with a bad signature   (401)
   g  tracegate, every request denied by policy                 (403)
 
@@ -339,6 +339,23 @@ async def main(args: argparse.Namespace) -> int:
             await bench.issuer.stop()
 
 
+def rotation_count(max_tokens: int) -> int:
+    """How many distinct tokens contender e rotates through: 10,000, or all there are."""
+    return min(10_000, max_tokens)
+
+
+def rotation_label(max_tokens: int) -> str:
+    """Contender e's row label, naming the count it really ran with."""
+    count = rotation_count(max_tokens)
+    return f"e tracegate {count:,} token{'' if count == 1 else 's'}"
+
+
+def token_counts(max_tokens: int) -> list[int]:
+    """The rows of the distinct-token growth table: only counts that were minted, each
+    once (a count above ``max_tokens`` would rotate fewer tokens than its label says)."""
+    return sorted({c for c in (1, 100, 1000, 10_000) if c <= max_tokens} | {max_tokens})
+
+
 def write(work: Path, name: str, data: bytes) -> Path:
     path = work / name
     path.write_bytes(data)
@@ -380,7 +397,8 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         return write(work, name, ("\n".join(items) + "\n").encode())
 
     one = token_file("one.tokens", tokens[:1])
-    ten_k = token_file("10k.tokens", tokens[:10_000])
+    rotating = rotation_count(args.max_tokens)
+    ten_k = token_file(f"{rotating}.tokens", tokens[:rotating])
     head, payload, sig = issuer.mint().split(".")
     bad = token_file("bad.tokens", [f"{head}.{payload}.{sig[:-6]}AAAAAA"])
     denied = token_file("denied.tokens", [issuer.mint(project_path="marketing/site", exp=int(time.time()) + 4 * 3600)])
@@ -413,11 +431,11 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         "b nginx proxy_pass": (nginx_proxy, None),
         "c aiohttp forwarder": (forwarder, None),
         "d tracegate": (tg["d"], one),
-        "e tracegate 10k tokens": (tg["e"], ten_k),
+        rotation_label(args.max_tokens): (tg["e"], ten_k),
         "f tracegate bad signature": (tg["f"], bad),
         "g tracegate denied": (tg["g"], denied),
     }
-    # Warm-up: every contender once, and e's 10,000 tokens through its cache once.
+    # Warm-up: every contender once, and e's rotating tokens through its cache once.
     refusing = {tg["f"].name, tg["g"].name}
     for server, toks in contenders.values():
         await bench.wrk(server, bodies["1KB"], toks, duration=1, expect_2xx=server.name not in refusing)
@@ -467,9 +485,9 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         results["growth_conn"] = await bench.interleaved(growth_conn, args.rounds)
 
     if wanted("tokens"):
-        print("growth: distinct tokens 1 → 100,000 (d)", flush=True)
+        print(f"growth: distinct tokens 1 → {args.max_tokens:,} (d)", flush=True)
         growth_tokens = {}
-        for count in (1, 100, 1000, 10_000, args.max_tokens):
+        for count in token_counts(args.max_tokens):
             path = token_file(f"{count}.tokens", tokens[:count])
             growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
         results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
@@ -527,12 +545,21 @@ async def memory_test(bench: Bench, sink: Server, token: str, body: bytes) -> di
     }
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians quoted (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections for the main table (default 32)")
-    parser.add_argument("--max-tokens", type=int, default=100_000, help="largest distinct-token count (default 100000)")
+    parser.add_argument(
+        "--max-tokens", type=_at_least_one, default=100_000, help="largest distinct-token count (default 100000)"
+    )
     parser.add_argument(
         "--only",
         help="comma list of main,matrix,size,connections,tokens,memory: run those and "

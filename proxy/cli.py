@@ -1,4 +1,4 @@
-"""``tracegate`` — serve, check, explain, demo.
+"""``tracegate`` — serve, check, explain, demo, dev.
 
 Exit codes: 0 success (explain: allowed); 1 policy errors (check) or a denial (explain);
 2 bad usage or configuration.
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import logs
+from proxy import __version__, logs
 from proxy.config import OPTIONS, Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.policy import decide, load_policy
@@ -25,6 +25,7 @@ from proxy.webhooks.explain_ci import is_ci
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracegate", description="Identity-aware OTLP proxy for Lightstep.")
+    parser.add_argument("--version", action="version", version=f"tracegate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     for option in OPTIONS:
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--source", choices=("gitea", "forgejo", "gitlab"), default="gitea", help="with --payload")
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
+    from proxy.dev import add_dev_parser
+
+    add_dev_parser(sub)
     return parser
 
 
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal)
+        if args.command == "dev":
+            from proxy.dev import run_dev_command
+
+            return run_dev_command(args, env)
         from proxy.demo import run_demo
 
         return asyncio.run(run_demo())

@@ -1,6 +1,7 @@
 """Local stand-ins for tracegate's peers: a GitLab-like OIDC issuer and an OTLP sink.
 
-Used by ``tracegate demo`` and the test suite. Both are real HTTP servers on loopback
+Used by ``tracegate demo``, ``tracegate dev`` and the test suite; never imported by the
+request path. Both are real HTTP servers on loopback
 with real keys: the issuer serves OIDC discovery and a JWKS of freshly generated RSA and
 EC keys and mints GitLab CI-shaped ID tokens; the sink records every request it receives
 (headers and raw body) and answers like an OTLP receiver. Not for production use.
@@ -13,11 +14,13 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from multidict import CIMultiDict
 
@@ -62,6 +65,12 @@ def gitlab_claims(issuer: str, audience: str = "tracegate", **overrides: Any) ->
     }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
+
+
+def mint_with_key(private_key_pem: bytes, kid: str, claims: dict[str, Any]) -> str:
+    """An RS256 token signed with a stand-in issuer's saved key (``tracegate dev token``,
+    which mints for the issuer a running ``tracegate dev`` serves)."""
+    return jwt.encode(claims, private_key_pem, algorithm="RS256", headers={"kid": kid})
 
 
 class _Server:
@@ -112,6 +121,12 @@ class StandInIssuer(_Server):
         rsa_jwk.update(kid=self.rsa_kid, use="sig", alg="RS256")
         ec_jwk.update(kid=self.ec_kid, use="sig", alg="ES256")
         return {"keys": [rsa_jwk, ec_jwk]}
+
+    def private_key_pem(self) -> bytes:
+        """The RSA signing key (PKCS#8 PEM, unencrypted), for :func:`mint_with_key`."""
+        return self.rsa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def rotate(self) -> None:
         """New RSA key and kid, as after a key rotation at the issuer."""
@@ -174,6 +189,8 @@ class Sink(_Server):
         self.delay = 0.0
         self.retry_after: str | None = None
         self.answer = b""
+        #: Called with each request once recorded (``tracegate dev`` prints it).
+        self.on_receive: Callable[[Received], None] | None = None
         self.app.router.add_route("*", "/{tail:.*}", self._record)
 
     async def _record(self, request: web.Request) -> web.Response:
@@ -186,6 +203,8 @@ class Sink(_Server):
         if self.delay:
             await asyncio.sleep(self.delay)
         self.received.append(Received(request.method, request.path, CIMultiDict(request.headers), body))
+        if self.on_receive is not None:
+            self.on_receive(self.received[-1])
         headers = {"Retry-After": self.retry_after} if self.retry_after else {}
         content_type = request.headers.get("Content-Type", "application/x-protobuf")
         return web.Response(status=self.status, body=self.answer, headers={"Content-Type": content_type, **headers})

@@ -43,7 +43,7 @@ def problems(tmp_path: Path, *files: str, environ: dict[str, str] | None = None)
 
 
 def test_example_policies_load_for_check() -> None:
-    policy = load_policy(Path(__file__).parent.parent / "policies", environ={}, resolve_secrets=False)
+    policy = load_policy(Path(__file__).parent.parent / "examples" / "policies", environ={}, resolve_secrets=False)
     assert set(policy.issuers) == {"gitlab-com", "gitlab-self"}
     assert all(a.access_token is None for a in policy.service_accounts.values())
 

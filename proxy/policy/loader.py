@@ -160,6 +160,9 @@ def load_policy(
     rules: list[Rule] = []
     webhooks = []
     rule_names: dict[str, Where] = {}
+    #: Every name written under issuers:/service_accounts:, loaded or not: a rule naming one
+    #: that failed to load is not reported again as "unknown" (its root cause already is).
+    defined: dict[str, set[str]] = {"issuers": set(), "service_accounts": set()}
     for path in files:
         shown = str(path)
         doc, read_problems = read_document(path, shown)
@@ -170,6 +173,8 @@ def load_policy(
         top = check.mapping(doc, 1, "a policy file")
         if top is not None:
             check.keys(top, TOP_LEVEL, (), "a policy file")
+            for section, names in defined.items():
+                names.update(_section_names(top, section))
             _issuers(check, top, issuers)
             _accounts(check, top, accounts, environ if resolve_secrets else None)
             for rule in _rules(check, top):
@@ -185,10 +190,15 @@ def load_policy(
             )
         problems += check.problems
 
-    problems += _cross_check(issuers, accounts, rules, webhooks)
+    problems += _cross_check(issuers, accounts, rules, webhooks, defined)
     if problems:
         raise PolicyLoadError(problems)
     return Policy(issuers, accounts, tuple(rules), tuple(webhooks), tuple(str(f) for f in files))
+
+
+def _section_names(top: LDict, key: str) -> tuple[str, ...]:
+    section = top.get(key)
+    return tuple(str(name) for name in section) if isinstance(section, LDict) else ()
 
 
 def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
@@ -329,8 +339,15 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
 
 
 def _cross_check(
-    issuers: dict[str, Issuer], accounts: dict[str, ServiceAccount], rules: list[Rule], webhooks: list[Any]
+    issuers: dict[str, Issuer],
+    accounts: dict[str, ServiceAccount],
+    rules: list[Rule],
+    webhooks: list[Any],
+    defined: dict[str, set[str]],
 ) -> list[PolicyProblem]:
+    """Problems between sections. ``defined`` holds every name written under ``issuers:``
+    and ``service_accounts:``, loaded or not: one that failed to load is not "unknown" to
+    the rules naming it (its own problem is reported once, where it is defined)."""
     problems = []
 
     def add(where: Where, message: str) -> None:
@@ -347,20 +364,20 @@ def _cross_check(
             )
         seen_urls[issuer.issuer] = issuer
     for rule in rules:
-        if rule.issuer not in issuers:
+        if rule.issuer not in defined["issuers"]:
             add(
                 rule.where,
                 f"rule {rule.name!r} names unknown issuer {rule.issuer!r}; "
                 f"define it under issuers: (known: {known_issuers})",
             )
-        if rule.service_account is not None and rule.service_account not in accounts:
+        if rule.service_account is not None and rule.service_account not in defined["service_accounts"]:
             add(
                 rule.where,
                 f"rule {rule.name!r} names unknown service account {rule.service_account!r}; "
                 f"define it under service_accounts: (known: {known_accounts})",
             )
     for hook in webhooks:
-        if hook.service_account not in accounts:
+        if hook.service_account not in defined["service_accounts"]:
             add(
                 hook.where,
                 f"webhook {hook.name!r} names unknown service account {hook.service_account!r}; "
