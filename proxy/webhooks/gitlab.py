@@ -208,7 +208,7 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
             "tracegate.cicd.pipeline.source": _text(attrs.get("source"), 64) or "",
             "tracegate.cicd.queued_seconds": q if (q := _number(attrs.get("queued_duration"))) is not None else "",
             "tracegate.actor.login": _text(_get(payload, "user", "username")) or "",
-            "vcs.ref.type": "tag" if attrs.get("tag") is True else "branch",
+            "vcs.ref.head.type": "tag" if attrs.get("tag") is True else "branch",
         },
         failure_reason="; ".join(failed)[:256] if result == "failure" and failed else None,
         final_state=status,
