@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,3 +176,25 @@ def _capture_info_logs(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
     caplog.set_level(logging.INFO)
+
+
+#: Log messages that mean an exception escaped the code that should have handled it.
+UNHANDLED_MARKERS = (
+    "unhandled error",
+    "Error handling request",
+    "Unhandled exception",
+    "Task exception was never retrieved",
+    "Exception in callback",
+    "Unclosed client session",
+    "Unclosed connector",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_unhandled_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test of the suite fails if any code path logged an unhandled error: no input
+    may produce one, whether or not the test was looking for it."""
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    unhandled = [r for r in records if any(m in r.getMessage() for m in UNHANDLED_MARKERS)]
+    assert not unhandled, [f"{r.name}: {r.getMessage()}" for r in unhandled]

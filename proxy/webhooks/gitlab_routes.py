@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
+from proxy import untrusted
 from proxy.errors import BodyError
 from proxy.ingest import RUNTIME
 from proxy.policy.model import WebhookSource
+from proxy.protocol import send_continue
 from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
@@ -38,10 +39,6 @@ from proxy.webhooks.outbox import Outbox
 
 #: Longest token compared; GitLab's secret token field is free text, bounded here.
 MAX_TOKEN_BYTES = 1024
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python accepts them, RFC 8259 does not
 
 
 def token_matches(presented: str, secrets: Iterable[Secret]) -> bool:
@@ -60,6 +57,16 @@ def candidates(hooks: Iterable[WebhookSource], project_id: str | None, path: str
     by_id = [h for h in gitlab_hooks if project_id is not None and project_id in h.project_ids]
     by_path = [h for h in gitlab_hooks if h not in by_id and path is not None and h.repository.match_text(path)]
     return by_id + by_path
+
+
+async def expect_gitlab(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: a delivery without its token is refused before the body is
+    invited (the handler refuses it the same way when no Expect was sent)."""
+    if not request.headers.get("X-Gitlab-Token"):
+        response = await handle_gitlab(request)  # answers 401 without reading the body
+        response.force_close()
+        return response
+    return await send_continue(request)
 
 
 async def handle_gitlab(request: web.Request) -> web.Response:
@@ -92,7 +99,7 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     except BodyError as exc:
         return done(exc.status, "refused", exc.reason)
     try:
-        payload = json.loads(body, parse_constant=_not_json)
+        payload = untrusted.loads(body)  # no NaN/Infinity
     except (ValueError, RecursionError):
         return done(400, "refused", "bad-json")
     if not isinstance(payload, dict):

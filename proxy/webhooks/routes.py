@@ -307,9 +307,9 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     app.cleanup_ctx.insert(0, storage)
     app.cleanup_ctx.append(sending)
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_gitea)
-    from proxy.webhooks.gitlab_routes import handle_gitlab  # it reads OUTBOX from here
+    from proxy.webhooks.gitlab_routes import expect_gitlab, handle_gitlab  # it reads OUTBOX from here
 
-    app.router.add_post("/webhooks/gitlab", handle_gitlab)
+    app.router.add_post("/webhooks/gitlab", handle_gitlab, expect_handler=expect_gitlab)
     app.router.add_post(
         "/v1/deployments",
         handle_deployment,
