@@ -20,6 +20,7 @@ from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
+from proxy.authz import build_authz_app
 from proxy.config import Settings
 from proxy.errors import PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
@@ -87,14 +88,16 @@ async def start(
     audit: AuditLog | None = None,
     policy: Policy | None = None,
 ) -> tuple[Runtime, list[web.AppRunner]]:
-    """Load the policy and start both listeners. Raises PolicyLoadError if the first
-    policy does not load: tracegate never starts without one."""
+    """Load the policy and start the listeners (ingest, admin, and authz when configured).
+    Raises PolicyLoadError if the first policy does not load: tracegate never starts without one."""
     redact_aiohttp()
     runtime = Runtime(settings, environ, metrics or Metrics(), audit=audit)
     if settings.tls is not None:
         runtime.tls_context = server_context(settings.tls)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
+    # Built before any listener opens, so that a bad authz setting stops tracegate at once.
+    authz_app = build_authz_app(runtime) if settings.authz_listen is not None else None
     ingest = _QuietRunner(
         build_ingest_app(runtime, policy),
         access_log=None,
@@ -115,7 +118,23 @@ async def start(
         ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
     ).start()
     await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
-    return runtime, [ingest, admin]
+    runners: list[web.AppRunner] = [ingest, admin]
+    if authz_app is not None and settings.authz_listen is not None:  # the gateway door; TLS shared with the ingest
+        authz = _QuietRunner(
+            authz_app,
+            access_log=None,
+            handle_signals=False,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
+            keepalive_timeout=settings.idle_timeout,
+        )
+        await authz.setup()
+        await web.TCPSite(
+            authz, *settings.authz_listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
+        ).start()
+        runners.append(authz)
+    return runtime, runners
 
 
 async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
@@ -132,11 +151,14 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     listen, admin = settings.listen, settings.admin_listen
-    log.info("tracegate serving", extra={"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"})
+    where = {"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"}
+    if settings.authz_listen is not None:
+        where["authz"] = f"{settings.authz_listen[0]}:{settings.authz_listen[1]}"
+    log.info("tracegate serving", extra=where)
     await stop.wait()
     log.info("draining", extra={"seconds": settings.drain_seconds})
     runtime.draining = True
-    for runner in runners:
+    for runner in [*runners[2:], *runners[:2]]:  # the authz listener first: it needs the runtime
         await runner.cleanup()
     log.info("stopped")
     return 0
