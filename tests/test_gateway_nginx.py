@@ -61,7 +61,9 @@ class GrpcSink:
             return grpc.unary_unary_rpc_method_handler(export)
 
         services = [
-            grpc.method_handlers_generic_handler(f"opentelemetry.proto.collector.{s}.v1.{n}Service", {"Export": handler(n)})
+            grpc.method_handlers_generic_handler(
+                f"opentelemetry.proto.collector.{s}.v1.{n}Service", {"Export": handler(n)}
+            )
             for s, n in (("trace", "Trace"), ("metrics", "Metrics"), ("logs", "Logs"))
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=services)
@@ -92,7 +94,9 @@ async def gateway(
     nginx = require_program("nginx", "nginx", "/usr/sbin/nginx")
     running: list[NginxGateway] = []
 
-    async def _start(*, cache: bool = True, env: dict[str, str] | None = None, **flags: str) -> tuple[Tracegate, NginxGateway]:
+    async def _start(
+        *, cache: bool = True, env: dict[str, str] | None = None, **flags: str
+    ) -> tuple[Tracegate, NginxGateway]:
         tg: Tracegate = await start_tracegate(
             policy_yaml(issuer.url), env=env, authz_listen="127.0.0.1:0", authz_dialect="nginx", **flags
         )
@@ -142,14 +146,17 @@ async def test_sdk_span_through_nginx_reaches_sink_with_the_account_key_only(
         "payments-ci",
         "authz",
     )
-    assert tg.metric(
-        "tracegate_requests_total",
-        signal="traces",
-        service_account="payments-ci",
-        decision="allowed",
-        reason="authorized",
-        transport="authz",
-    ) == 1
+    assert (
+        tg.metric(
+            "tracegate_requests_total",
+            signal="traces",
+            service_account="payments-ci",
+            decision="allowed",
+            reason="authorized",
+            transport="authz",
+        )
+        == 1
+    )
     # The exporter's Lightstep-style header carrying the ID token is replaced by the key, not duplicated.
     result = await asyncio.to_thread(export_span, gw.url + "/v1/traces", {"lightstep-access-token": token})
     assert result is SpanExportResult.SUCCESS
@@ -322,7 +329,11 @@ async def test_grpc_refusals_through_nginx_carry_grpc_status_and_reach_nothing(
     cases = [
         (TRACES_GRPC, (("authorization", f"Bearer {forged}"),), grpc.StatusCode.UNAUTHENTICATED),
         (TRACES_GRPC, (), grpc.StatusCode.UNAUTHENTICATED),
-        (TRACES_GRPC, (("authorization", f"Bearer {issuer.mint(project_path='x/forks/y')}"),), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            TRACES_GRPC,
+            (("authorization", f"Bearer {issuer.mint(project_path='x/forks/y')}"),),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
         (LOGS_GRPC, (("authorization", f"Bearer {docs}"),), grpc.StatusCode.PERMISSION_DENIED),
         ("/opentelemetry.proto.collector.trace.v1.TraceService/Other", (), grpc.StatusCode.UNIMPLEMENTED),
     ]
@@ -333,3 +344,5 @@ async def test_grpc_refusals_through_nginx_carry_grpc_status_and_reach_nothing(
     ok = (("authorization", f"Bearer {docs}"),)
     assert await asyncio.to_thread(raw_grpc_call, gw.grpc_target, TRACES_GRPC, ok) == grpc.StatusCode.OK
     assert [c.method for c in grpc_sink.calls] == ["Trace"]
+    reasons = ["bad-signature", "missing-token", "rule-denied", "signal-not-allowed", "authorized"]
+    assert [r["reason"] for r in authz_lines(tg)] == reasons
