@@ -167,7 +167,8 @@ class AuthzDoor:
             return self._deny(Refused(403, "account-without-key"), None)
         exp = admitted.identity.claims.get("exp")
         remaining = float(exp) - self.runtime.clock() if isinstance(exp, (int, float)) else 0.0
-        seconds = max(0, min(self.max_age, math.floor(remaining)))
+        # A signed ``exp`` of Infinity or NaN (JSON allows neither, Python's parser both) is not cacheable.
+        seconds = max(0, min(self.max_age, math.floor(remaining))) if math.isfinite(remaining) else 0
         rule = admitted.decision.rule
         headers = {
             **_cache_headers(seconds),

@@ -190,6 +190,8 @@ async def test_allow_is_cacheable_only_until_the_tokens_exp(
     assert 8 <= short <= 10 and accel == short
     # Expired but inside the leeway: allowed, and not cacheable at all.
     assert await max_age(issuer.mint(exp=int(time.time()) - 5)) == (0, 0)
+    # An issuer signing an infinite exp gets no cacheable answer (and no 500).
+    assert await max_age(issuer.mint(exp=float("inf"))) == (0, 0)
 
 
 async def test_issuer_keys_not_ready_is_503_and_never_cached(
