@@ -95,7 +95,7 @@ async def gateway(
     running: list[NginxGateway] = []
 
     async def _start(
-        *, cache: bool = True, env: dict[str, str] | None = None, **flags: str
+        *, cache: bool = True, env: dict[str, str] | None = None, secret: str = "", **flags: str
     ) -> tuple[Tracegate, NginxGateway]:
         tg: Tracegate = await start_tracegate(
             policy_yaml(issuer.url), env=env, authz_listen="127.0.0.1:0", authz_dialect="nginx", **flags
@@ -109,6 +109,7 @@ async def gateway(
             upstream=f"127.0.0.1:{sink.port}",
             grpc_upstream=f"127.0.0.1:{grpc_sink.port}",
             cache=cache,
+            secret=secret,
         )
         running.append(gw)
         await asyncio.to_thread(gw.start)
@@ -173,6 +174,7 @@ async def test_refusals_through_nginx_are_otlp_answers_and_reach_nothing(
     expired = issuer.mint(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200)
     denied = issuer.mint(project_path="marketing/site")
     docs = issuer.mint(project_path="docs/site")  # docs-ci may send traces only
+    smuggler = issuer.mint(project_path="docs/handbook")  # a fresh token: no cached decision to hide behind
     cases = [
         ("/v1/traces", {"Authorization": f"Bearer {forged}"}, 401, 16, "bad-signature"),
         ("/v1/traces", {"Authorization": f"Bearer {expired}"}, 401, 16, "token-expired"),
@@ -180,6 +182,14 @@ async def test_refusals_through_nginx_are_otlp_answers_and_reach_nothing(
         ("/v1/traces", {"Authorization": f"Bearer {denied}"}, 403, 7, "no-rule-matched"),
         ("/v1/logs", {"Authorization": f"Bearer {docs}"}, 403, 7, "signal-not-allowed"),
         ("/v1/traces?access_token=x", {"Authorization": f"Bearer {issuer.mint()}"}, 401, 16, "token-in-query"),
+        # A client's own X-Original-* headers are overwritten by nginx: decided for what it really posts to.
+        (
+            "/v1/logs",
+            {"Authorization": f"Bearer {smuggler}", "X-Original-URI": "/v1/traces", "X-Original-Method": "POST"},
+            403,
+            7,
+            "signal-not-allowed",
+        ),
     ]
     for path, headers, status, code, reason in cases:
         for content_type in ("application/x-protobuf", "application/json"):
@@ -258,6 +268,27 @@ async def test_a_rotated_key_reaches_nginx_within_the_cache_lifetime(
         await asyncio.sleep(0.1)
     for _ in range(3):
         assert await send() == new_key
+
+
+async def test_nginx_sends_the_shared_secret_tracegate_requires(
+    gateway: StartGateway, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    secret = "nginx-to-tracegate-3b9f7e21c4d8"
+    env = {**environ(), "AUTHZ_SECRET": secret}
+    tg, right = await gateway(env=env, secret=secret, authz_secret="env:AUTHZ_SECRET")
+    headers = {"Authorization": f"Bearer {issuer.mint()}", "X-Tracegate-Authz-Secret": "client-guess"}
+    async with client.post(right.url + "/v1/traces", data=b"\x0a\x00", headers=headers) as resp:
+        assert resp.status == 200  # nginx replaced the client's copy with the configured secret
+    assert len(sink.received) == 1
+    assert (
+        "X-Tracegate-Authz-Secret" not in sink.received[0].headers
+        or sink.received[0].headers["X-Tracegate-Authz-Secret"] != secret
+    )
+    _tg, wrong = await gateway(env=env, secret="not-the-secret", authz_secret="env:AUTHZ_SECRET")
+    async with client.post(wrong.url + "/v1/traces", data=b"\x0a\x00", headers=headers) as resp:
+        assert resp.status == 403
+    assert len(sink.received) == 1
+    assert secret not in "".join(tg.audit_lines) + right.error_log()
 
 
 async def test_authz_unreachable_is_a_retryable_503(
