@@ -59,6 +59,8 @@ class NginxGateway:
     grpc_upstream: str
     cache: bool = True
     secret: str = ""
+    scheme: str = "http"
+    grpc_scheme: str = "grpc"
     paths: dict[str, str] = field(
         default_factory=lambda: {"traces": "/v1/traces", "metrics": "/v1/metrics", "logs": "/v1/logs"}
     )
@@ -83,13 +85,13 @@ class NginxGateway:
             "AUTHZ_CACHE": "tracegate_authz" if self.cache else "off",
             "CACHE_DIR": str(self.prefix / "authz-cache"),
             "ERRORS_DIR": str(ERRORS),
-            "UPSTREAM_SCHEME": "http",
+            "UPSTREAM_SCHEME": self.scheme,
             "UPSTREAM_SERVER": self.upstream,
             "UPSTREAM_HOST": "127.0.0.1",
             "UPSTREAM_PATH_TRACES": self.paths["traces"],
             "UPSTREAM_PATH_METRICS": self.paths["metrics"],
             "UPSTREAM_PATH_LOGS": self.paths["logs"],
-            "GRPC_SCHEME": "grpc",
+            "GRPC_SCHEME": self.grpc_scheme,
             "GRPC_SERVER": self.grpc_upstream,
             "CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt",
         }

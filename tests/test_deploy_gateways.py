@@ -169,3 +169,24 @@ async def test_envoy_gateway_policy_and_route_and_tracegate_agree(
         async with client.post(url + http["path"] + path, headers=check) as resp:
             assert resp.status == 200
             assert resp.headers["lightstep-access-token"] == PAYMENTS_KEY
+
+
+def test_nginx_template_is_valid_for_a_tls_upstream(tmp_path: Path) -> None:
+    """The production rendering (https and grpcs to Lightstep, verified TLS) passes ``nginx -t``."""
+    import subprocess
+
+    from tests.nginx_gateway import NginxGateway
+    from tests.system import require_program
+
+    nginx = require_program("nginx", "nginx", "/usr/sbin/nginx")
+    gw = NginxGateway(
+        nginx, tmp_path, "127.0.0.1:4319", "127.0.0.1:443", "127.0.0.1:443", scheme="https", grpc_scheme="grpcs"
+    )
+    gw.http_port, gw.grpc_port = 4318, 4317  # nginx -t checks the config without binding
+    config = gw.config()
+    assert config.count("https://tracegate_otlp_http") == 3 and config.count("grpcs://") == 3
+    (tmp_path / "nginx.conf").write_text(config)
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
