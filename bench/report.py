@@ -16,6 +16,8 @@ TARGETS = {
     "f/d throughput": (">=", 1.5),
     "g/d throughput": (">=", 1.5),
     "100×4MB peak RSS growth (MiB)": ("<=", 64.0),
+    "i/b throughput at 20KB (gateway, cached)": (">=", 0.75),
+    "h/b throughput at 20KB (gateway, uncached)": (">=", 0.45),
 }
 
 
@@ -58,6 +60,11 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
         "g/d throughput": g.rps / d.rps,
         "100×4MB peak RSS growth (MiB)": mem["growth_mib"],
     }
+    gateway = results.get("gateway")
+    if gateway:
+        gb = gateway["b nginx proxy_pass"]
+        figures["i/b throughput at 20KB (gateway, cached)"] = gateway["i nginx auth_request cached"].rps / gb.rps
+        figures["h/b throughput at 20KB (gateway, uncached)"] = gateway["h nginx auth_request"].rps / gb.rps
     today = datetime.date.today().isoformat()
     lines = [
         f"# tracegate benchmark, {today}",
@@ -92,6 +99,18 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
         holds = value >= target if op == ">=" else value <= target
         lines.append(f"| {name} | {value:.2f} | {op} {target:g} | {'yes' if holds else '**no**'} |")
     lines += [f"| d/b throughput (long-run figure to raise) | {d.rps / b.rps:.2f} | — | — |", ""]
+    if gateway:
+        lines += [
+            "## Gateway mode at 20KB (b, h, i interleaved)",
+            "",
+            "h and i: nginx with deploy/nginx's auth_request config in front of the sink, asking tracegate's authz "
+            "listener (i with the shipped decision cache). CPU counts nginx and tracegate together.",
+            "",
+            "| contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 1k req | peak RSS MiB | non-2xx | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *[_row(name, r) for name, r in gateway.items()],
+            "",
+        ]
 
     lines += [
         "## Payload matrix (req/s, 32 connections)",

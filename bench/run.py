@@ -8,6 +8,8 @@ Contenders, interleaved round by round (A B C … A B C …), medians quoted:
   e  tracegate with 10,000 distinct valid tokens in rotation (fewer if --max-tokens is lower)
   f  tracegate, every token well-formed with a bad signature   (401)
   g  tracegate, every request denied by policy                 (403)
+  h  nginx + auth_request → tracegate's authz listener, no decision cache (deploy/nginx)
+  i  the same with the shipped decision cache
 
 Run through bench/run (which installs wrk, nginx and the Python extras). Everything listens
 on 127.0.0.1 and is stopped at the end. Writes bench/results/<date>.md and .png.
@@ -29,7 +31,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.payloads import otlp_payload  # noqa: E402
 from proxy.standins import StandInIssuer, free_port, gitlab_claims  # noqa: E402
+from tests.nginx_gateway import NginxGateway  # noqa: E402
 
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -80,9 +83,12 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     with_children: bool = False
+    #: Servers whose CPU counts with this one's (a gateway's decision point).
+    also: list[Server] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        return [self.process.pid, *(children(self.process.pid) if self.with_children else [])]
+        own = [self.process.pid, *(children(self.process.pid) if self.with_children else [])]
+        return own + [pid for other in self.also for pid in other.pids()]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -168,6 +174,22 @@ class Bench:
         return self._spawn(
             name, ["nginx", "-p", str(prefix), "-c", str(conf)], f"http://127.0.0.1:{port}", with_children=True
         )
+
+    def gateway(self, name: str, sink: Server, *, cache: bool) -> Server:
+        """nginx from deploy/nginx (auth_request) in front of the sink, asking its own tracegate."""
+        authz = free_port()
+        decider = self.tracegate(
+            f"{name}-tracegate", sink.url, "--authz-listen", f"127.0.0.1:{authz}", "--authz-dialect", "nginx"
+        )
+        address = sink.url.removeprefix("http://")
+        gw = NginxGateway("nginx", self.work / name, f"127.0.0.1:{authz}", address, address, cache=cache)
+        gw.http_port, gw.grpc_port = free_port(), free_port()
+        gw.prefix.mkdir()
+        conf = gw.prefix / "nginx.conf"
+        conf.write_text(gw.config())
+        server = self._spawn(name, ["nginx", "-p", str(gw.prefix), "-c", str(conf)], gw.url, with_children=True)
+        server.also.append(decider)
+        return server
 
     def tracegate(self, name: str, upstream: str, *extra: str) -> Server:
         port, admin = free_port(), free_port()
@@ -424,6 +446,8 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     )
     extra = ["--workers", "1"]
     tg = {name: bench.tracegate(f"tracegate-{name}", sink.url, *extra) for name in "defg"}
+    gateway_nocache = bench.gateway("gateway-nocache", sink, cache=False)
+    gateway_cached = bench.gateway("gateway-cached", sink, cache=True)
     await bench.wait_ready()
 
     contenders: dict[str, tuple[Server, Path | None]] = {
@@ -434,6 +458,8 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         rotation_label(args.max_tokens): (tg["e"], ten_k),
         "f tracegate bad signature": (tg["f"], bad),
         "g tracegate denied": (tg["g"], denied),
+        "h nginx auth_request": (gateway_nocache, one),
+        "i nginx auth_request cached": (gateway_cached, one),
     }
     # Warm-up: every contender once, and e's rotating tokens through its cache once.
     refusing = {tg["f"].name, tg["g"].name}
@@ -454,7 +480,17 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     if wanted("main"):
         print("main: 20KB protobuf, all contenders", flush=True)
         results["main"] = await bench.interleaved(
-            {n: case(s, t, "20KB") for n, (s, t) in contenders.items()}, args.rounds
+            {n: case(s, t, "20KB") for n, (s, t) in contenders.items() if n[0] not in "hi"}, args.rounds
+        )
+
+    if wanted("gateway"):
+        print("gateway: 20KB protobuf, b vs nginx + auth_request → tracegate (h uncached, i cached)", flush=True)
+        results["gateway"] = await bench.interleaved(
+            {
+                n: case(*contenders[n], "20KB")
+                for n in ("b nginx proxy_pass", "h nginx auth_request", "i nginx auth_request cached")
+            },
+            args.rounds,
         )
 
     if wanted("matrix"):
@@ -562,7 +598,7 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,matrix,size,connections,tokens,memory: run those and "
+        help="comma list of main,gateway,matrix,size,connections,tokens,memory: run those and "
         "print figures without writing a report (for profiling work)",
     )
     return parser.parse_args()

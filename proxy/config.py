@@ -7,6 +7,7 @@ one table of every setting; the README's configuration table is written from it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from proxy.errors import ConfigError
 from proxy.forward import DEFAULT_PATHS
+from proxy.secrets import SecretRef
 from proxy.tls import TlsFiles
 from proxy.urls import check_url
 
@@ -50,6 +52,50 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def names(value: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def optional_host_port(value: str) -> tuple[str, int] | None:
+    return host_port(value) if value else None
+
+
+def optional_path(value: str) -> str:
+    return path(value).rstrip("/") if value else ""
+
+
+#: The gateways whose check requests the authorization listener understands.
+DIALECTS = ("nginx", "envoy", "traefik")
+
+
+def dialect(value: str) -> str:
+    if value and value not in DIALECTS:
+        raise ValueError(f"expected one of {', '.join(DIALECTS)}")
+    return value
+
+
+def header_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", value) or value.lower() in ("authorization", "host", "content-length"):
+        raise ValueError("expected an HTTP header name of letters, digits and dashes (not authorization/host)")
+    return value.lower()
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def secret_ref(value: str) -> SecretRef | None:
+    """``env:NAME`` or ``file:/path`` — where a secret is, never the secret itself."""
+    if not value:
+        return None
+    kind, sep, name = value.partition(":")
+    if not sep or kind not in ("env", "file") or not name:
+        raise ValueError("expected env:NAME or file:/path (a reference to the secret, not the secret)")
+    return SecretRef("env" if kind == "env" else "file", name)
 
 
 @dataclass(frozen=True)
@@ -200,6 +246,58 @@ OPTIONS: tuple[Option, ...] = (
         float,
         "After start, /readyz waits at most this long for the first issuer keys; then ready anyway.",
     ),
+    Option(
+        "authz_listen",
+        "TRACEGATE_AUTHZ_LISTEN",
+        "",
+        optional_host_port,
+        "Gateway authorization listener (HOST:PORT; off when empty). Its answers carry account keys: "
+        "loopback or pod-local only.",
+        flag=True,
+    ),
+    Option(
+        "authz_dialect",
+        "TRACEGATE_AUTHZ_DIALECT",
+        "",
+        dialect,
+        "Which gateway asks: nginx (auth_request), envoy (HTTP ext_authz) or traefik (ForwardAuth).",
+        flag=True,
+    ),
+    Option(
+        "authz_path_prefix",
+        "TRACEGATE_AUTHZ_PATH_PREFIX",
+        "",
+        optional_path,
+        "envoy: the http_service path_prefix in front of the original path (empty: none).",
+    ),
+    Option(
+        "authz_key_header",
+        "TRACEGATE_AUTHZ_KEY_HEADER",
+        "lightstep-access-token",
+        header_name,
+        "Answer header that carries the account's key to the gateway.",
+    ),
+    Option(
+        "authz_max_age",
+        "TRACEGATE_AUTHZ_MAX_AGE_SECONDS",
+        "30",
+        bounded_int(0, 300),
+        "Longest a gateway may cache an allow (also never past the token's exp); bounds key rotation.",
+    ),
+    Option(
+        "authz_deny_max_age",
+        "TRACEGATE_AUTHZ_DENY_MAX_AGE_SECONDS",
+        "5",
+        bounded_int(0, 60),
+        "How long a gateway may cache a refusal (401/403).",
+    ),
+    Option(
+        "authz_secret",
+        "TRACEGATE_AUTHZ_SECRET",
+        "",
+        secret_ref,
+        "env:NAME or file:/path of a secret the gateway must send in X-Tracegate-Authz-Secret (empty: none).",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -233,6 +331,13 @@ class Settings:
     body_timeout: float
     workers: int
     ready_grace: float
+    authz_listen: tuple[str, int] | None
+    authz_dialect: str
+    authz_path_prefix: str
+    authz_key_header: str
+    authz_max_age: int
+    authz_deny_max_age: int
+    authz_secret: SecretRef | None
     log_level: str
 
     @property
@@ -271,4 +376,9 @@ class Settings:
             raise ConfigError("TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY must be set together (or neither)")
         if values["tls_client_ca"] and not values["tls_cert"]:
             raise ConfigError("TRACEGATE_TLS_CLIENT_CA needs TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY (mTLS is TLS)")
+        if values["authz_listen"] is not None and not values["authz_dialect"]:
+            raise ConfigError(
+                "TRACEGATE_AUTHZ_DIALECT must be set with TRACEGATE_AUTHZ_LISTEN: nginx, envoy or traefik "
+                "(which gateway sends the checks decides where the original request is read from)"
+            )
         return cls(**values)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
+from proxy.authz import build_authz_app
 from proxy.config import Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
@@ -80,6 +81,8 @@ async def start(
         runtime.tls_context = server_context(settings.tls)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
+    # Built before any listener opens, so that a bad authz setting stops tracegate at once.
+    authz_app = build_authz_app(runtime) if settings.authz_listen is not None else None
     ingest = EdgeRunner(
         build_ingest_app(runtime, policy),
         metrics=runtime.metrics,
@@ -101,10 +104,9 @@ async def start(
             runners.append(runner)
             await runner.setup()
         shared = settings.workers > 1
+        tls = runtime.tls_context
         await _listen(
-            web.TCPSite(
-                ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
-            ),
+            web.TCPSite(ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=tls),
             "TRACEGATE_LISTEN",
             settings.listen,
         )
@@ -113,6 +115,31 @@ async def start(
             "TRACEGATE_ADMIN_LISTEN",
             settings.admin_listen,
         )
+        if authz_app is not None and settings.authz_listen is not None:  # the gateway door; TLS as the ingest's
+            authz = EdgeRunner(
+                authz_app,
+                metrics=runtime.metrics,
+                grpc_hint=GRPC_HINT,
+                access_log=None,
+                handle_signals=False,
+                max_line_size=MAX_LINE_SIZE,
+                max_field_size=MAX_FIELD_SIZE,
+                max_headers=MAX_HEADERS,
+                keepalive_timeout=settings.idle_timeout,
+            )
+            runners.append(authz)
+            await authz.setup()
+            await _listen(
+                web.TCPSite(
+                    authz,
+                    *settings.authz_listen,
+                    reuse_address=True,
+                    reuse_port=shared,
+                    ssl_context=runtime.tls_context,
+                ),
+                "TRACEGATE_AUTHZ_LISTEN",
+                settings.authz_listen,
+            )
     except BaseException:
         for runner in reversed(runners):
             await runner.cleanup()
@@ -149,11 +176,14 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     listen, admin = settings.listen, settings.admin_listen
-    log.info("tracegate serving", extra={"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"})
+    where = {"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"}
+    if settings.authz_listen is not None:
+        where["authz"] = f"{settings.authz_listen[0]}:{settings.authz_listen[1]}"
+    log.info("tracegate serving", extra=where)
     await stop.wait()
     log.info("draining", extra={"seconds": settings.drain_seconds})
     runtime.draining = True
-    for runner in runners:
+    for runner in [*runners[2:], *runners[:2]]:  # the authz listener first: it needs the runtime
         await runner.cleanup()
     log.info("stopped")
     return 0
