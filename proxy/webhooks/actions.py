@@ -14,12 +14,12 @@ created_at``, its steps span events. Unset times are Go's zero time
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from typing import Any
 
 from proxy.policy.model import WebhookSource
 from proxy.webhooks.ci_outbox import store_spans
 from proxy.webhooks.outbox import Outbox
+from proxy.webhooks.payload import Skip, get, positive_id, text
 from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
 
 EVENTS = ("workflow_run", "workflow_job")
@@ -35,35 +35,12 @@ _RESULTS = {
 }
 
 
-@dataclass(frozen=True)
-class Skip:
-    reason: str
-
-
-def _get(node: Any, *path: str) -> Any:
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def _text(value: Any, limit: int = 256) -> str | None:
-    return value[:limit] if isinstance(value, str) and value else None
-
-
-def _id(value: Any) -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return str(value)
-    return None
-
-
 def run_of(payload: dict[str, Any], run_id: Any) -> RunId | None:
     """The run's trace: instance from the repository's ``html_url`` minus its
     ``full_name`` (so a sub-path install keeps its prefix), the repository's id."""
-    html = _text(_get(payload, "repository", "html_url"), 1024)
-    full_name = _text(_get(payload, "repository", "full_name"), 512)
-    repo_id, run = _id(_get(payload, "repository", "id")), _id(run_id)
+    html = text(get(payload, "repository", "html_url"), 1024)
+    full_name = text(get(payload, "repository", "full_name"), 512)
+    repo_id, run = positive_id(get(payload, "repository", "id")), positive_id(run_id)
     if html is None or repo_id is None or run is None:
         return None
     html = html.rstrip("/")
@@ -76,11 +53,11 @@ def run_of(payload: dict[str, Any], run_id: Any) -> RunId | None:
 def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
     return {
         "cicd.pipeline.run.id": int(run.pipeline_id),
-        "vcs.repository.url.full": _text(_get(payload, "repository", "html_url"), 1024) or "",
-        "vcs.ref.head.name": _text(node.get("head_branch")) or "",
-        "vcs.ref.head.revision": _text(node.get("head_sha"), 64) or "",
+        "vcs.repository.url.full": text(get(payload, "repository", "html_url"), 1024) or "",
+        "vcs.ref.head.name": text(node.get("head_branch")) or "",
+        "vcs.ref.head.revision": text(node.get("head_sha"), 64) or "",
         "tracegate.project.id": run.project_id,
-        "tracegate.actor.login": _text(_get(payload, "sender", "login")) or "",
+        "tracegate.actor.login": text(get(payload, "sender", "login")) or "",
     }
 
 
@@ -94,11 +71,11 @@ def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
     start = parse_time(node.get("started_at"))
     if run is None or start is None:
         return Skip("malformed-workflow-run")
-    conclusion = _text(node.get("conclusion"), 32) or "failure"
+    conclusion = text(node.get("conclusion"), 32) or "failure"
     result = _RESULTS.get(conclusion, "failure")
-    name = _text(_get(payload, "workflow", "name")) or _text(node.get("display_title")) or _text(node.get("path"))
+    name = text(get(payload, "workflow", "name")) or text(node.get("display_title")) or text(node.get("path"))
     name = name or f"run {run.pipeline_id}"
-    attempt = _id(node.get("run_attempt")) or "1"
+    attempt = positive_id(node.get("run_attempt")) or "1"
     return CiSpan(
         run=run,
         name=f"workflow {name}",
@@ -108,11 +85,11 @@ def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
         attributes={
             **_common(payload, run, node),
             "cicd.pipeline.name": name,
-            "cicd.pipeline.run.url.full": _text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.run.url.full": text(node.get("html_url"), 1024) or "",
             "cicd.pipeline.result": result,
             "tracegate.cicd.run.attempt": int(attempt),
-            "tracegate.cicd.run.number": int(_id(node.get("run_number")) or 0),
-            "tracegate.cicd.pipeline.source": _text(node.get("event"), 64) or "",
+            "tracegate.cicd.run.number": int(positive_id(node.get("run_number")) or 0),
+            "tracegate.cicd.pipeline.source": text(node.get("event"), 64) or "",
         },
         failure_reason=conclusion if result != "success" else None,
         final_state=f"{conclusion}:{attempt}",
@@ -125,28 +102,28 @@ def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
         return Skip("malformed-workflow-job")
     if node.get("status") != "completed":
         return Skip("not-final")
-    run, job_id = run_of(payload, node.get("run_id")), _id(node.get("id"))
+    run, job_id = run_of(payload, node.get("run_id")), positive_id(node.get("id"))
     created, started = parse_time(node.get("created_at")), parse_time(node.get("started_at"))
     completed = parse_time(node.get("completed_at"))
     start = started or created or completed
     if run is None or job_id is None or start is None:
         return Skip("malformed-workflow-job")
-    conclusion = _text(node.get("conclusion"), 32) or "failure"
+    conclusion = text(node.get("conclusion"), 32) or "failure"
     result = _RESULTS.get(conclusion, "failure")
-    attempt = _id(node.get("run_attempt")) or "1"
+    attempt = positive_id(node.get("run_attempt")) or "1"
     queued = max(started - created, 0) / 1e9 if started is not None and created is not None else None
-    name = _text(node.get("name")) or job_id
+    name = text(node.get("name")) or job_id
     events: list[tuple[str, int, dict[str, Attribute]]] = []
     if started is not None:
         events.append(("started", started, {"tracegate.cicd.queued_seconds": queued} if queued is not None else {}))
     listed = node.get("steps")
     steps: list[Any] = listed[:MAX_STEPS] if isinstance(listed, list) else []
     for step in steps:
-        at = parse_time(_get(step, "started_at"))
+        at = parse_time(get(step, "started_at"))
         if at is not None:
-            outcome = _text(_get(step, "conclusion"), 32) or _text(_get(step, "status"), 32) or ""
-            events.append((f"step {_text(_get(step, 'name')) or '?'}", at, {"tracegate.cicd.step.result": outcome}))
-    failed_steps = [_text(_get(s, "name"), 64) or "?" for s in steps if _get(s, "conclusion") == "failure"]
+            outcome = text(get(step, "conclusion"), 32) or text(get(step, "status"), 32) or ""
+            events.append((f"step {text(get(step, 'name')) or '?'}", at, {"tracegate.cicd.step.result": outcome}))
+    failed_steps = [text(get(s, "name"), 64) or "?" for s in steps if get(s, "conclusion") == "failure"]
     failure = f"{conclusion}: {', '.join(failed_steps)}" if failed_steps else conclusion
     return CiSpan(
         run=run,
@@ -158,10 +135,10 @@ def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
             **_common(payload, run, node),
             "cicd.pipeline.task.name": name,
             "cicd.pipeline.task.run.id": int(job_id),
-            "cicd.pipeline.task.run.url.full": _text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.task.run.url.full": text(node.get("html_url"), 1024) or "",
             "cicd.pipeline.task.run.result": result,
-            "cicd.worker.id": _id(node.get("runner_id")) or "",
-            "cicd.worker.name": _text(node.get("runner_name")) or "",
+            "cicd.worker.id": positive_id(node.get("runner_id")) or "",
+            "cicd.worker.name": text(node.get("runner_name")) or "",
             "tracegate.cicd.run.attempt": int(attempt),
             "tracegate.cicd.queued_seconds": queued if queued is not None else "",
             "tracegate.cicd.failure_reason": failure[:256] if result != "success" else "",

@@ -15,6 +15,7 @@ from proxy.policy.model import Policy
 from proxy.webhooks import actions, gitlab
 from proxy.webhooks.gitea import repository_name
 from proxy.webhooks.gitlab_routes import candidates
+from proxy.webhooks.payload import Skip
 from proxy.webhooks.pipeline import CiSpan, describe
 
 #: ``--event`` spellings for GitLab: the X-Gitlab-Event value or the ``events:`` name.
@@ -40,13 +41,13 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
         instance = gitlab.instance_for(payload, None)
         listed = gitlab.EVENTS.get(header)
         if listed is None or listed not in hook.events:
-            drawn: Any = gitlab.Skip("event-not-listed")
+            drawn: Any = Skip("event-not-listed")
         elif instance is None:
-            drawn = gitlab.Skip("no-instance-url")
+            drawn = Skip("no-instance-url")
         else:
             drawn = gitlab.spans_for(header, payload, instance, with_jobs="job" not in hook.events)
-        spans: list[CiSpan] = [] if isinstance(drawn, gitlab.Skip) else drawn.spans
-        reason = drawn.reason if isinstance(drawn, gitlab.Skip) else ""
+        spans: list[CiSpan] = [] if isinstance(drawn, Skip) else drawn.spans
+        reason = drawn.reason if isinstance(drawn, Skip) else ""
     else:
         repository = repository_name(payload)
         out(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")
@@ -59,9 +60,9 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
             out("refused (unknown-repository): no webhooks entry names it → 403")
             return 1
         hook = hooks[0]
-        one = actions.spans_for(event, payload) if event in hook.events else actions.Skip("event-not-listed")
-        spans = [] if isinstance(one, actions.Skip) else [one]
-        reason = one.reason if isinstance(one, actions.Skip) else ""
+        one = actions.spans_for(event, payload) if event in hook.events else Skip("event-not-listed")
+        spans = [] if isinstance(one, Skip) else [one]
+        reason = one.reason if isinstance(one, Skip) else ""
     out(f"  entry {hook.name!r} at {hook.where}; secrets: {', '.join(str(r) for r in hook.secret_refs)}")
     if not spans:
         out(f"no spans ({reason}) → 202, nothing sent")

@@ -15,15 +15,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from proxy.webhooks.marker import Marker, is_commit_sha
+from proxy.webhooks.payload import Skip, get, text
 
 _ZERO = re.compile(r"^0+$")
-
-
-@dataclass(frozen=True)
-class Skip:
-    """An authentic event that draws no marker; ``reason`` goes to the body and the log."""
-
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -33,27 +27,14 @@ class Classified:
     marker: Marker
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _get(payload: dict[str, Any], *path: str) -> Any:
-    node: Any = payload
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
 def repository_name(payload: dict[str, Any]) -> str | None:
-    return _text(_get(payload, "repository", "full_name"))
+    return text(get(payload, "repository", "full_name"), None)
 
 
 def repository_url(payload: dict[str, Any], full_name: str) -> str | None:
     """The repository's web URL, if the payload's ``html_url`` names the same repository as
     ``full_name`` (its path is ``/<full_name>``, as Gitea and Forgejo build it); else None."""
-    url = _text(_get(payload, "repository", "html_url"))
+    url = text(get(payload, "repository", "html_url"), None)
     if url is None:
         return None
     try:
@@ -75,9 +56,9 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
     full_name = repository_name(payload) or ""
     owner, _, name = full_name.rpartition("/")
     url = repository_url(payload, full_name)
-    if url is None and _get(payload, "repository", "html_url") is not None:
+    if url is None and get(payload, "repository", "html_url") is not None:
         return Skip("repository-mismatch")
-    actor = _text(_get(payload, "sender", "login")) or _text(_get(payload, "pusher", "login"))
+    actor = text(get(payload, "sender", "login"), None) or text(get(payload, "pusher", "login"), None)
 
     def marker(kind: str, ref_name: str, ref_type: str, sha: str, **more: str | None) -> Marker:
         return Marker(
@@ -95,7 +76,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
         )
 
     if event == "push":
-        ref, after = _text(payload.get("ref")), _text(payload.get("after"))
+        ref, after = text(payload.get("ref"), None), text(payload.get("after"), None)
         if ref is None or after is None:
             return Skip("malformed-push")
         if _ZERO.match(after):
@@ -104,7 +85,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
             return Skip("malformed-push")
         ref_type = "tag" if ref.startswith("refs/tags/") else "branch"
         short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-        title = _text(_get(payload, "head_commit", "message"))
+        title = text(get(payload, "head_commit", "message"), None)
         return Classified(
             "push",
             ref,
@@ -114,13 +95,13 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
                 ref_type,
                 after,
                 title=title.splitlines()[0][:200] if title else None,
-                compare_url=_text(payload.get("compare_url")),
+                compare_url=text(payload.get("compare_url"), None),
             ),
         )
     if event == "create":
         if payload.get("ref_type") != "tag":
             return Skip("event-not-listed")
-        tag, sha = _text(payload.get("ref")), _text(payload.get("sha"))
+        tag, sha = text(payload.get("ref"), None), text(payload.get("sha"), None)
         if tag is None or sha is None or not is_commit_sha(sha):
             return Skip("malformed-tag")
         tag = tag.removeprefix("refs/tags/")
@@ -128,8 +109,8 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
     if event == "release":
         if payload.get("action") != "published":
             return Skip("release-action-not-published")
-        tag = _text(_get(payload, "release", "tag_name"))
-        target = _text(_get(payload, "release", "target_commitish"))
+        tag = text(get(payload, "release", "tag_name"), None)
+        target = text(get(payload, "release", "target_commitish"), None)
         if tag is None:
             return Skip("malformed-release")
         version = target if target and is_commit_sha(target) else tag
@@ -141,7 +122,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
                 tag,
                 "tag",
                 version,
-                title=_text(_get(payload, "release", "name")),
+                title=text(get(payload, "release", "name"), None),
             ),
         )
     return Skip("event-not-listed")

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.webhooks.payload import Skip, get, positive_id, text
 from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
 
 FINAL = frozenset({"success", "failed", "canceled", "skipped"})
@@ -30,39 +31,9 @@ EVENTS = {"Pipeline Hook": "pipeline", "Job Hook": "job"}
 
 
 @dataclass(frozen=True)
-class Skip:
-    """An authentic event that draws no span; ``reason`` goes to the answer and the log."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
 class Spans:
     kind: str  # pipeline or job
     spans: list[CiSpan]
-
-
-def _get(node: Any, *path: str) -> Any:
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def _text(value: Any, limit: int = 256) -> str | None:
-    return value[:limit] if isinstance(value, str) and value else None
-
-
-def _id(value: Any) -> str | None:
-    """A positive integer id (GitLab sends numbers; claims carry them as strings)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int) and value > 0:
-        return str(value)
-    if isinstance(value, str) and value.isdecimal() and len(value) <= 20 and int(value) > 0:
-        return str(int(value))
-    return None
 
 
 def _number(value: Any) -> float | None:
@@ -74,8 +45,8 @@ def _number(value: Any) -> float | None:
 
 def project_of(payload: dict[str, Any]) -> tuple[str | None, str | None]:
     """(project id, ``path_with_namespace``) of a pipeline or job hook, for matching an entry."""
-    project_id = _id(_get(payload, "project", "id")) or _id(payload.get("project_id"))
-    return project_id, _text(_get(payload, "project", "path_with_namespace"), 512)
+    project_id = positive_id(get(payload, "project", "id")) or positive_id(payload.get("project_id"))
+    return project_id, text(get(payload, "project", "path_with_namespace"), 512)
 
 
 def instance_for(payload: dict[str, Any], header: str | None) -> str | None:
@@ -83,10 +54,10 @@ def instance_for(payload: dict[str, Any], header: str | None) -> str | None:
     ``web_url`` without its path (a relative-URL install keeps its prefix)."""
     if header:
         return instance_of(header)
-    web = _text(_get(payload, "project", "web_url"), 1024) or _text(_get(payload, "repository", "homepage"), 1024)
+    web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
     if web is None:
         return None
-    path = _text(_get(payload, "project", "path_with_namespace"), 512)
+    path = text(get(payload, "project", "path_with_namespace"), 512)
     if path and web.rstrip("/").endswith("/" + path):
         return instance_of(web.rstrip("/")[: -len(path) - 1])
     return origin_of(web)
@@ -103,7 +74,7 @@ def result_of(status: str, failure_reason: str | None) -> str:
 
 
 def _common(payload: dict[str, Any], run: RunId, ref: str | None, sha: str | None) -> dict[str, Attribute]:
-    web = _text(_get(payload, "project", "web_url"), 1024) or _text(_get(payload, "repository", "homepage"), 1024)
+    web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
     return {
         "cicd.pipeline.run.id": int(run.pipeline_id),
         "vcs.repository.url.full": web or "",
@@ -143,8 +114,8 @@ def _job_span(
         "cicd.pipeline.task.run.id": int(job_id),
         "cicd.pipeline.task.run.url.full": url or "",
         "cicd.pipeline.task.run.result": result,
-        "cicd.worker.id": _id(_get(runner, "id")) or "",
-        "cicd.worker.name": _text(_get(runner, "description")) or "",
+        "cicd.worker.id": positive_id(get(runner, "id")) or "",
+        "cicd.worker.name": text(get(runner, "description")) or "",
         "tracegate.cicd.stage": stage or "",
         "tracegate.cicd.queued_seconds": queued if queued is not None else "",
         "tracegate.actor.login": user or "",
@@ -173,7 +144,7 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
     project_id, path = project_of(payload)
     if not isinstance(attrs, dict) or project_id is None:
         return Skip("malformed-pipeline")
-    pipeline_id, status = _id(attrs.get("id")), _text(attrs.get("status"), 32)
+    pipeline_id, status = positive_id(attrs.get("id")), text(attrs.get("status"), 32)
     if pipeline_id is None or status is None:
         return Skip("malformed-pipeline")
     if status not in FINAL:
@@ -182,16 +153,16 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
     if created is None:
         return Skip("malformed-pipeline")
     run = RunId(instance, project_id, pipeline_id)
-    ref, sha = _text(attrs.get("ref")), _text(attrs.get("sha"), 64)
+    ref, sha = text(attrs.get("ref")), text(attrs.get("sha"), 64)
     common = _common(payload, run, ref, sha)
     listed = payload.get("builds")
     builds = [b for b in listed if isinstance(b, dict)] if isinstance(listed, list) else []
     failed = [
-        f"{_text(b.get('name'), 64)}: {_text(b.get('failure_reason'), 64) or 'failed'}"
+        f"{text(b.get('name'), 64)}: {text(b.get('failure_reason'), 64) or 'failed'}"
         for b in builds
         if b.get("status") == "failed" and not b.get("allow_failure")
     ]
-    name = _text(attrs.get("name")) or f"{path or project_id} #{_id(attrs.get('iid')) or pipeline_id}"
+    name = text(attrs.get("name")) or f"{path or project_id} #{positive_id(attrs.get('iid')) or pipeline_id}"
     result = result_of(status, None)
     root = CiSpan(
         run=run,
@@ -202,12 +173,12 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
         attributes={
             **common,
             "cicd.pipeline.name": name,
-            "cicd.pipeline.run.url.full": _text(attrs.get("url"), 1024) or "",
+            "cicd.pipeline.run.url.full": text(attrs.get("url"), 1024) or "",
             "cicd.pipeline.result": result,
-            "tracegate.cicd.pipeline.iid": _id(attrs.get("iid")) or "",
-            "tracegate.cicd.pipeline.source": _text(attrs.get("source"), 64) or "",
+            "tracegate.cicd.pipeline.iid": positive_id(attrs.get("iid")) or "",
+            "tracegate.cicd.pipeline.source": text(attrs.get("source"), 64) or "",
             "tracegate.cicd.queued_seconds": q if (q := _number(attrs.get("queued_duration"))) is not None else "",
-            "tracegate.actor.login": _text(_get(payload, "user", "username")) or "",
+            "tracegate.actor.login": text(get(payload, "user", "username")) or "",
             "vcs.ref.head.type": "tag" if attrs.get("tag") is True else "branch",
         },
         failure_reason="; ".join(failed)[:256] if result == "failure" and failed else None,
@@ -215,25 +186,25 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
     )
     spans = [root]
     if with_jobs:
-        web = _text(_get(payload, "project", "web_url"), 1024)
+        web = text(get(payload, "project", "web_url"), 1024)
         for build in builds:
-            job_id, job_status = _id(build.get("id")), _text(build.get("status"), 32)
+            job_id, job_status = positive_id(build.get("id")), text(build.get("status"), 32)
             if job_id is None or job_status not in FINAL:
                 continue
             span = _job_span(
                 run,
                 common,
                 job_id=job_id,
-                name=_text(build.get("name")) or job_id,
-                stage=_text(build.get("stage")),
+                name=text(build.get("name")) or job_id,
+                stage=text(build.get("stage")),
                 status=job_status,
                 created=parse_time(build.get("created_at")),
                 started=parse_time(build.get("started_at")),
                 finished=parse_time(build.get("finished_at")),
                 queued=_number(build.get("queued_duration")),
-                failure=_text(build.get("failure_reason"), 128),
+                failure=text(build.get("failure_reason"), 128),
                 runner=build.get("runner"),
-                user=_text(_get(build, "user", "username")),
+                user=text(get(build, "user", "username")),
                 url=f"{web}/-/jobs/{job_id}" if web else None,
             )
             if isinstance(span, CiSpan):
@@ -243,8 +214,8 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
 
 def job_spans(payload: dict[str, Any], instance: str) -> Spans | Skip:
     project_id, _path = project_of(payload)
-    job_id, pipeline_id = _id(payload.get("build_id")), _id(payload.get("pipeline_id"))
-    status = _text(payload.get("build_status"), 32)
+    job_id, pipeline_id = positive_id(payload.get("build_id")), positive_id(payload.get("pipeline_id"))
+    status = text(payload.get("build_status"), 32)
     if project_id is None or job_id is None or pipeline_id is None or status is None:
         return Skip("malformed-job")
     if status not in FINAL:
@@ -254,21 +225,21 @@ def job_spans(payload: dict[str, Any], instance: str) -> Spans | Skip:
     def when(name: str) -> int | None:
         return parse_time(payload.get(f"{name}_iso")) or parse_time(payload.get(name))
 
-    web = _text(_get(payload, "project", "web_url"), 1024) or _text(_get(payload, "repository", "homepage"), 1024)
+    web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
     span = _job_span(
         run,
-        _common(payload, run, _text(payload.get("ref")), _text(payload.get("sha"), 64)),
+        _common(payload, run, text(payload.get("ref")), text(payload.get("sha"), 64)),
         job_id=job_id,
-        name=_text(payload.get("build_name")) or job_id,
-        stage=_text(payload.get("build_stage")),
+        name=text(payload.get("build_name")) or job_id,
+        stage=text(payload.get("build_stage")),
         status=status,
         created=when("build_created_at"),
         started=when("build_started_at"),
         finished=when("build_finished_at"),
         queued=_number(payload.get("build_queued_duration")),
-        failure=_text(payload.get("build_failure_reason"), 128),
+        failure=text(payload.get("build_failure_reason"), 128),
         runner=payload.get("runner"),
-        user=_text(_get(payload, "user", "username")),
+        user=text(get(payload, "user", "username")),
         url=f"{web}/-/jobs/{job_id}" if web else None,
     )
     return span if isinstance(span, Skip) else Spans("job", [span])

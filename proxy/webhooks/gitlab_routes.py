@@ -36,6 +36,7 @@ from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
 from proxy.webhooks.outbox import Outbox
+from proxy.webhooks.payload import Skip
 
 #: Longest token compared; GitLab's secret token field is free text, bounded here.
 MAX_TOKEN_BYTES = 1024
@@ -120,7 +121,7 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     if instance is None:
         return done(202, "ignored", "no-instance-url", **facts)
     drawn = gitlab.spans_for(event, payload, instance, with_jobs="job" not in hook.events)
-    if isinstance(drawn, gitlab.Skip):
+    if isinstance(drawn, Skip):
         return done(202, "ignored", drawn.reason, **facts)
     outbox: Outbox = request.app[OUTBOX]
     try:
