@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.ingest import RUNTIME
+from proxy.protocol import guard
 from proxy.runtime import Runtime
 
 
@@ -39,7 +40,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[guard(runtime.metrics)])
     app[RUNTIME] = runtime
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

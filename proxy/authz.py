@@ -43,6 +43,7 @@ from multidict import MultiDict
 from proxy.admission import Admitted, Refused, admit, refuse
 from proxy.answers import refusal
 from proxy.errors import ConfigError
+from proxy.protocol import guard
 from proxy.runtime import Runtime
 from proxy.secrets import Secret, SecretUnavailable, resolve
 
@@ -205,6 +206,6 @@ def build_authz_app(runtime: Runtime) -> web.Application:
     """The authorization listener's app: every path and method is a check (Envoy sends the
     original ones); nothing else is served on it."""
     door = AuthzDoor(runtime, resolve_secret(runtime))
-    app = web.Application(client_max_size=1024)
+    app = web.Application(client_max_size=1024, middlewares=[guard(runtime.metrics)])
     app.router.add_route("*", "/{tail:.*}", door.check)
     return app

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from proxy.errors import BodyError, ConfigError, UpstreamError
@@ -47,6 +48,17 @@ class UpstreamAnswer:
 class _BodyState:
     received: int = 0
     error: BodyError | None = field(default=None)
+
+
+#: What reading a request body can raise when the client breaks off or sends broken framing:
+#: each is the client's doing (``body-incomplete``, 400), never an unhandled error.
+BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    aiohttp.ClientError,
+    HttpProcessingError,
+    web.HTTPException,
+)
 
 
 def declared_length(request: web.BaseRequest, limit: int) -> None:
@@ -120,7 +132,7 @@ class Forwarder:
             except TimeoutError:
                 state.error = BodyError("body-timeout", 408)
                 raise state.error from None
-            except (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
+            except BODY_READ_ERRORS as exc:
                 state.error = BodyError("body-incomplete", 400)
                 raise state.error from exc
             if not chunk:

@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.admission import Admitted, Refused, admit
 from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
-from proxy.protocol import send_continue
+from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 
 log = logging.getLogger("tracegate")
@@ -42,23 +42,15 @@ async def admit_http(request: web.Request, *, signal: str, mode: str = "ingest")
 
 
 def expect_admitted(
-    signal_of: Callable[[web.Request], str],
-    answer_refused: Callable[[web.Request, Refused], web.StreamResponse],
-    *,
-    mode: str = "ingest",
+    signal_of: Callable[[web.Request], str], limit: Callable[[web.Request], int], *, mode: str = "ingest"
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
-    """An ``Expect: 100-continue`` handler that admits the request first: a refused one is
-    answered (and its connection closed) without inviting the body."""
+    """An ``Expect: 100-continue`` handler that admits the request first (the handler reuses
+    that admission): a refused or oversized one is answered without inviting the body."""
 
-    async def expect(request: web.Request) -> web.StreamResponse | None:
-        admitted = await admit_http(request, signal=signal_of(request), mode=mode)
-        if isinstance(admitted, Refused):
-            response = answer_refused(request, admitted)
-            response.force_close()
-            return response
-        return await send_continue(request)
+    async def refuses(request: web.Request) -> bool:
+        return isinstance(await admit_http(request, signal=signal_of(request), mode=mode), Refused)
 
-    return expect
+    return expect_refusal(refuses, limit)
 
 
 def _refused(request: web.Request, refused: Refused) -> web.StreamResponse:
@@ -90,6 +82,6 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
 
 
 def add_ingest_routes(app: web.Application) -> None:
-    expect = expect_admitted(lambda request: request.match_info["signal"], _refused)
+    expect = expect_admitted(lambda request: request.match_info["signal"], lambda r: r.app[RUNTIME].settings.max_body)
     for signal in SIGNALS:
         app.router.add_post(f"/v1/{{signal:{signal}}}", handle_signal, expect_handler=expect)

@@ -83,7 +83,8 @@ def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[str, jwt.PyJW
     for item in document["keys"][:100]:
         if not isinstance(item, dict) or not isinstance(item.get("kid"), str):
             continue
-        if item.get("kty") not in wanted or item.get("use", "sig") != "sig":
+        kty, use = item.get("kty"), item.get("use", "sig")
+        if not isinstance(kty, str) or kty not in wanted or use != "sig":  # a list or object is no kty
             continue
         if any(k in item for k in ("d", "p", "q", "k")):
             continue  # private or symmetric material has no place in a JWKS
@@ -222,7 +223,12 @@ class KeySource:
         down, so tracegate serves meanwhile) and refresh before the cache runs out."""
         backoff = 1.0
         while True:
-            ok = await asyncio.shield(self._start_refresh())
+            try:
+                ok = await asyncio.shield(self._start_refresh())
+            except Exception as exc:  # noqa: BLE001 - the upkeep of an issuer's keys must outlive any one bad answer
+                self._metrics.unhandled_errors.inc()
+                log.error("unhandled error", extra={"issuer": self.issuer.name, "error_type": type(exc).__name__})
+                ok = False
             if ok and self._keyset is not None:
                 backoff = 1.0
                 delay = max(self._keyset.expires_at - self._clock(), MIN_CACHE_SECONDS)

@@ -92,7 +92,10 @@ class EdgeRequestHandler(web.RequestHandler):
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
-        if isinstance(exc, HttpProcessingError) or status != 500:
+        if isinstance(exc, ConnectionError):
+            # The client went away while an Expect handler (outside the middlewares) wrote.
+            self.metrics.child(self.metrics.protocol_errors, "client-disconnected").inc()
+        elif isinstance(exc, HttpProcessingError) or status != 500:
             kind = protocol_error_kind(exc) if status != 504 else "handler-timeout"
             self.metrics.child(self.metrics.protocol_errors, kind).inc()
             log.warning("malformed request refused", extra={"kind": kind, "status": status})
@@ -146,6 +149,10 @@ def guard(metrics: Metrics) -> Middleware:
             return await handler(request)
         except web.HTTPException:
             raise
+        except ConnectionError:
+            # The client broke off while we read or wrote: its doing, not a bug of ours.
+            metrics.child(metrics.protocol_errors, "client-disconnected").inc()
+            return _closing(400)
         except Exception as exc:  # noqa: BLE001 - the one place that catches what nothing else expected
             metrics.unhandled_errors.inc()
             log.error("unhandled error", extra={"error_type": type(exc).__name__, "path": request.path})
@@ -156,16 +163,42 @@ def guard(metrics: Metrics) -> Middleware:
     return middleware
 
 
+def expect_refusal(
+    refuses: Callable[[web.Request], Awaitable[bool]], limit: Callable[[web.Request], int]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An ``Expect: 100-continue`` handler that invites the body only if the route would take
+    it. When ``refuses(request)`` is true — no credential, a bad one, missing headers — or the
+    declared Content-Length is over ``limit(request)``, the route's own handler answers at
+    once: each handler refuses those cases before reading the body, so the refusal is the
+    same answer, audit line and count as without ``Expect``, and the body is never invited."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        declared = request.content_length
+        if await refuses(request) or (declared is not None and declared > limit(request)):
+            response = await request.match_info.handler(request)
+            response.force_close()
+            return response
+        return await send_continue(request)
+
+    return expect
+
+
 async def send_continue(request: web.BaseRequest) -> web.StreamResponse | None:
-    """What aiohttp's default ``Expect`` handler does — ``100 Continue`` for HTTP/1.1
-    ``100-continue``, 417 for any other expectation — for expect handlers that first decide
-    whether the body is wanted at all."""
+    """What aiohttp's default ``Expect`` handler does: ``100 Continue`` for HTTP/1.1
+    ``100-continue``, 417 for any other expectation. A client gone by then is no error."""
     if request.version != (1, 1):
         return None
     if request.headers.get("Expect", "").lower() != "100-continue":
-        response = web.Response(status=417, text=HTTPStatus(417).phrase)
-        response.force_close()
-        return response
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return _closing(417)
+    try:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    except ConnectionError:
+        return _closing(400)  # the client is gone; this answer will not be delivered either
     request.writer.output_size = 0  # the answer proper has not begun
     return None
+
+
+def _closing(status: int) -> web.Response:
+    response = web.Response(status=status, text=HTTPStatus(status).phrase)
+    response.force_close()
+    return response

@@ -97,12 +97,14 @@ async def start(
         read_bufsize=READ_BUFSIZE,
         keepalive_timeout=settings.idle_timeout,
     )
-    admin = web.AppRunner(build_admin_app(runtime), access_log=None, handle_signals=False)
+    admin = EdgeRunner(
+        build_admin_app(runtime), metrics=runtime.metrics, grpc_hint=GRPC_HINT, access_log=None, handle_signals=False
+    )
     runners: list[web.AppRunner] = []
     try:
-        for runner in (ingest, admin):
-            runners.append(runner)
-            await runner.setup()
+        for each in (ingest, admin):
+            runners.append(each)
+            await each.setup()
         shared = settings.workers > 1
         tls = runtime.tls_context
         await _listen(
@@ -141,8 +143,8 @@ async def start(
                 settings.authz_listen,
             )
     except BaseException:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for started in reversed(runners):
+            await started.cleanup()
         raise
     return runtime, runners
 

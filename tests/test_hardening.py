@@ -4,9 +4,11 @@ before its fix, and for the class of bug behind each one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import socket
 import struct
 from typing import Any
 from urllib.parse import urlencode
@@ -334,3 +336,148 @@ async def test_accept_encoding_is_the_clients_or_identity(
         assert resp.status == 200
     assert sink.received[-1].headers.getall("Accept-Encoding") == [upstream_sees]
     assert sink.received[-1].headers["lightstep-access-token"] == PAYMENTS_KEY
+
+
+# Second outside review (issue 8 follow-up): each finding, and its class.
+
+
+def test_globs_match_in_linear_time_on_hostile_names() -> None:
+    # A backtracking regex took 12 s for 512 characters against this pattern; the names
+    # come from unsigned webhook bodies and from branch names a job's author picks.
+    from proxy.policy.matchers import Matcher
+
+    matcher = Matcher(["*-*-*-*-api", "*/*/*-api"])
+    assert not matcher.match_text("-" * 200_000)
+    assert not matcher.match_text("/" * 200_000)
+    assert matcher.match_text("-" * 200_000 + "api")
+
+
+async def test_unsigned_webhook_with_pathological_name_against_a_many_star_glob(
+    start_tracegate: Any, issuer: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    tg: Tracegate = await start_tracegate(
+        policy_yaml(issuer.url, GLOB_WEBHOOKS.replace('"payments/*"', '"*/*-*-*-api"')),
+        env={**environ(), "GLOB_SECRET": GLOB_SECRET},
+    )
+    payload = g.push(repo="payments/api")
+    payload["repository"]["full_name"] = "/" + "-" * 500_000
+    status, answer = await post_hook(client, tg, json.dumps(payload).encode(), "wrong")
+    assert (status, answer["reason"]) == (403, "unknown-repository")
+
+
+async def _abort_after(url: str, data: bytes, *, linger_reset: bool = False) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    if linger_reset:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def _settle(tg: Tracegate, reason: str) -> None:
+    for _ in range(200):
+        if any(r["reason"] == reason for r in tg.audit()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {reason!r} in the audit")
+
+
+@pytest.mark.parametrize("path", ["/webhooks/gitea", "/webhooks/gitlab"])
+async def test_client_closing_mid_body_is_body_incomplete_not_an_unhandled_error(hooked: Tracegate, path: str) -> None:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+        "X-Gitea-Event: push\r\nX-Gitea-Delivery: d-1\r\nX-Gitea-Signature: abc\r\nX-Gitlab-Token: t\r\n\r\n"
+    ).encode()
+    await _abort_after(hooked.url, head + b"{" * 50)
+    await _settle(hooked, "body-incomplete")
+    assert hooked.metric("tracegate_unhandled_errors_total") == 0
+
+
+async def test_expect_continue_then_reset_is_no_unhandled_error(hooked: Tracegate, issuer: StandInIssuer) -> None:
+    token = issuer.mint(project_path="payments/api")
+    heads = [
+        b"POST /webhooks/gitea HTTP/1.1\r\nHost: x\r\nX-Gitea-Event: push\r\nX-Gitea-Delivery: d\r\n"
+        b"X-Gitea-Signature: abc\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+    ]
+    for _ in range(10):
+        for head in heads:
+            await _abort_after(hooked.url, head, linger_reset=True)
+    await asyncio.sleep(0.3)
+    assert hooked.metric("tracegate_unhandled_errors_total") == 0
+
+
+async def test_expect_continue_with_oversized_declared_body_is_413_before_continue(
+    hooked: Tracegate, issuer: StandInIssuer, sink: Sink
+) -> None:
+    token = issuer.mint(project_path="payments/api")
+    head = (
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Length: 209715200\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(hooked.url, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    hook_head = (
+        b"POST /webhooks/gitea HTTP/1.1\r\nHost: x\r\nX-Gitea-Event: push\r\nX-Gitea-Delivery: d\r\n"
+        b"X-Gitea-Signature: abc\r\nContent-Length: 209715200\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (await _raw_exchange(hooked.url, hook_head)).startswith(b"HTTP/1.1 413")
+    assert [r["reason"] for r in hooked.audit()[-2:]] == ["body-too-large", "body-too-large"]
+    assert sink.received == []
+
+
+async def test_delivery_header_that_is_not_a_token_is_400_not_500(hooked: Tracegate) -> None:
+    body = json.dumps(g.push(repo="payments/api")).encode()
+    head = (
+        b"POST /webhooks/gitea HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Gitea-Event: push\r\n"
+        b"X-Gitea-Delivery: d\xff1\r\nX-Gitea-Signature: " + g.sign(body, GLOB_SECRET).encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    answer = await _raw_exchange(hooked.url, head)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert hooked.audit()[-1]["reason"] == "bad-header"
+
+
+async def test_json_with_a_lone_surrogate_is_bad_json(hooked: Tracegate, client: aiohttp.ClientSession) -> None:
+    body = json.dumps(g.push(repo="payments/api")).replace('"main"', '"ma\\udcffin"', 1).encode()
+    status, answer = await post_hook(client, hooked, body, GLOB_SECRET)
+    assert (status, answer["reason"]) == (400, "bad-json")
+    assert hooked.metric("tracegate_unhandled_errors_total") == 0
+
+
+async def test_malformed_request_on_the_admin_listener_is_a_counted_warning(
+    tracegate: Tracegate, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _abort_after(tracegate.admin_url, b"GET /metrics HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+    for _ in range(100):
+        if tracegate.metric("tracegate_protocol_errors_total", kind="bad-message"):
+            break
+        await asyncio.sleep(0.02)
+    assert tracegate.metric("tracegate_protocol_errors_total", kind="bad-message") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_jwks_entry_with_a_structured_kty_is_skipped(
+    start_tracegate: Any, issuer: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    document = issuer.jwks()
+    document["keys"].insert(0, {"kid": "odd", "kty": {}})
+    document["keys"].insert(0, {"kid": "odder", "kty": ["RSA"], "use": []})
+    issuer.jwks_body = json.dumps(document).encode()
+    tg: Tracegate = await start_tracegate(policy_yaml(issuer.url))
+    await tg.keys_ready()
+    headers = {"Authorization": f"Bearer {issuer.mint(project_path='payments/api')}"}
+    async with client.post(tg.url + "/v1/traces", data=b"x", headers=headers) as resp:
+        assert resp.status == 200
+
+
+def test_log_text_escapes_c1_controls_bidi_overrides_and_separators() -> None:
+    out = log_text("a\x9b31m\u202eevil\u2028x\x85y")
+    assert out == "a\\x9b31m\\u202eevil\\u2028x\\x85y"
+    assert out.isprintable()
+    assert log_text("ünïcødé stays") == "ünïcødé stays"

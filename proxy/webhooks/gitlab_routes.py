@@ -31,7 +31,7 @@ from proxy import untrusted
 from proxy.errors import BodyError
 from proxy.ingest import RUNTIME
 from proxy.policy.model import WebhookSource
-from proxy.protocol import send_continue
+from proxy.protocol import expect_refusal
 from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
@@ -60,14 +60,18 @@ def candidates(hooks: Iterable[WebhookSource], project_id: str | None, path: str
     return by_id + by_path
 
 
-async def expect_gitlab(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue``: a delivery without its token is refused before the body is
-    invited (the handler refuses it the same way when no Expect was sent)."""
-    if not request.headers.get("X-Gitlab-Token"):
-        response = await handle_gitlab(request)  # answers 401 without reading the body
-        response.force_close()
-        return response
-    return await send_continue(request)
+async def _refuses(request: web.Request) -> bool:
+    token = request.headers.get("X-Gitlab-Token") or ""
+    return not token or len(token) > MAX_TOKEN_BYTES
+
+
+def _limit(request: web.Request) -> int:
+    return request.app[RUNTIME].settings.webhook_max_body
+
+
+#: ``Expect: 100-continue``: a delivery without a usable token, or over the size limit, is
+#: refused before its body is invited.
+expect_gitlab = expect_refusal(_refuses, _limit)
 
 
 async def handle_gitlab(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -22,9 +23,9 @@ from proxy import untrusted
 from proxy.admission import Refused
 from proxy.answers import refusal
 from proxy.errors import BodyError, ConfigError
-from proxy.forward import declared_length
+from proxy.forward import BODY_READ_ERRORS, declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
-from proxy.protocol import send_continue
+from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 from proxy.webhooks import actions
 from proxy.webhooks.gitea import Classified, classify, repository_name
@@ -37,10 +38,13 @@ OUTBOX = web.AppKey("outbox", Outbox)
 MAX_DEPLOYMENT_BODY = 4096
 #: More fields than this in a form-encoded delivery is not Gitea's form (it sends one).
 MAX_FORM_FIELDS = 20
+#: An event name or delivery id as Gitea and Forgejo send them (a word, a UUID, a number).
+_HEADER_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 async def read_limited(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The whole body, refused (413) past ``limit`` bytes and (408) past ``timeout`` seconds."""
+    """The whole body, refused (413) past ``limit`` bytes, (408) past ``timeout`` seconds,
+    and (400 ``body-incomplete``) when the client breaks off or its framing is broken."""
     declared_length(request, limit)
     body = bytearray()
     try:
@@ -51,6 +55,8 @@ async def read_limited(request: web.Request, limit: int, timeout: float) -> byte
                     raise BodyError("body-too-large", 413)
     except TimeoutError:
         raise BodyError("body-timeout", 408) from None
+    except BODY_READ_ERRORS:
+        raise BodyError("body-incomplete", 400) from None
     return bytes(body)
 
 
@@ -77,26 +83,22 @@ def _gitea_headers_refusal(headers: CIMultiDictProxy[str]) -> tuple[int, str, st
     carries: the event and delivery headers, and a signature."""
     prefix = f"X-{_gitea_source(headers).capitalize()}"
     for name in (f"{prefix}-Event", f"{prefix}-Delivery"):
-        if not headers.get(name):
+        value = headers.get(name)
+        if not value:
             return 400, "refused", "missing-header", name
+        if not _HEADER_TOKEN.fullmatch(value):  # it becomes part of the outbox's key
+            return 400, "refused", "bad-header", name
     if not presented_signatures(headers):
         return 401, "refused", "missing-signature", None
     return None
 
 
-async def expect_gitea(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue``: refuse a delivery that lacks its headers before inviting the
-    body; otherwise continue as aiohttp would."""
-    refused = _gitea_headers_refusal(request.headers)
-    if refused is not None:
-        status, decision, reason, header = refused
-        runtime = request.app[RUNTIME]
-        runtime.metrics.webhooks.labels(_gitea_source(request.headers), decision, reason).inc()
-        runtime.audit(kind="webhook", decision=decision, reason=reason, source=_gitea_source(request.headers))
-        response = _answer(status, accepted=False, reason=reason, **({"header": header} if header else {}))
-        response.force_close()
-        return response
-    return await send_continue(request)
+async def _gitea_refuses(request: web.Request) -> bool:
+    return _gitea_headers_refusal(request.headers) is not None
+
+
+def webhook_limit(request: web.Request) -> int:
+    return request.app[RUNTIME].settings.webhook_max_body
 
 
 async def handle_gitea(request: web.Request) -> web.Response:
@@ -306,12 +308,12 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     # data directory stops start-up before anything else is under way; the sender starts last.
     app.cleanup_ctx.insert(0, storage)
     app.cleanup_ctx.append(sending)
-    app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_gitea)
+    app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_refusal(_gitea_refuses, webhook_limit))
     from proxy.webhooks.gitlab_routes import expect_gitlab, handle_gitlab  # it reads OUTBOX from here
 
     app.router.add_post("/webhooks/gitlab", handle_gitlab, expect_handler=expect_gitlab)
     app.router.add_post(
         "/v1/deployments",
         handle_deployment,
-        expect_handler=expect_admitted(lambda _request: "traces", _deployment_refused, mode="deployment"),
+        expect_handler=expect_admitted(lambda _r: "traces", lambda _r: MAX_DEPLOYMENT_BODY, mode="deployment"),
     )
