@@ -148,19 +148,33 @@ class Forwarder:
         except (aiohttp.ClientError, OSError):
             raise UpstreamError("upstream-unreachable", 502) from None
 
-    async def forward(self, request: web.BaseRequest, signal: str, account: ServiceAccount) -> UpstreamAnswer:
-        """Send the request upstream as ``account``. Raises BodyError or UpstreamError;
-        returns the upstream's answer, whatever its status."""
+    async def read(self, request: web.BaseRequest) -> bytes:
+        """The whole request body, under the same limit and body timeout as streaming; for
+        a body that must change before it is sent (stamping). Raises BodyError."""
+        declared_length(request, self.max_body)
+        return b"".join([chunk async for chunk in self._stream(request, _BodyState())])
+
+    async def forward(
+        self, request: web.BaseRequest, signal: str, account: ServiceAccount, *, body: bytes | None = None
+    ) -> UpstreamAnswer:
+        """Send the request upstream as ``account``: its body streamed byte for byte, or
+        ``body`` instead (read and changed by the caller; sent with its own length).
+        Raises BodyError or UpstreamError; returns the upstream's answer, whatever its status."""
         key = _key(account)
         declared_length(request, self.max_body)
         state = _BodyState()
         headers = self._headers.upstream(request.headers, key)
+        data: AsyncIterator[bytes] | bytes = self._stream(request, state)
+        if body is not None:
+            headers.popall("Content-Length", None)
+            state.received = len(body)
+            data = body
         started = time.perf_counter()
         status_label = "error"
         try:
             async with self._session.post(
                 self.url(account, signal),
-                data=self._stream(request, state),
+                data=data,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -9,19 +9,25 @@ and content type, so the client never sees a 2xx the upstream did not give.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from functools import partial
 
 from aiohttp import web
 
-from proxy.admission import Refused, admit
+from proxy.admission import Admitted, Refused, admit
 from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
+from proxy.forward import Forwarder
 from proxy.runtime import Runtime
+from proxy.stamp import stamp_http_body, stamp_values
 
 log = logging.getLogger("tracegate")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 SIGNALS = ("traces", "metrics", "logs")
+#: Bodies up to this size are stamped on the event loop; larger ones in a thread.
+STAMP_INLINE_BYTES = 256 * 1024
 
 
 async def handle_signal(request: web.Request) -> web.StreamResponse:
@@ -35,7 +41,8 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
         forwarder = runtime.forwarder
         if forwarder is None:
             raise RuntimeError("runtime not started")
-        answer = await forwarder.forward(request, signal, admitted.account)
+        body = await stamped_body(request, forwarder, admitted) if admitted.account.stamp else None
+        answer = await forwarder.forward(request, signal, admitted.account, body=body)
     except (BodyError, UpstreamError) as exc:
         admitted.record("failed", exc.reason)
         response = refusal(exc.status, content_type)
@@ -46,6 +53,22 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
     reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
     admitted.record("allowed", reason, bytes_in=answer.body_bytes, upstream_status=answer.status)
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Admitted) -> bytes:
+    """The request body with the account's verified attributes stamped on (see stamp.py).
+    Large bodies are stamped in a thread so the event loop keeps serving."""
+    raw = await forwarder.read(request)
+    stamp = stamp_values(admitted.account.stamp, admitted.identity.claims)
+    work = partial(
+        stamp_http_body,
+        raw,
+        stamp,
+        content_type=request.headers.get("Content-Type"),
+        content_encoding=request.headers.get("Content-Encoding"),
+        limit=forwarder.max_body,
+    )
+    return work() if len(raw) <= STAMP_INLINE_BYTES else await asyncio.to_thread(work)
 
 
 def add_ingest_routes(app: web.Application) -> None:

@@ -25,6 +25,7 @@ from proxy.policy.model import (
     Where,
 )
 from proxy.policy.source import LDict, LList, read_document
+from proxy.policy.stamps import parse_stamp
 from proxy.secrets import SecretRef, SecretUnavailable, resolve
 from proxy.urls import check_url
 
@@ -238,7 +239,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what, line)
+        check.keys(entry, ("access_token", "signals", "upstream", "stamp"), ("access_token",), what, line)
         ref = (
             check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token")
             if "access_token" in entry
@@ -249,7 +250,8 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         if bad:
             check.add(entry.line_of("signals"), f"{what}: unknown signal {bad[0]!r}; use traces, metrics or logs")
         upstream = check.url(entry, "upstream", what)
-        if ref is None:
+        stamp = parse_stamp(check, entry["stamp"], entry.line_of("stamp"), what) if "stamp" in entry else ()
+        if ref is None or stamp is None:
             continue
         token = None
         if environ is not None:
@@ -258,7 +260,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             except SecretUnavailable as exc:
                 check.add(entry.line_of("access_token"), f"{what}.access_token: {exc}; set it or fix the reference")
         sigs: frozenset[Signal] = frozenset(s for s in SIGNALS if s in signals)
-        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token)
+        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token, stamp)
 
 
 def _rules(check: Checker, top: LDict) -> list[Rule]:
