@@ -312,10 +312,9 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
         return None
     out = []
     for claim in block:
-        patterns = check.strings(block, claim, f"{what}.when", scalars=True)
-        if patterns is None:
+        matcher = _matcher(check, block, claim, f"{what}.when")
+        if matcher is None:
             return None
-        matcher = Matcher(patterns)
         if claim in BROAD_CLAIMS and matcher.matches_everything and not allow_any:
             check.add(
                 block.line_of(claim),
@@ -328,6 +327,21 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
             f"{what} has no 'when' and so matches every token of its issuer; add conditions or allow_any: true",
         )
     return tuple(out)
+
+
+def _matcher(check: Checker, block: LDict, claim: str, what: str) -> Matcher | None:
+    """``claim: pattern``, ``claim: [patterns]`` or ``claim: {match: …, case: insensitive}``."""
+    value = block[claim]
+    if not isinstance(value, LDict):
+        patterns = check.strings(block, claim, what, scalars=True)
+        return Matcher(patterns) if patterns is not None else None
+    check.keys(value, ("match", "case"), ("match",), f"{what}.{claim}", block.line_of(claim))
+    case = value.get("case", "sensitive")
+    if case not in ("sensitive", "insensitive"):
+        check.add(value.line_of("case"), f"{what}.{claim}.case must be sensitive or insensitive")
+        return None
+    patterns = check.strings(value, "match", f"{what}.{claim}", scalars=True)
+    return Matcher(patterns, case_insensitive=case == "insensitive") if patterns is not None else None
 
 
 def _cross_check(
