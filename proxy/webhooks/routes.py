@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.answers import refusal
 from proxy.errors import AuthError, BodyError
+from proxy.forges import ci_facts
 from proxy.forward import declared_length
 from proxy.identify import extract_token
 from proxy.ingest import RUNTIME
@@ -142,8 +143,9 @@ async def handle_gitea(request: web.Request) -> web.Response:
 
 
 async def handle_deployment(request: web.Request) -> web.Response:
-    """A GitLab job marks its deploy. Every fact comes from the verified token; the body
-    may only narrow the services to those the matched rule lists."""
+    """A CI job (GitLab, GitHub Actions, Forgejo Actions) marks its deploy. Every fact
+    comes from the verified token (proxy/forges.py); the body may only narrow the services
+    to those the matched rule lists."""
     runtime = request.app[RUNTIME]
     gate = runtime.gate
     content_type = request.headers.get("Content-Type")
@@ -191,35 +193,28 @@ async def handle_deployment(request: web.Request) -> web.Response:
     environment = claims.get("environment")
     if "environment" in body and body["environment"] != environment:
         return done(403, "denied", "environment-mismatch")
-    sha = claims.get("sha")
+    issuer_url = gate.policy.issuers[identity.issuer].issuer
+    facts = ci_facts(issuer_url, claims)
+    if facts is None:
+        return done(400, "refused", "token-not-from-ci")
+    sha = facts.revision
     if not is_commit_sha(sha):
         return done(400, "refused", "token-has-no-sha")
-    project = str(claims.get("project_path", ""))
-    job = str(claims.get("job_id", ""))
-    issuer_url = gate.policy.issuers[identity.issuer].issuer
     marker = Marker(
-        provider="gitlab",
-        repository_url=f"{issuer_url}/{project}",
-        repository_name=project.rsplit("/", 1)[-1],
-        owner=str(claims.get("namespace_path", "")),
-        ref_name=str(claims.get("ref", "")),
-        ref_type=str(claims.get("ref_type", "branch")),
+        provider=facts.provider,
+        repository_url=facts.repository_url,
+        repository_name=facts.repository.rsplit("/", 1)[-1],
+        owner=facts.owner,
+        ref_name=facts.ref_name,
+        ref_type=facts.ref_type,
         revision=sha,
         event="deployment",
-        delivery_id=f"gitlab-job-{job}",
-        actor=str(claims["user_login"]) if claims.get("user_login") else None,
-        environment=str(environment) if environment else None,
-        extra={
-            k: str(claims[c])
-            for k, c in (
-                ("cicd.pipeline.run.id", "pipeline_id"),
-                ("tracegate.job.id", "job_id"),
-                ("tracegate.project_path", "project_path"),
-            )
-            if claims.get(c)
-        },
+        delivery_id=f"{facts.provider}-job-{facts.job_key}",
+        actor=facts.actor,
+        environment=facts.environment,
+        extra=facts.extra,
     )
-    key = f"gitlab:{identity.issuer}:{job}:{','.join(services)}"
+    key = f"{facts.provider}:{identity.issuer}:{facts.job_key}:{','.join(services)}"
     stored = await _store(
         request,
         key=key,
