@@ -5,7 +5,8 @@ name differently.
 |---|---|---|---|
 | repository path | ``project_path`` | ``repository`` | ``repository`` |
 | its immutable id | ``project_id`` | ``repository_id`` | ``repository_id`` |
-| owner path / id | ``namespace_path`` / ``namespace_id`` | ``repository_owner`` / ``repository_owner_id`` | same as GitHub |
+| owner path | ``namespace_path`` | ``repository_owner`` | ``repository_owner`` |
+| its id | ``namespace_id`` | ``repository_owner_id`` | ``repository_owner_id`` |
 | ref | ``ref`` (``main``) | ``ref`` (``refs/heads/main``) | ``ref`` (``refs/heads/main``) |
 | pipeline run | ``pipeline_id`` | ``run_id`` (+ ``run_attempt``) | ``run_id`` |
 | job | ``job_id`` | ``check_run_id`` (newer tokens) | — |

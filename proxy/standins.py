@@ -4,7 +4,8 @@ Used by ``tracegate demo`` and the test suite. Both are real HTTP servers on loo
 with real keys: the issuer serves OIDC discovery (or, like an Okta authorization server,
 only OAuth 2.0 metadata) and a JWKS of freshly generated RSA and EC keys, under a path if
 asked (Forgejo's issuer is ``<instance>/api/actions``), and mints GitLab CI-shaped ID
-tokens (or GitHub/Forgejo Actions-shaped ones: :func:`github_claims`, :func:`forgejo_claims`); the sink records every request it receives
+tokens (or GitHub/Forgejo Actions-shaped ones: :func:`github_claims`, :func:`forgejo_claims`);
+the sink records every request it receives
 (headers and raw body) and answers like an OTLP receiver. Not for production use.
 """
 

@@ -34,9 +34,9 @@ PATH_CLAIMS = frozenset(
         "sub",
     }
 )
-#: GitHub's immutable subject: ``repo:owner@123/name@456:…`` (repositories created or
-#: renamed after 2026-07-15, or opted in).
-_IMMUTABLE_SUB = re.compile(r"^repo:[^/:*]+@\d+/[^/:*]+@\d+:")
+#: GitHub's immutable subject, bound at least on the owner id: ``repo:owner@123/name@456:…``
+#: (repositories created or renamed after 2026-07-15, or opted in).
+_IMMUTABLE_SUB = re.compile(r"^repo:[^/:*]+@\d+/")
 
 
 def _binds_on_id(rule: Rule) -> bool:
