@@ -33,6 +33,8 @@ DEFAULT_PATHS: Mapping[str, str] = {
 #: The upstream's answer is read whole before it is relayed; OTLP answers are tiny.
 MAX_ANSWER_BYTES = 4 << 20
 CHUNK = 32 * 1024
+#: Pieces in which a body that is read whole (for stamping) is taken from the buffer.
+READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,16 @@ class Forwarder:
             found = self._urls[key] = URL(key[0].rstrip("/") + self._paths[signal])
         return found
 
-    async def _stream(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
+    async def _stream(self, request: web.BaseRequest, state: _BodyState, size: int = CHUNK) -> AsyncIterator[bytes]:
         content = request.content
         while True:
             try:
                 # What is already buffered needs no timer (the common case for OTLP bodies);
                 # only a read that must wait for the client is bounded by the body timeout.
-                chunk = content.read_nowait(CHUNK)
+                chunk = content.read_nowait(size)
                 if not chunk and not content.at_eof():
                     async with asyncio.timeout(self._body_timeout):
-                        chunk = await content.read(CHUNK)
+                        chunk = await content.read(size)
             except TimeoutError:
                 state.error = BodyError("body-timeout", 408)
                 raise state.error from None
@@ -152,7 +154,8 @@ class Forwarder:
         """The whole request body, under the same limit and body timeout as streaming; for
         a body that must change before it is sent (stamping). Raises BodyError."""
         declared_length(request, self.max_body)
-        return b"".join([chunk async for chunk in self._stream(request, _BodyState())])
+        chunks = [chunk async for chunk in self._stream(request, _BodyState(), READ_CHUNK)]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def forward(
         self, request: web.BaseRequest, signal: str, account: ServiceAccount, *, body: bytes | None = None

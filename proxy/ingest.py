@@ -59,7 +59,11 @@ async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Adm
     """The request body with the account's verified attributes stamped on (see stamp.py).
     Large bodies are stamped in a thread so the event loop keeps serving."""
     raw = await forwarder.read(request)
-    stamp = stamp_values(admitted.account.stamp, admitted.identity.claims)
+    # Memoised on the identity, like its decisions: one token's requests share one stamp.
+    memo, key = admitted.identity.decisions, "stamp:" + admitted.account.name
+    stamp = memo.get(key)
+    if stamp is None:
+        stamp = memo[key] = stamp_values(admitted.account.stamp, admitted.identity.claims)
     work = partial(
         stamp_http_body,
         raw,

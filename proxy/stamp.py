@@ -32,6 +32,7 @@ import json
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from proxy.errors import StampError
@@ -49,7 +50,6 @@ UNSUPPORTED_ENCODING = "stamp-unsupported-content-encoding"
 TOO_LARGE = "body-too-large"
 
 GZIP_LEVEL = 1
-_CHUNK = 256 * 1024
 
 
 def stamp_values(spec: Iterable[tuple[str, Sequence[str]]], claims: Mapping[str, Any]) -> Stamp:
@@ -78,7 +78,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -91,7 +91,7 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
+def _fields(buf: memoryview, pos: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, field end) of each field of the
     message in ``buf[pos:end]``. Length-delimited values are bounds-checked, not decoded."""
     while pos < end:
@@ -124,26 +124,37 @@ def _key_value(key: str, value: str) -> bytes:
     return b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(any_value)) + any_value
 
 
+@lru_cache(maxsize=4096)
 def encoded_stamp(stamp: Stamp) -> tuple[frozenset[bytes], bytes]:
-    """The stamped keys (UTF-8) and the ``KeyValue`` fields (Resource field 1) to append."""
+    """The stamped keys (UTF-8) and the ``KeyValue`` fields (Resource field 1) to append;
+    computed once per distinct stamp (a pipeline's requests share one)."""
     keys = frozenset(k.encode() for k, _ in stamp)
     appended = b"".join(b"\x0a" + _varint(len(kv)) + kv for kv in (_key_value(k, v) for k, v in stamp if v is not None))
     return keys, appended
 
 
-def _kv_key(buf: bytes, start: int, end: int) -> bytes | None:
+Parts = list["bytes | memoryview"]
+
+
+def _kv_key(buf: memoryview, start: int, end: int) -> bytes | None:
+    # The common shape, read directly: key (tag 0x0a, length < 128), then value (tag
+    # 0x12, length < 128) ending the message. Anything else takes the general walk.
+    if end - start >= 4 and buf[start] == 0x0A and buf[start + 1] < 0x80:
+        after = start + 2 + buf[start + 1]
+        if after + 2 <= end and buf[after] == 0x12 and buf[after + 1] < 0x80 and after + 2 + buf[after + 1] == end:
+            return bytes(buf[start + 2 : after])
     key = None
     for number, wire, _, value, stop in _fields(buf, start, end):
         if number == 1:
             if wire != 2:
                 raise StampError(BAD_PROTOBUF)
-            key = buf[value:stop]  # the last occurrence wins, as when the receiver decodes
+            key = bytes(buf[value:stop])  # the last occurrence wins, as when the receiver decodes
     return key
 
 
-def _resource(buf: bytes, start: int, end: int, keys: frozenset[bytes], appended: bytes) -> bytes:
-    """One ``Resource`` message's content, stamped."""
-    parts: list[bytes] = []
+def _resource(buf: memoryview, start: int, end: int, keys: frozenset[bytes], appended: bytes, out: Parts) -> int:
+    """One ``Resource`` message's content, stamped, appended to ``out``; returns its length."""
+    size = 0
     copy_from = start
     for number, wire, field_start, value, stop in _fields(buf, start, end):
         if number != 1:
@@ -151,17 +162,19 @@ def _resource(buf: bytes, start: int, end: int, keys: frozenset[bytes], appended
         if wire != 2:
             raise StampError(BAD_PROTOBUF)
         if _kv_key(buf, value, stop) in keys:
-            parts.append(buf[copy_from:field_start])
+            out.append(buf[copy_from:field_start])
+            size += field_start - copy_from
             copy_from = stop
-    parts.append(buf[copy_from:end])
-    parts.append(appended)
-    return b"".join(parts)
+    out.append(buf[copy_from:end])
+    out.append(appended)
+    return size + end - copy_from + len(appended)
 
 
-def _resource_entry(buf: bytes, start: int, end: int, keys: frozenset[bytes], appended: bytes) -> bytes:
-    """One ``ResourceSpans``/``ResourceMetrics``/``ResourceLogs`` content, stamped. The
-    verified attributes go into its last ``resource`` occurrence (protobuf merges repeated
-    occurrences, so they end up last in the decoded list); with none, one is added."""
+def _resource_entry(buf: memoryview, start: int, end: int, keys: frozenset[bytes], appended: bytes, out: Parts) -> int:
+    """One ``ResourceSpans``/``ResourceMetrics``/``ResourceLogs`` content, stamped, appended
+    to ``out``; returns its length. The verified attributes go into its last ``resource``
+    occurrence (protobuf merges repeated occurrences, so they end up last in the decoded
+    list); with none, one is added."""
     resources = []
     for number, wire, field_start, value, stop in _fields(buf, start, end):
         if number == 1:
@@ -169,35 +182,48 @@ def _resource_entry(buf: bytes, start: int, end: int, keys: frozenset[bytes], ap
                 raise StampError(BAD_PROTOBUF)
             resources.append((field_start, value, stop))
     if not resources:
-        return buf[start:end] + (b"\x0a" + _varint(len(appended)) + appended if appended else b"")
-    parts: list[bytes] = []
+        out.append(buf[start:end])
+        if not appended:
+            return end - start
+        header = b"\x0a" + _varint(len(appended))
+        out += (header, appended)
+        return end - start + len(header) + len(appended)
+    size = 0
     copy_from = start
     last = len(resources) - 1
     for i, (field_start, value, stop) in enumerate(resources):
-        content = _resource(buf, value, stop, keys, appended if i == last else b"")
-        parts += (buf[copy_from:field_start], b"\x0a", _varint(len(content)), content)
+        content: Parts = []
+        length = _resource(buf, value, stop, keys, appended if i == last else b"", content)
+        header = b"\x0a" + _varint(length)
+        out += (buf[copy_from:field_start], header)
+        out += content
+        size += field_start - copy_from + len(header) + length
         copy_from = stop
-    parts.append(buf[copy_from:end])
-    return b"".join(parts)
+    out.append(buf[copy_from:end])
+    return size + end - copy_from
 
 
 def stamp_protobuf(body: bytes, stamp: Stamp) -> bytes:
     """Stamp an ``Export{Trace,Metrics,Logs}ServiceRequest`` in protobuf wire format.
-    Raises StampError(``stamp-bad-protobuf``) for a body whose walked framing is broken."""
+    Raises StampError(``stamp-bad-protobuf``) for a body whose walked framing is broken.
+    Byte ranges are sliced as memoryviews and joined once: one copy of the body."""
     keys, appended = encoded_stamp(stamp)
-    parts: list[bytes] = []
+    buf = memoryview(body)
+    out: Parts = []
     copy_from = 0
     end = len(body)
-    for number, wire, field_start, value, stop in _fields(body, 0, end):
+    for number, wire, field_start, value, stop in _fields(buf, 0, end):
         if number != 1:
             continue
         if wire != 2:
             raise StampError(BAD_PROTOBUF)
-        content = _resource_entry(body, value, stop, keys, appended)
-        parts += (body[copy_from:field_start], b"\x0a", _varint(len(content)), content)
+        content: Parts = []
+        length = _resource_entry(buf, value, stop, keys, appended, content)
+        out += (buf[copy_from:field_start], b"\x0a" + _varint(length))
+        out += content
         copy_from = stop
-    parts.append(body[copy_from:end])
-    return b"".join(parts)
+    out.append(buf[copy_from:end])
+    return b"".join(out)
 
 
 # --- JSON ----------------------------------------------------------------------------
@@ -270,19 +296,18 @@ def gunzip(body: bytes, limit: int) -> bytes:
     try:
         while True:
             inflater = zlib.decompressobj(wbits=31)
-            pending = data
-            while not inflater.eof:
-                chunk = inflater.decompress(pending, _CHUNK)
-                pending = inflater.unconsumed_tail
-                if not chunk and not pending:
-                    raise StampError(BAD_GZIP)  # the input ended inside a member
-                size += len(chunk)
-                if size > limit:
-                    raise StampError(TOO_LARGE, 413)
-                out.append(chunk)
+            # One call, its output capped one byte past what may remain: memory stays
+            # within the limit whatever the ratio, and a bomb stops at limit + 1 bytes.
+            chunk = inflater.decompress(data, limit - size + 1)
+            size += len(chunk)
+            if size > limit:
+                raise StampError(TOO_LARGE, 413)
+            if not inflater.eof:
+                raise StampError(BAD_GZIP)  # the input ended inside a member
+            out.append(chunk)
             data = inflater.unused_data
             if not data.strip(b"\x00"):  # trailing zero padding is allowed, as gzip(1) does
-                return b"".join(out)
+                return out[0] if len(out) == 1 else b"".join(out)
     except zlib.error:
         raise StampError(BAD_GZIP) from None
 
