@@ -20,7 +20,7 @@ from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
 from proxy.forward import Forwarder
 from proxy.runtime import Runtime
-from proxy.stamp import stamp_http_body, stamp_values
+from proxy.stamp import stamp_for, stamp_http_body
 
 log = logging.getLogger("tracegate")
 
@@ -59,11 +59,7 @@ async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Adm
     """The request body with the account's verified attributes stamped on (see stamp.py).
     Large bodies are stamped in a thread so the event loop keeps serving."""
     raw = await forwarder.read(request)
-    # Memoised on the identity, like its decisions: one token's requests share one stamp.
-    memo, key = admitted.identity.decisions, "stamp:" + admitted.account.name
-    stamp = memo.get(key)
-    if stamp is None:
-        stamp = memo[key] = stamp_values(admitted.account.stamp, admitted.identity.claims)
+    stamp = stamp_for(admitted.account, admitted.identity)
     work = partial(
         stamp_http_body,
         raw,

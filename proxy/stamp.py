@@ -8,8 +8,10 @@ supply what the token does not say.
 
 Transport-neutral: bytes in, bytes out, :class:`~proxy.errors.StampError` (a
 ``BodyError`` with a reason code and an HTTP status: 400, or 413 for a body that grows
-past the limit when decompressed) for anything that cannot be stamped. Nothing is ever
-forwarded unstamped.
+past the limit when decompressed) for anything that cannot be stamped; nothing is ever
+forwarded unstamped. When ``admitted.account.stamp`` is non-empty a door calls
+``stamp_protobuf(message, stamp_for(admitted.account, admitted.identity))`` (gRPC: the
+message bytes; 400 maps to ``INVALID_ARGUMENT``) or :func:`stamp_http_body` (OTLP/HTTP).
 
 * Protobuf (:func:`stamp_protobuf`): the export is spliced, not decoded. Only the
   top-level repeated field 1 (``ResourceSpans``/``ResourceMetrics``/``ResourceLogs``)
@@ -36,7 +38,9 @@ from functools import lru_cache
 from typing import Any
 
 from proxy.errors import StampError
+from proxy.identify import Identity
 from proxy.policy.matchers import claim_text
+from proxy.policy.model import ServiceAccount
 
 #: (attribute key, value) pairs to set; value None removes the key without setting it.
 Stamp = tuple[tuple[str, str | None], ...]
@@ -50,6 +54,17 @@ UNSUPPORTED_ENCODING = "stamp-unsupported-content-encoding"
 TOO_LARGE = "body-too-large"
 
 GZIP_LEVEL = 1
+
+
+def stamp_for(account: ServiceAccount, identity: Identity) -> Stamp:
+    """What ``account`` stamps for ``identity``, memoised on the identity like its policy
+    decisions (an identity lives in one verifier, which serves one policy): one token's
+    requests share one stamp. Empty for an account without ``stamp:``."""
+    memo, key = identity.decisions, "stamp:" + account.name
+    stamp: Stamp | None = memo.get(key)
+    if stamp is None:
+        stamp = memo[key] = stamp_values(account.stamp, identity.claims)
+    return stamp
 
 
 def stamp_values(spec: Iterable[tuple[str, Sequence[str]]], claims: Mapping[str, Any]) -> Stamp:
