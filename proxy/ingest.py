@@ -20,13 +20,13 @@ from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
 from proxy.forward import Forwarder
 from proxy.runtime import Runtime
-from proxy.stamp import stamp_for, stamp_http_body
+from proxy.stamp import media_type, stamp_for, stamp_http_body
 
 log = logging.getLogger("tracegate")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 SIGNALS = ("traces", "metrics", "logs")
-#: Bodies up to this size are stamped on the event loop; larger ones in a thread.
+#: Compressed or JSON bodies larger than this are stamped in a thread.
 STAMP_INLINE_BYTES = 256 * 1024
 
 
@@ -57,18 +57,22 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
 
 async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Admitted) -> bytes:
     """The request body with the account's verified attributes stamped on (see stamp.py).
-    Large bodies are stamped in a thread so the event loop keeps serving."""
+    The protobuf splice costs about one copy of the body and runs here; decompressing,
+    recompressing or re-encoding JSON past STAMP_INLINE_BYTES runs in a thread so the
+    event loop keeps serving."""
     raw = await forwarder.read(request)
-    stamp = stamp_for(admitted.account, admitted.identity)
+    encoding = request.headers.get("Content-Encoding")
+    content_type = request.headers.get("Content-Type")
     work = partial(
         stamp_http_body,
         raw,
-        stamp,
-        content_type=request.headers.get("Content-Type"),
-        content_encoding=request.headers.get("Content-Encoding"),
+        stamp_for(admitted.account, admitted.identity),
+        content_type=content_type,
+        content_encoding=encoding,
         limit=forwarder.max_body,
     )
-    return work() if len(raw) <= STAMP_INLINE_BYTES else await asyncio.to_thread(work)
+    heavy = encoding is not None or media_type(content_type) == "application/json"
+    return await asyncio.to_thread(work) if heavy and len(raw) > STAMP_INLINE_BYTES else work()
 
 
 def add_ingest_routes(app: web.Application) -> None:

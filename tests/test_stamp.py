@@ -373,17 +373,29 @@ def test_json_keeps_proto_field_names_and_numbers() -> None:
     assert [a["key"] for a in attrs] == ["x", "cicd.pipeline.run.id", "vcs.ref.head.name"]
 
 
-async def test_large_body_is_stamped_off_the_event_loop_path(
-    start_tracegate: Callable[..., Any], issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+@pytest.mark.parametrize("gzip_body", [False, True])
+async def test_large_body_is_stamped(
+    start_tracegate: Callable[..., Any],
+    issuer: StandInIssuer,
+    sink: Sink,
+    client: aiohttp.ClientSession,
+    gzip_body: bool,
 ) -> None:
-    """Over 256 KiB the splice runs in a worker thread; the result is the same."""
+    """Large bodies: protobuf is spliced inline, gzip goes through a worker thread."""
     tg = await start_tracegate(stamp_policy(issuer.url))
     await tg.keys_ready()
     sent = encode_spans(_spans())
-    sent.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="big", value=AnyValue(string_value="x" * 400_000))
+    sent.resource_spans[0].scope_spans[0].spans[0].attributes.add(
+        key="big", value=AnyValue(string_value="".join(f"{i:08x}" for i in range(60_000)))
+    )
     raw = sent.SerializeToString()
-    assert len(raw) > 256 * 1024
     headers = {"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/x-protobuf"}
+    if gzip_body:
+        raw = gzip.compress(raw)
+        headers["Content-Encoding"] = "gzip"
+    assert len(raw) > 256 * 1024
     async with client.post(tg.url + "/v1/traces", data=raw, headers=headers) as resp:
         assert resp.status == 200
-    assert_stamped(ExportTraceServiceRequest.FromString(sink.received[0].body), sent, verified(issuer))
+    body = sink.received[0].body
+    body = gzip.decompress(body) if gzip_body else body
+    assert_stamped(ExportTraceServiceRequest.FromString(body), sent, verified(issuer))
