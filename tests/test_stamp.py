@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import random
 import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -386,7 +387,8 @@ async def test_large_body_is_stamped(
     await tg.keys_ready()
     sent = encode_spans(_spans())
     sent.resource_spans[0].scope_spans[0].spans[0].attributes.add(
-        key="big", value=AnyValue(string_value="".join(f"{i:08x}" for i in range(60_000)))
+        key="big",
+        value=AnyValue(bytes_value=random.Random(14).randbytes(400_000)),  # incompressible
     )
     raw = sent.SerializeToString()
     headers = {"Authorization": f"Bearer {issuer.mint()}", "Content-Type": "application/x-protobuf"}
