@@ -84,7 +84,12 @@ def stamp_values(spec: Iterable[tuple[str, Sequence[str]]], claims: Mapping[str,
 # --- protobuf ------------------------------------------------------------------------
 
 
+_SMALL_VARINTS = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -108,21 +113,32 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 def _fields(buf: memoryview, pos: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, field end) of each field of the
-    message in ``buf[pos:end]``. Length-delimited values are bounds-checked, not decoded."""
+    message in ``buf[pos:end]``. Length-delimited values are bounds-checked, not decoded.
+    One-byte tags and lengths (nearly all of them) are read inline."""
     while pos < end:
         start = pos
-        tag, pos = _read_varint(buf, pos, end)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(buf, pos, end)
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise StampError(BAD_PROTOBUF)
         value = pos
-        if wire == 0:
+        if wire == 2:
+            if pos >= end:
+                raise StampError(BAD_PROTOBUF)
+            length = buf[pos]
+            if length < 0x80:
+                value = pos + 1
+            else:
+                length, value = _read_varint(buf, pos, end)
+            pos = value + length
+        elif wire == 0:
             _, pos = _read_varint(buf, pos, end)
         elif wire == 1:
             pos += 8
-        elif wire == 2:
-            length, value = _read_varint(buf, pos, end)
-            pos = value + length
         elif wire == 5:
             pos += 4
         else:  # groups (3, 4) are not used by OTLP; refuse rather than guess
@@ -170,16 +186,24 @@ def _kv_key(buf: memoryview, start: int, end: int) -> bytes | None:
 def _resource(buf: memoryview, start: int, end: int, keys: frozenset[bytes], appended: bytes, out: Parts) -> int:
     """One ``Resource`` message's content, stamped, appended to ``out``; returns its length."""
     size = 0
-    copy_from = start
-    for number, wire, field_start, value, stop in _fields(buf, start, end):
-        if number != 1:
-            continue
-        if wire != 2:
-            raise StampError(BAD_PROTOBUF)
-        if _kv_key(buf, value, stop) in keys:
+    copy_from = pos = start
+    while pos < end:
+        field_start = pos
+        if buf[pos] == 0x0A and pos + 1 < end and buf[pos + 1] < 0x80:  # an attribute under 128 bytes
+            value = pos + 2
+            pos = value + buf[pos + 1]
+            if pos > end:
+                raise StampError(BAD_PROTOBUF)
+        else:
+            number, wire, _, value, pos = next(iter(_fields(buf, pos, end)))
+            if number != 1:
+                continue
+            if wire != 2:
+                raise StampError(BAD_PROTOBUF)
+        if _kv_key(buf, value, pos) in keys:
             out.append(buf[copy_from:field_start])
             size += field_start - copy_from
-            copy_from = stop
+            copy_from = pos
     out.append(buf[copy_from:end])
     out.append(appended)
     return size + end - copy_from + len(appended)
