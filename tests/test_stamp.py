@@ -401,3 +401,28 @@ async def test_large_body_is_stamped(
     body = sink.received[0].body
     body = gzip.decompress(body) if gzip_body else body
     assert_stamped(ExportTraceServiceRequest.FromString(body), sent, verified(issuer))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from(["protobuf", "json", "gzip"]))
+def test_arbitrary_bytes_stamp_or_raise_stamp_error(body: bytes, kind: str) -> None:
+    """No input makes stamping fail any other way (the door would answer 500)."""
+    try:
+        if kind == "protobuf":
+            out = stamp_protobuf(body, STAMP)
+            if _decodes(body):
+                ExportTraceServiceRequest.FromString(out)  # what decoded still decodes
+        elif kind == "json":
+            stamp_json(body, STAMP)
+        else:
+            gunzip(body, 1000)
+    except StampError:
+        pass
+
+
+def _decodes(body: bytes) -> bool:
+    try:
+        ExportTraceServiceRequest.FromString(body)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        return False
+    return True
