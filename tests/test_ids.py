@@ -117,7 +117,9 @@ def test_check_strict_warns_on_mutable_bindings(tmp_path: Path, capsys: pytest.C
     assert "case: insensitive" in lines[1]
     assert "binds only on mutable paths (project_path)" in lines[2]
     assert main(["check", "--strict", str(root)], environ={}) == 1
-    assert main(["check", "--strict", str(Path(__file__).parent.parent / "policies")], environ={}) == 0
+    root_dir = Path(__file__).parent.parent
+    assert main(["check", "--strict", str(root_dir / "policies")], environ={}) == 0
+    assert main(["check", "--strict", str(root_dir / "examples" / "policies")], environ={}) == 0
 
 
 def test_stamp_section(tmp_path: Path) -> None:

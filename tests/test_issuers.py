@@ -155,6 +155,18 @@ async def test_forgejo_actions_issuer_under_api_actions(
         other = forgejo_claims(forgejo.url, repository_id="316")
         assert (await post_spans(client, tg, forgejo.mint(other)))[0] == 403
         assert forgejo.discovery_fetches == 1
+
+        token = forgejo.mint(forgejo_claims(forgejo.url, sha="b" * 40, ref="refs/tags/v1.2.0", ref_type="tag"))
+        async with client.post(tg.url + "/v1/deployments", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert (resp.status, (await resp.json())["services"]) == (202, ["platform-gateway"])
+        deadline = time.monotonic() + 10
+        while len(sink.received) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        marker = json.loads(sink.received[1].body)["resourceSpans"][0]
+        attrs = {a["key"]: a["value"]["stringValue"] for a in marker["scopeSpans"][0]["spans"][0]["attributes"]}
+        assert attrs["vcs.provider.name"] == "forgejo"
+        assert attrs["vcs.repository.url.full"] == forgejo.url.removesuffix("/api/actions") + "/platform/gateway"
+        assert (attrs["vcs.ref.head.name"], attrs["vcs.ref.head.type"]) == ("v1.2.0", "tag")
     finally:
         await forgejo.stop()
 
