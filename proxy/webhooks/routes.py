@@ -157,9 +157,11 @@ async def handle_deployment(request: web.Request) -> web.Response:
         return refusal(exc.status, content_type, retry_after=5 if exc.status == 503 else None)
     claims = identity.claims
     decision = gate.decide(identity, None)
+    facts = ci_facts(gate.policy.issuers[identity.issuer].issuer, claims)
+    source = facts.provider if facts is not None else "oidc"
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
-        runtime.metrics.webhooks.labels("gitlab", decision_, reason).inc()
+        runtime.metrics.webhooks.labels(source, decision_, reason).inc()
         runtime.audit(
             kind="deployment",
             decision=decision_,
@@ -193,8 +195,6 @@ async def handle_deployment(request: web.Request) -> web.Response:
     environment = claims.get("environment")
     if "environment" in body and body["environment"] != environment:
         return done(403, "denied", "environment-mismatch")
-    issuer_url = gate.policy.issuers[identity.issuer].issuer
-    facts = ci_facts(issuer_url, claims)
     if facts is None:
         return done(400, "refused", "token-not-from-ci")
     sha = facts.revision
@@ -219,7 +219,7 @@ async def handle_deployment(request: web.Request) -> web.Response:
         request,
         key=key,
         digest=hashlib.sha256(key.encode()).hexdigest(),
-        source="gitlab",
+        source=facts.provider,
         account=decision.account.name,
         marker=marker,
         services=services,
