@@ -139,6 +139,11 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
             f"→ service account {account.name!r} (signals: {', '.join(sorted(account.signals))}; "
             f"key from {account.access_token_ref})"
         )
+        if account.stamp:
+            from proxy.stamp import stamp_values
+
+            for key, value in stamp_values(account.stamp, claims):
+                print(f"  stamps {key} = {value!r}" if value is not None else f"  stamps {key}: removed (no claim)")
         return 0
     rule = f" by rule {decision.rule.name!r} at {decision.rule.where}" if decision.rule else ""
     print(f"denied ({decision.reason}){rule}")

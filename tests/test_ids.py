@@ -145,3 +145,19 @@ def test_stamp_section(tmp_path: Path) -> None:
             load(bad)
         assert message in str(info.value), bad
         assert "service account 'ci'" in str(info.value)
+
+
+def test_explain_shows_what_would_be_stamped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head = HEAD.replace("    access_token: {env: LS_KEY}\n", "    access_token: {env: LS_KEY}\n    stamp: default\n")
+    root = write(
+        tmp_path, "rules:\n  - {name: r, issuer: gitlab, when: {project_id: 4242}, service_account: ci}\n", head
+    )
+    claims = tmp_path / "claims.json"
+    claims.write_text(
+        '{"iss": "https://gitlab.example.com", "aud": "tracegate", "project_id": 4242, "pipeline_id": "99"}'
+    )
+    assert main(["explain", str(root), "--claims", str(claims)], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "  stamps cicd.pipeline.run.id = '99'" in out
+    assert "  stamps tracegate.repository.id = '4242'" in out
+    assert "  stamps vcs.ref.head.revision: removed (no claim)" in out
