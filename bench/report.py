@@ -125,6 +125,18 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
             f"| {body} | {results['payload_bytes'][body]:,} | {rb.rps:,.0f} | {rc.rps:,.0f} | "
             f"{rd.rps:,.0f} | {rd.rps / rc.rps:.2f} |"
         )
+    if "stamp" in results:
+        lines += [
+            "",
+            "## Stamping verified attributes (req/s, 32 connections, same process)",
+            "",
+            "| payload | unstamped | stamped | stamped/unstamped | stamped p99 ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        st = results["stamp"]
+        for body in ("1KB", "20KB", "1MB", "20KB+gzip"):
+            ru, rs = st[f"d {body}"], st[f"stamped {body}"]
+            lines.append(f"| {body} | {ru.rps:,.0f} | {rs.rps:,.0f} | {rs.rps / ru.rps:.2f} | {rs.p99:.2f} |")
     lines += [
         "",
         "## Growth: payload size (8 connections)",

@@ -11,6 +11,10 @@ Contenders, interleaved round by round (A B C … A B C …), medians quoted:
   h  nginx + auth_request → tracegate's authz listener, no decision cache (deploy/nginx)
   i  the same with the shipped decision cache
 
+Section ``stamp`` (``--only stamp``): d's process with one token of an account without
+``stamp:`` (the byte-for-byte stream) against one of an account with ``stamp: default``
+(read, splice verified attributes in, send), 1 KB / 20 KB / 1 MB protobuf, interleaved.
+
 Run through bench/run (which installs wrk, nginx and the Python extras). Everything listens
 on 127.0.0.1 and is stopped at the end. Writes bench/results/<date>.md and .png.
 """
@@ -336,6 +340,9 @@ issuers:
 service_accounts:
   bench-ci:
     access_token: {{env: LS_TOKEN_BENCH}}
+  bench-stamped:
+    access_token: {{env: LS_TOKEN_BENCH}}
+    stamp: default
 rules:
   - name: no-forks
     issuer: gitlab
@@ -345,6 +352,10 @@ rules:
     issuer: gitlab
     when: {{project_path: "payments/*", ref_protected: "true"}}
     service_account: bench-ci
+  - name: stamped
+    issuer: gitlab
+    when: {{project_id: 5151}}
+    service_account: bench-stamped
 """
 
 
@@ -424,6 +435,9 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     head, payload, sig = issuer.mint().split(".")
     bad = token_file("bad.tokens", [f"{head}.{payload}.{sig[:-6]}AAAAAA"])
     denied = token_file("denied.tokens", [issuer.mint(project_path="marketing/site", exp=int(time.time()) + 4 * 3600)])
+    stamped = token_file(
+        "stamped.tokens", [issuer.mint(project_path="stamped/api", project_id="5151", exp=int(time.time()) + 4 * 3600)]
+    )
 
     sink = bench.nginx(
         "sink",
@@ -501,6 +515,16 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
                 server, toks = contenders[key]
                 matrix[f"{key[0]} {body}"] = case(server, toks, body)
         results["matrix"] = await bench.interleaved(matrix, args.rounds)
+
+    if wanted("stamp"):
+        print("stamp: unstamped vs stamped account, same process, 1KB/20KB/1MB protobuf", flush=True)
+        stamp_cases = {}
+        for body in ("1KB", "20KB", "1MB"):
+            stamp_cases[f"d {body}"] = case(tg["d"], one, body)
+            stamp_cases[f"stamped {body}"] = case(tg["d"], stamped, body)
+        stamp_cases["d 20KB+gzip"] = case(tg["d"], one, "20KB+gzip")
+        stamp_cases["stamped 20KB+gzip"] = case(tg["d"], stamped, "20KB+gzip")
+        results["stamp"] = await bench.interleaved(stamp_cases, args.rounds)
 
     if wanted("size"):
         print("growth: payload size 1KB → 4MB (c, d)", flush=True)
@@ -598,7 +622,7 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,size,connections,tokens,memory: run those and "
+        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,memory: run those and "
         "print figures without writing a report (for profiling work)",
     )
     return parser.parse_args()

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
             serve.add_argument(option.flag_name, dest=option.field, help=f"{option.help} [{option.env}, {default}]")
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
     check.add_argument("directory")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too (rules binding weakly)")
     explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
     explain.add_argument("directory")
     what = explain.add_mutually_exclusive_group(required=True)
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "serve":
             return _serve(args, env)
         if args.command == "check":
-            return _check(Path(args.directory))
+            return _check(Path(args.directory), strict=args.strict)
         if args.command == "explain" and args.payload and is_ci(args.source, args.event):
             return _explain_ci(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain" and args.payload:
@@ -99,7 +100,9 @@ def _load_unresolved(directory: Path) -> Policy | None:
         return None
 
 
-def _check(directory: Path) -> int:
+def _check(directory: Path, *, strict: bool = False) -> int:
+    from proxy.policy.lint import warnings
+
     policy = _load_unresolved(directory)
     if policy is None:
         return 1
@@ -108,7 +111,10 @@ def _check(directory: Path) -> int:
         f"{len(policy.service_accounts)} service account(s), {len(policy.rules)} rule(s), "
         f"{len(policy.webhooks)} webhook(s)"
     )
-    return 0
+    found = warnings(policy)
+    for warning in found:
+        print(warning)
+    return 1 if strict and found else 0
 
 
 def _read_object(path: Path, what: str) -> dict[str, Any]:
@@ -149,6 +155,11 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
             f"→ service account {account.name!r} (signals: {', '.join(sorted(account.signals))}; "
             f"key from {account.access_token_ref})"
         )
+        if account.stamp:
+            from proxy.stamp import stamp_values
+
+            for key, value in stamp_values(account.stamp, claims):
+                print(f"  stamps {key} = {value!r}" if value is not None else f"  stamps {key}: removed (no claim)")
         return 0
     rule = f" by rule {decision.rule.name!r} at {decision.rule.where}" if decision.rule else ""
     print(f"denied ({decision.reason}){rule}")

@@ -8,6 +8,7 @@ Every error tracegate raises on purpose derives from :class:`TracegateError`::
     ├── AuthError              the request's credential is missing or bad   -> 401
     │   └── KeysUnavailable    the issuer's keys could not be had yet       -> 503
     ├── BodyError              the request body broke the limits           -> 413 / 400
+    │   └── StampError         the body cannot be stamped (see stamp.py)   -> 400 / 413
     └── UpstreamError          the upstream could not be reached in time   -> 502 / 504
 
 Each error that reaches a client carries a stable kebab-case ``reason`` that goes to the
@@ -81,3 +82,12 @@ class UpstreamError(TracegateError):
         self.reason = reason
         self.status = status
         super().__init__(reason)
+
+
+class StampError(BodyError):
+    """A body that cannot be stamped with verified attributes: unparseable (400), of a
+    type or encoding tracegate cannot stamp (400), or too large once decompressed (413).
+    Such a body is refused, never forwarded unstamped."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason, status)

@@ -34,6 +34,8 @@ DEFAULT_PATHS: Mapping[str, str] = {
 #: The upstream's answer is read whole before it is relayed; OTLP answers are tiny.
 MAX_ANSWER_BYTES = 4 << 20
 CHUNK = 32 * 1024
+#: Pieces in which a body that is read whole (for stamping) is taken from the buffer.
+READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -119,16 +121,16 @@ class Forwarder:
             found = self._urls[key] = URL(key[0].rstrip("/") + self._paths[signal])
         return found
 
-    async def _stream(self, request: web.BaseRequest, state: _BodyState) -> AsyncIterator[bytes]:
+    async def _stream(self, request: web.BaseRequest, state: _BodyState, size: int = CHUNK) -> AsyncIterator[bytes]:
         content = request.content
         while True:
             try:
                 # What is already buffered needs no timer (the common case for OTLP bodies);
                 # only a read that must wait for the client is bounded by the body timeout.
-                chunk = content.read_nowait(CHUNK)
+                chunk = content.read_nowait(size)
                 if not chunk and not content.at_eof():
                     async with asyncio.timeout(self._body_timeout):
-                        chunk = await content.read(CHUNK)
+                        chunk = await content.read(size)
             except TimeoutError:
                 state.error = BodyError("body-timeout", 408)
                 raise state.error from None
@@ -164,19 +166,34 @@ class Forwarder:
         except (aiohttp.ClientError, OSError):
             raise UpstreamError("upstream-unreachable", 502) from None
 
-    async def forward(self, request: web.BaseRequest, signal: str, account: ServiceAccount) -> UpstreamAnswer:
-        """Send the request upstream as ``account``. Raises BodyError or UpstreamError;
-        returns the upstream's answer, whatever its status."""
+    async def read(self, request: web.BaseRequest) -> bytes:
+        """The whole request body, under the same limit and body timeout as streaming; for
+        a body that must change before it is sent (stamping). Raises BodyError."""
+        declared_length(request, self.max_body)
+        chunks = [chunk async for chunk in self._stream(request, _BodyState(), READ_CHUNK)]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def forward(
+        self, request: web.BaseRequest, signal: str, account: ServiceAccount, *, body: bytes | None = None
+    ) -> UpstreamAnswer:
+        """Send the request upstream as ``account``: its body streamed byte for byte, or
+        ``body`` instead (read and changed by the caller; sent with its own length).
+        Raises BodyError or UpstreamError; returns the upstream's answer, whatever its status."""
         key = _key(account)
         declared_length(request, self.max_body)
         state = _BodyState()
         headers = self._headers.upstream(request.headers, key)
+        data: AsyncIterator[bytes] | bytes = self._stream(request, state)
+        if body is not None:
+            headers.popall("Content-Length", None)
+            state.received = len(body)
+            data = body
         started = time.perf_counter()
         status_label = "error"
         try:
             async with self._session.post(
                 self.url(account, signal),
-                data=self._stream(request, state),
+                data=data,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -10,22 +10,28 @@ the client never sees a 2xx the upstream did not give.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 
 from proxy.admission import Admitted, Refused, admit
 from proxy.answers import refusal
 from proxy.errors import BodyError, UpstreamError
+from proxy.forward import Forwarder
 from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
+from proxy.stamp import media_type, stamp_for, stamp_http_body
 
 log = logging.getLogger("tracegate")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 ADMISSION = web.RequestKey("admission", object)
 SIGNALS = ("traces", "metrics", "logs")
+#: Compressed or JSON bodies larger than this are stamped in a thread.
+STAMP_INLINE_BYTES = 256 * 1024
 
 
 async def admit_http(request: web.Request, *, signal: str, mode: str = "ingest") -> Admitted | Refused:
@@ -68,7 +74,8 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
         forwarder = runtime.forwarder
         if forwarder is None:
             raise RuntimeError("runtime not started")
-        answer = await forwarder.forward(request, signal, admitted.account)
+        body = await stamped_body(request, forwarder, admitted) if admitted.account.stamp else None
+        answer = await forwarder.forward(request, signal, admitted.account, body=body)
     except (BodyError, UpstreamError) as exc:
         admitted.record("failed", exc.reason)
         response = refusal(exc.status, content_type)
@@ -79,6 +86,26 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
     reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
     admitted.record("allowed", reason, bytes_in=answer.body_bytes, upstream_status=answer.status)
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Admitted) -> bytes:
+    """The request body with the account's verified attributes stamped on (see stamp.py).
+    The protobuf splice costs about one copy of the body and runs here; decompressing,
+    recompressing or re-encoding JSON past STAMP_INLINE_BYTES runs in a thread so the
+    event loop keeps serving."""
+    raw = await forwarder.read(request)
+    encoding = request.headers.get("Content-Encoding")
+    content_type = request.headers.get("Content-Type")
+    work = partial(
+        stamp_http_body,
+        raw,
+        stamp_for(admitted.account, admitted.identity),
+        content_type=content_type,
+        content_encoding=encoding,
+        limit=forwarder.max_body,
+    )
+    heavy = encoding is not None or media_type(content_type) == "application/json"
+    return await asyncio.to_thread(work) if heavy and len(raw) > STAMP_INLINE_BYTES else work()
 
 
 def add_ingest_routes(app: web.Application) -> None:

@@ -1,6 +1,7 @@
 """An issuer's signing keys: OIDC discovery, JWKS fetch, cache and bounded refetch.
 
 One :class:`KeySource` per issuer. Keys come from ``{issuer}/.well-known/openid-configuration``
+(or, where that is absent, OAuth 2.0 authorization server metadata: :func:`discovery_urls`)
 → ``jwks_uri`` (which must share the issuer's origin: a discovery document that points
 elsewhere is refused), or from the ``jwks_uri`` the policy names explicitly (trusted as
 configured). Fetches use aiohttp, never a blocking client.
@@ -28,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from yarl import URL
 
 from proxy import untrusted
 from proxy.errors import AuthError, KeysUnavailable
@@ -46,6 +48,18 @@ _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.I)
 
 #: Which key type each pinned algorithm family needs.
 _KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
+
+
+def discovery_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may be, in order: OIDC discovery; then OAuth 2.0
+    authorization server metadata (RFC 8414) for issuers without OIDC (an Okta custom
+    authorization server for client-credentials tokens), appended to the issuer as Okta
+    serves it, and inserted after the host as RFC 8414 §3.1 places it."""
+    urls = [issuer + "/.well-known/openid-configuration", issuer + "/.well-known/oauth-authorization-server"]
+    url = URL(issuer)
+    if url.path not in ("", "/"):
+        urls.append(str(url.origin()) + "/.well-known/oauth-authorization-server" + url.path)
+    return urls
 
 
 class FetchFailed(Exception):
@@ -178,7 +192,7 @@ class KeySource:
 
     async def _fetch(self) -> tuple[dict[str, jwt.PyJWK], float]:
         if self._jwks_uri is None:
-            discovery, _ = await self._get_json(self.issuer.issuer + "/.well-known/openid-configuration")
+            discovery = await self._discover()
             if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer.issuer:
                 raise FetchFailed("discovery-issuer-mismatch")
             uri = discovery.get("jwks_uri")
@@ -188,9 +202,24 @@ class KeySource:
         document, cache_control = await self._get_json(self._jwks_uri)
         return parse_jwks(document, self.issuer.algorithms), cache_seconds(cache_control)
 
+    async def _discover(self) -> Any:
+        """The first metadata document the issuer serves (see :func:`discovery_urls`); an
+        absent one (404/410) moves on to the next, any other failure stops here."""
+        for url in discovery_urls(self.issuer.issuer):
+            try:
+                document, _ = await self._get_json(url)
+            except FetchFailed as exc:
+                if exc.result == "not-found":
+                    continue
+                raise
+            return document
+        raise FetchFailed("not-found")
+
     async def _get_json(self, url: str) -> tuple[Any, str | None]:
         try:
             async with self._session.get(url, allow_redirects=False, timeout=FETCH_TIMEOUT) as resp:
+                if resp.status in (404, 410):
+                    raise FetchFailed("not-found")
                 if resp.status != 200:
                     raise FetchFailed("http-error")
                 if (resp.content_length or 0) > MAX_DOCUMENT_BYTES:

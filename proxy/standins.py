@@ -1,9 +1,11 @@
-"""Local stand-ins for tracegate's peers: a GitLab-like OIDC issuer and an OTLP sink.
+"""Local stand-ins for tracegate's peers: an OIDC issuer and an OTLP sink.
 
 Used by ``tracegate demo``, ``tracegate dev`` and the test suite; never imported by the
-request path. Both are real HTTP servers on loopback
-with real keys: the issuer serves OIDC discovery and a JWKS of freshly generated RSA and
-EC keys and mints GitLab CI-shaped ID tokens; the sink records every request it receives
+request path. Both are real HTTP servers on loopback with real keys: the issuer serves OIDC
+discovery (or, like an Okta authorization server, only OAuth 2.0 metadata) and a JWKS of
+freshly generated RSA and EC keys, under a path if asked (Forgejo's issuer is
+``<instance>/api/actions``), and mints GitLab CI-shaped ID tokens (or GitHub/Forgejo
+Actions-shaped ones: :func:`github_claims`, :func:`forgejo_claims`); the sink records every request it receives
 (headers and raw body) and answers like an OTLP receiver. Not for production use.
 """
 
@@ -73,6 +75,74 @@ def mint_with_key(private_key_pem: bytes, kid: str, claims: dict[str, Any]) -> s
     return jwt.encode(claims, private_key_pem, algorithm="RS256", headers={"kid": kid})
 
 
+def github_claims(issuer: str, audience: str = "tracegate", **overrides: Any) -> dict[str, Any]:
+    """Claims shaped like a GitHub Actions OIDC token (``permissions: id-token: write``),
+    with the immutable ``sub`` (``repo:owner@id/name@id:…``) of repositories created after
+    2026-07-15. Ids are strings, as GitHub sends them."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "jti": str(uuid.uuid4()),
+        "sub": "repo:payments-org@2020/api@424242:ref:refs/heads/main",
+        "aud": audience,
+        "ref": "refs/heads/main",
+        "sha": "c040cae0f0dc81641728557b80f09cfa23b83fe5",
+        "repository": "payments-org/api",
+        "repository_owner": "payments-org",
+        "repository_owner_id": "2020",
+        "repository_id": "424242",
+        "repository_visibility": "private",
+        "run_id": "22259804324",
+        "run_number": "42",
+        "run_attempt": "1",
+        "runner_environment": "github-hosted",
+        "actor": "alice",
+        "actor_id": "1001",
+        "workflow": "CI",
+        "workflow_ref": "payments-org/api/.github/workflows/ci.yml@refs/heads/main",
+        "workflow_sha": "c040cae0f0dc81641728557b80f09cfa23b83fe5",
+        "job_workflow_ref": "payments-org/api/.github/workflows/ci.yml@refs/heads/main",
+        "job_workflow_sha": "c040cae0f0dc81641728557b80f09cfa23b83fe5",
+        "check_run_id": "90000001",
+        "event_name": "push",
+        "ref_protected": "true",
+        "ref_type": "branch",
+        "environment": "production",
+        "iss": issuer,
+        "nbf": now - 5,
+        "exp": now + 300,
+        "iat": now,
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def forgejo_claims(issuer: str, audience: str = "tracegate", **overrides: Any) -> dict[str, Any]:
+    """Claims shaped like a Forgejo Actions ID token (``enable-openid-connect: true``),
+    issuer ``<instance>/api/actions``; the immutable-id ``sub`` of newer repositories
+    (``repo:owner-<id>/name-<id>:…``). No ``job_workflow_ref``/``check_run_id``."""
+    claims = github_claims(
+        issuer,
+        audience,
+        sub="repo:platform-7/gateway-315:ref:refs/heads/main",
+        repository="platform/gateway",
+        repository_owner="platform",
+        repository_owner_id="7",
+        repository_id="315",
+        run_id="3705365",
+        actor_id="12",
+        workflow="ci.yml",
+        workflow_ref="platform/gateway/.forgejo/workflows/ci.yml@refs/heads/main",
+        job_workflow_ref=None,
+        job_workflow_sha=None,
+        check_run_id=None,
+        runner_environment=None,
+        repository_visibility=None,
+        environment=None,
+    )
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
 class _Server:
     def __init__(self) -> None:
         self.app = web.Application()
@@ -98,10 +168,14 @@ class _Server:
 
 class StandInIssuer(_Server):
     """An OIDC issuer on loopback. ``available`` False answers 503; ``jwks_body`` replaces
-    the JWKS document with raw bytes (garbage, empty sets, huge documents)."""
+    the JWKS document with raw bytes (garbage, empty sets, huge documents). ``path`` puts
+    the issuer below the origin (``/api/actions``); ``metadata`` says which document it
+    publishes: ``openid`` (OIDC discovery), ``oauth`` (``{issuer}/.well-known/
+    oauth-authorization-server``, as Okta does) or ``rfc8414`` (inserted after the host)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, path: str = "", metadata: str = "openid") -> None:
         super().__init__()
+        self.path = path
         self.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec_key = ec.generate_private_key(ec.SECP256R1())
         self.rsa_kid = "rsa-" + uuid.uuid4().hex[:8]
@@ -112,8 +186,17 @@ class StandInIssuer(_Server):
         self.cache_control = "max-age=300"
         self.jwks_fetches = 0
         self.discovery_fetches = 0
-        self.app.router.add_get("/.well-known/openid-configuration", self._discovery)
-        self.app.router.add_get("/oauth/discovery/keys", self._jwks)
+        where = {
+            "openid": f"{path}/.well-known/openid-configuration",
+            "oauth": f"{path}/.well-known/oauth-authorization-server",
+            "rfc8414": f"/.well-known/oauth-authorization-server{path}",
+        }[metadata]
+        self.app.router.add_get(where, self._discovery)
+        self.app.router.add_get(f"{path}/oauth/discovery/keys", self._jwks)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def jwks(self) -> dict[str, Any]:
         rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa_key.public_key()))

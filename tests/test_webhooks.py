@@ -384,6 +384,10 @@ async def test_gitlab_deployment_refusals(
         0
     ] == 403  # rule lists no services
     assert (await post_deployment(client, tg, issuer.mint(project_path="x/forks/y")))[0] == 403
-    status, answer = await post_deployment(client, tg, issuer.mint())
+    token = issuer.mint()
+    status, answer = await post_deployment(client, tg, token)
     assert (status, answer["services"]) == (202, ["payments-api", "payments-worker"])
-    assert len(await arrivals(sink, 1)) == 1
+    # One marker per service: the same job marking one of them again draws nothing new.
+    assert (await post_deployment(client, tg, token, {"service": "payments-api"}))[1]["reason"] == "duplicate-delivery"
+    received = await arrivals(sink, 2)
+    assert sorted(spans(r)[0][0]["service.name"] for r in received) == ["payments-api", "payments-worker"]

@@ -25,6 +25,7 @@ from proxy.policy.model import (
     Where,
 )
 from proxy.policy.source import LDict, LList, read_document
+from proxy.policy.stamps import parse_stamp
 from proxy.secrets import SecretRef, SecretUnavailable, resolve
 from proxy.urls import check_url
 
@@ -248,7 +249,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("access_token", "signals", "upstream"), ("access_token",), what, line)
+        check.keys(entry, ("access_token", "signals", "upstream", "stamp"), ("access_token",), what, line)
         ref = (
             check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token")
             if "access_token" in entry
@@ -259,7 +260,8 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         if bad:
             check.add(entry.line_of("signals"), f"{what}: unknown signal {bad[0]!r}; use traces, metrics or logs")
         upstream = check.url(entry, "upstream", what)
-        if ref is None:
+        stamp = parse_stamp(check, entry["stamp"], entry.line_of("stamp"), what) if "stamp" in entry else ()
+        if ref is None or stamp is None:
             continue
         token = None
         if environ is not None:
@@ -268,7 +270,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             except SecretUnavailable as exc:
                 check.add(entry.line_of("access_token"), f"{what}.access_token: {exc}; set it or fix the reference")
         sigs: frozenset[Signal] = frozenset(s for s in SIGNALS if s in signals)
-        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token)
+        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token, stamp)
 
 
 def _rules(check: Checker, top: LDict) -> list[Rule]:
@@ -320,10 +322,9 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
         return None
     out = []
     for claim in block:
-        patterns = check.strings(block, claim, f"{what}.when", scalars=True)
-        if patterns is None:
+        matcher = _matcher(check, block, claim, f"{what}.when")
+        if matcher is None:
             return None
-        matcher = Matcher(patterns)
         if claim in BROAD_CLAIMS and matcher.matches_everything and not allow_any:
             check.add(
                 block.line_of(claim),
@@ -336,6 +337,21 @@ def _when(check: Checker, entry: LDict, what: str, allow_any: bool) -> tuple[tup
             f"{what} has no 'when' and so matches every token of its issuer; add conditions or allow_any: true",
         )
     return tuple(out)
+
+
+def _matcher(check: Checker, block: LDict, claim: str, what: str) -> Matcher | None:
+    """``claim: pattern``, ``claim: [patterns]`` or ``claim: {match: …, case: insensitive}``."""
+    value = block[claim]
+    if not isinstance(value, LDict):
+        patterns = check.strings(block, claim, what, scalars=True)
+        return Matcher(patterns) if patterns is not None else None
+    check.keys(value, ("match", "case"), ("match",), f"{what}.{claim}", block.line_of(claim))
+    case = value.get("case", "sensitive")
+    if case not in ("sensitive", "insensitive"):
+        check.add(value.line_of("case"), f"{what}.{claim}.case must be sensitive or insensitive")
+        return None
+    patterns = check.strings(value, "match", f"{what}.{claim}", scalars=True)
+    return Matcher(patterns, case_insensitive=case == "insensitive") if patterns is not None else None
 
 
 def _cross_check(

@@ -44,20 +44,26 @@ def _glob_match(parts: tuple[str, ...], text: str) -> bool:
 
 class Matcher:
     """One or more patterns; matches a claim if any pattern matches it (or, for a
-    list-valued claim, any of its elements)."""
+    list-valued claim, any of its elements). ``case_insensitive`` compares casefolded
+    text (``when: {project_path: {match: "payments/*", case: insensitive}}``): GitLab and
+    GitHub resolve paths without regard to case, so a deny rule should too."""
 
-    __slots__ = ("_exact", "_globs", "patterns")
+    __slots__ = ("_exact", "_globs", "case_insensitive", "patterns")
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, case_insensitive: bool = False) -> None:
         self.patterns = tuple(patterns)
-        self._exact = frozenset(p for p in self.patterns if "*" not in p)
-        self._globs = tuple(tuple(p.split("*")) for p in self.patterns if "*" in p)
+        self.case_insensitive = case_insensitive
+        folded = tuple(p.casefold() for p in self.patterns) if case_insensitive else self.patterns
+        self._exact = frozenset(p for p in folded if "*" not in p)
+        self._globs = tuple(tuple(p.split("*")) for p in folded if "*" in p)
 
     @property
     def matches_everything(self) -> bool:
         return any(p and set(p) == {"*"} for p in self.patterns)
 
     def match_text(self, text: str) -> bool:
+        if self.case_insensitive:
+            text = text.casefold()
         if text in self._exact:
             return True
         return any(_glob_match(parts, text) for parts in self._globs)
@@ -70,10 +76,15 @@ class Matcher:
         return text is not None and self.match_text(text)
 
     def __repr__(self) -> str:
-        return f"Matcher({list(self.patterns)!r})"
+        case = ", case_insensitive=True" if self.case_insensitive else ""
+        return f"Matcher({list(self.patterns)!r}{case})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Matcher) and other.patterns == self.patterns
+        return (
+            isinstance(other, Matcher)
+            and other.patterns == self.patterns
+            and other.case_insensitive == self.case_insensitive
+        )
 
     def __hash__(self) -> int:
-        return hash(self.patterns)
+        return hash((self.patterns, self.case_insensitive))

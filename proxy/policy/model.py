@@ -45,6 +45,9 @@ class ServiceAccount:
     where: Where
     # None where secrets were not resolved (``tracegate check`` / ``explain``).
     access_token: Secret | None = field(default=None, repr=False, compare=False)
+    #: Resource attributes set from verified claims: (attribute, claims, first present
+    #: wins). Empty: the body is forwarded byte for byte (see proxy/stamp.py).
+    stamp: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from proxy import untrusted
 from proxy.admission import Refused
 from proxy.answers import refusal
 from proxy.errors import BodyError, ConfigError
+from proxy.forges import ci_facts
 from proxy.forward import BODY_READ_ERRORS, declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
 from proxy.protocol import expect_refusal
@@ -193,25 +194,28 @@ def _deployment_refused(request: web.Request, refused: Refused) -> web.StreamRes
     """A deployment's refusal: a credential problem in the OTLP form every door uses, a
     denial as the endpoint's JSON. Already audited and counted by the admission."""
     decision = "denied" if refused.status == 403 else "refused"
-    request.app[RUNTIME].metrics.webhooks.labels("gitlab", decision, refused.reason).inc()
+    request.app[RUNTIME].metrics.webhooks.labels("oidc", decision, refused.reason).inc()
     if refused.status == 403:
         return _answer(403, accepted=False, reason=refused.reason)
     return refusal(refused.status, request.headers.get("Content-Type"), retry_after=refused.retry_after)
 
 
 async def handle_deployment(request: web.Request) -> web.StreamResponse:
-    """A GitLab job marks its deploy. Every fact comes from the verified token; the body
-    may only narrow the services to those the matched rule lists. A marker is a trace span,
-    so the token's account must be allowed to send traces."""
+    """A CI job (GitLab, GitHub Actions, Forgejo Actions) marks its deploy. Every fact
+    comes from the verified token (proxy/forges.py); the body may only narrow the services
+    to those the matched rule lists. A marker is a trace span, so the token's account must
+    be allowed to send traces."""
     runtime = request.app[RUNTIME]
     admitted = await admit_http(request, signal="traces", mode="deployment")
     if isinstance(admitted, Refused):
         return _deployment_refused(request, admitted)
     identity, rule = admitted.identity, admitted.decision.rule
     claims = identity.claims
+    facts = ci_facts(admitted.policy.issuers[identity.issuer].issuer, claims)
+    source = facts.provider if facts is not None else "oidc"
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
-        runtime.metrics.webhooks.labels("gitlab", decision_, reason).inc()
+        runtime.metrics.webhooks.labels(source, decision_, reason).inc()
         admitted.record(decision_, reason)
         return _answer(status, accepted=decision_ == "accepted", reason=reason, **more)
 
@@ -237,47 +241,44 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
     environment = claims.get("environment")
     if "environment" in body and body["environment"] != environment:
         return done(403, "denied", "environment-mismatch")
-    sha = claims.get("sha")
+    if facts is None:
+        return done(400, "refused", "token-not-from-ci")
+    sha = facts.revision
     if not is_commit_sha(sha):
         return done(400, "refused", "token-has-no-sha")
-    project = str(claims.get("project_path", ""))
-    job = str(claims.get("job_id", ""))
-    issuer_url = admitted.policy.issuers[identity.issuer].issuer
     marker = Marker(
-        provider="gitlab",
-        repository_url=f"{issuer_url}/{project}",
-        repository_name=project.rsplit("/", 1)[-1],
-        owner=str(claims.get("namespace_path", "")),
-        ref_name=str(claims.get("ref", "")),
-        ref_type=str(claims.get("ref_type", "branch")),
+        provider=facts.provider,
+        repository_url=facts.repository_url,
+        repository_name=facts.repository.rsplit("/", 1)[-1],
+        owner=facts.owner,
+        ref_name=facts.ref_name,
+        ref_type=facts.ref_type,
         revision=sha,
         event="deployment",
-        delivery_id=f"gitlab-job-{job}",
-        actor=str(claims["user_login"]) if claims.get("user_login") else None,
-        environment=str(environment) if environment else None,
-        extra={
-            k: str(claims[c])
-            for k, c in (
-                ("cicd.pipeline.run.id", "pipeline_id"),
-                ("tracegate.job.id", "job_id"),
-                ("tracegate.project_path", "project_path"),
-            )
-            if claims.get(c)
-        },
+        delivery_id=f"{facts.provider}-job-{facts.job_key}",
+        actor=facts.actor,
+        environment=facts.environment,
+        extra=facts.extra,
     )
-    key = f"gitlab:{identity.issuer}:{job}:{','.join(services)}"
-    stored = await _store(
-        request,
-        key=key,
-        digest=hashlib.sha256(key.encode()).hexdigest(),
-        source="gitlab",
-        account=admitted.account.name,
-        marker=marker,
-        services=services,
-    )
-    if stored != "stored":
-        return done(202, "ignored", stored, duplicate=True)
-    return done(202, "accepted", "stored", services=list(services))
+    # One outbox event per (job, service): a job that marks all its services and then one of
+    # them again draws each marker once, and one that marks them one call at a time draws all.
+    stored_services = []
+    for service in services:
+        key = f"{facts.provider}:{identity.issuer}:{facts.job_key}:{service}"
+        stored = await _store(
+            request,
+            key=key,
+            digest=hashlib.sha256(key.encode()).hexdigest(),
+            source=facts.provider,
+            account=admitted.account.name,
+            marker=marker,
+            services=(service,),
+        )
+        if stored == "stored":
+            stored_services.append(service)
+    if not stored_services:
+        return done(202, "ignored", "duplicate-delivery", duplicate=True)
+    return done(202, "accepted", "stored", services=stored_services)
 
 
 def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
