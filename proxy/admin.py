@@ -26,10 +26,15 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready while a policy is serving and tracegate is not draining. Issuers whose keys
     have not arrived are listed but do not make it unready: their tokens get 503, others
     are served. The outbox absorbs an upstream outage, so Lightstep being down does not
-    make tracegate unready either."""
+    make tracegate unready either. With the gRPC listener on, it must be taking calls too;
+    ``listeners`` says which is which."""
     runtime = request.app[RUNTIME]
-    body = {"ready": not runtime.draining, "issuers_without_keys": runtime.issuers_without_keys()}
-    return web.json_response(body, status=503 if runtime.draining else 200)
+    listeners = {"http": not runtime.draining}
+    if runtime.grpc_serving is not None:
+        listeners["grpc"] = runtime.grpc_serving
+    ready = all(listeners.values())
+    body = {"ready": ready, "listeners": listeners, "issuers_without_keys": runtime.issuers_without_keys()}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

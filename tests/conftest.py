@@ -129,6 +129,7 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
             "path_metrics": "/v1/metrics",
             "path_logs": "/v1/logs",
             "data_dir": str(tmp_path / "data"),
+            "grpc_listen": "off",
             **overrides,
         }
         settings = Settings.load(flags, {})

@@ -45,6 +45,10 @@ class ServiceAccount:
     where: Where
     # None where secrets were not resolved (``tracegate check`` / ``explain``).
     access_token: Secret | None = field(default=None, repr=False, compare=False)
+    #: OTLP/gRPC clients of this account: the gRPC upstream (None: TRACEGATE_GRPC_UPSTREAM),
+    #: or ``upstream_protocol: http`` to send their protobuf to the OTLP/HTTP upstream instead.
+    grpc_upstream: str | None = None
+    upstream_protocol: Literal["grpc", "http"] = "grpc"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,211 @@
+"""The OTLP/gRPC door: unary ``Export`` of the trace, metrics and logs services on 4317.
+
+Identify → decide is :func:`proxy.admission.admit`, shared with every other door; this
+module only knows where gRPC puts the credential (metadata: ``authorization: Bearer …`` or
+``lightstep-access-token``), which method is which signal, and how a gRPC answer is
+written (:mod:`proxy.grpc_status`). Messages are not decoded: the generic handler has no
+deserializer and no serializer, so the request's bytes go upstream as they came and the
+upstream's response bytes come back as they were.
+
+A refused call never reaches the upstream, and a call is answered OK only when the
+upstream said OK. Limits: gRPC itself refuses a message over ``TRACEGATE_MAX_BODY_BYTES``
+(after gzip decompression) with ``RESOURCE_EXHAUSTED`` before this module sees it, so such
+a call is not in the audit log; the whole message is received before admission runs.
+
+The server is a ``grpc.aio`` server in the event loop of the process that serves it: it is
+created after ``--workers`` forked (grpc objects must not cross a fork), with
+``SO_REUSEPORT`` when workers share the port. TLS uses the listener's certificate files;
+SIGHUP hands new ones to new handshakes (``dynamic_ssl_server_credentials``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+from grpc import aio
+from multidict import CIMultiDict
+
+from proxy.admission import Admitted, Refused, admit
+from proxy.errors import ConfigError, UpstreamError
+from proxy.forward import MAX_ANSWER_BYTES, _key
+from proxy.grpc_status import GrpcAnswer, from_http, refusal
+from proxy.grpc_upstream import GrpcUpstream
+from proxy.headers import FORWARDED
+from proxy.runtime import Runtime
+from proxy.tls import TlsFiles
+
+log = logging.getLogger("tracegate")
+
+#: The OTLP/gRPC methods, by full method name, and the signal each carries.
+METHODS = {
+    "/opentelemetry.proto.collector.trace.v1.TraceService/Export": "traces",
+    "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export": "metrics",
+    "/opentelemetry.proto.collector.logs.v1.LogsService/Export": "logs",
+}
+PROTOBUF = "application/x-protobuf"
+
+
+def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    try:
+        chain = [(files.key.read_bytes(), files.cert.read_bytes())]
+        client_ca = files.client_ca.read_bytes() if files.client_ca is not None else None
+    except OSError as exc:
+        raise ConfigError(
+            f"TRACEGATE_TLS_CERT={files.cert} / TRACEGATE_TLS_KEY={files.key}: cannot read them for the gRPC "
+            f"listener ({type(exc).__name__}); give files tracegate's user can read"
+        ) from None
+    return grpc.ssl_server_certificate_configuration(chain, root_certificates=client_ca)
+
+
+class _Methods(grpc.GenericRpcHandler):
+    def __init__(self, door: GrpcDoor) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            method: grpc.unary_unary_rpc_method_handler(door.handler(method, signal))
+            for method, signal in METHODS.items()
+        }
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        return self._handlers.get(handler_call_details.method)  # unknown method: None, answered UNIMPLEMENTED
+
+
+class GrpcDoor:
+    """The gRPC listener and its upstream channels, for one runtime. Looks like a
+    ``web.AppRunner`` to ``start()``'s callers: ``addresses`` and ``cleanup()``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        settings = runtime.settings
+        extra = runtime.header_policy.forwarded - FORWARDED
+        self._upstream = GrpcUpstream(
+            runtime.metrics,
+            default_target=settings.grpc_upstream,
+            timeout=settings.upstream_timeout,
+            max_message=settings.max_body,
+            forward_metadata=extra,
+        )
+        self._server: aio.Server | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._pending_certificates: grpc.ServerCertificateConfiguration | None = None
+        self.addresses: list[tuple[str, int]] = []
+
+    def handler(self, method: str, signal: str) -> Callable[..., object]:
+        async def export(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+            return await self._export(method, signal, request, context)
+
+        return export
+
+    async def _export(
+        self, method: str, signal: str, request: bytes, context: aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        runtime = self._runtime
+        incoming = tuple(context.invocation_metadata() or ())
+        headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in incoming if isinstance(v, str))
+        admitted = await admit(runtime, headers, {}, signal=signal, transport="grpc")
+        if isinstance(admitted, Refused):
+            return await self._answer(context, refusal(admitted.status, admitted.reason, admitted.retry_after))
+        try:
+            answer = await self._forward(admitted, method, request, incoming, context.time_remaining())
+        except asyncio.CancelledError:  # the client's deadline passed or it cancelled
+            admitted.record("failed", "client-cancelled", bytes_in=len(request))
+            raise
+        status = answer.code.name if answer.outcome == "allowed" else None
+        admitted.record(answer.outcome, answer.reason, bytes_in=len(request), upstream_status=status)
+        return await self._answer(context, answer)
+
+    async def _forward(
+        self,
+        admitted: Admitted,
+        method: str,
+        request: bytes,
+        incoming: tuple[tuple[str, str | bytes], ...],
+        remaining: float | None,
+    ) -> GrpcAnswer:
+        account, signal = admitted.account, admitted.signal
+        key = _key(account)
+        if account.upstream_protocol == "grpc":
+            return await self._upstream.export(account, method, signal, request, key, incoming, remaining)
+        forwarder = self._runtime.forwarder
+        if forwarder is None:
+            raise RuntimeError("runtime not started")
+        try:
+            got = await forwarder.exchange(
+                account, signal, request, PROTOBUF, timeout=self._upstream.deadline(remaining)
+            )
+        except UpstreamError as exc:
+            return refusal(exc.status, exc.reason)
+        return from_http(got.status, got.body, got.headers.get("Content-Type"), got.headers.get("Retry-After"))
+
+    @staticmethod
+    async def _answer(context: aio.ServicerContext[bytes, bytes], answer: GrpcAnswer) -> bytes:
+        if answer.code is grpc.StatusCode.OK:
+            if answer.trailers:
+                context.set_trailing_metadata(answer.trailers)
+            return answer.body
+        await context.abort(answer.code, answer.details, answer.trailers)
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+    def _credentials(self, files: TlsFiles) -> grpc.ServerCredentials:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            found, self._pending_certificates = self._pending_certificates, None
+            return found
+
+        return grpc.dynamic_ssl_server_credentials(
+            _certificates(files),
+            fetch,  # type: ignore[arg-type]  # grpcio: None means "keep the current certificate" require_client_authentication=files.client_ca is not None
+        )
+
+    def reload_tls(self) -> None:
+        """Called on SIGHUP after the HTTP listener's certificate reloaded: new gRPC
+        handshakes get the new files too; connections already open keep theirs."""
+        files = self._runtime.settings.tls
+        if files is not None and self._server is not None:
+            self._pending_certificates = _certificates(files)
+
+    async def start(self) -> None:
+        settings = self._runtime.settings
+        if settings.grpc_listen is None:
+            raise RuntimeError("the gRPC listener is off")
+        host, port = settings.grpc_listen
+        options = [
+            ("grpc.max_receive_message_length", settings.max_body),
+            ("grpc.max_send_message_length", MAX_ANSWER_BYTES),
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ("grpc.max_connection_idle_ms", int(settings.idle_timeout * 1000)),
+        ]
+        server = aio.server(handlers=[_Methods(self)], options=options)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        files = settings.tls
+        try:
+            if files is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, self._credentials(files))
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ConfigError(
+                f"TRACEGATE_GRPC_LISTEN={host}:{port}: cannot listen there (port in use, or not an address of "
+                "this host); choose another address or set it to off"
+            )
+        await server.start()
+        self._server = server
+        self.addresses = [(host, bound)]
+        self._runtime.grpc_serving = True
+        self._runtime.tls_reload_hooks.append(self.reload_tls)
+
+    def begin_drain(self) -> None:
+        """Stop taking calls (new ones get UNAVAILABLE); in-flight calls have
+        TRACEGATE_DRAIN_SECONDS to finish. :meth:`cleanup` waits for them."""
+        if self._server is not None and self._stopping is None:
+            self._runtime.grpc_serving = False
+            self._stopping = asyncio.ensure_future(self._server.stop(self._runtime.settings.drain_seconds))
+
+    async def cleanup(self) -> None:
+        self.begin_drain()
+        if self._stopping is not None:
+            await self._stopping
+        self._server = None
+        await self._upstream.close()
