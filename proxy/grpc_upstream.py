@@ -35,9 +35,12 @@ from proxy.urls import grpc_address
 KEEPALIVE_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 #: Failures the channel reports itself when the upstream did not answer: the door's own
-#: refusal (status, reason) replaces them, as on OTLP/HTTP.
+#: refusal (status, reason) replaces them, as on OTLP/HTTP. CANCELLED here means the
+#: upstream reset the stream (it was shutting down): our caller did not cancel, and the
+#: export may be retried, so the client is told UNAVAILABLE.
 _LOCAL_FAILURES = {
     grpc.StatusCode.UNAVAILABLE: (502, "upstream-unreachable"),
+    grpc.StatusCode.CANCELLED: (502, "upstream-unreachable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "upstream-timeout"),
 }
 _Call = aio.UnaryUnaryMultiCallable[bytes, bytes]

@@ -237,7 +237,7 @@ class GrpcSink:
 
         class _Any(grpc.GenericRpcHandler):
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
-                method: str = details.method  # type: ignore[attr-defined]
+                method: str = details.method
 
                 async def record(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
                     return await sink._record(method, request, context)
