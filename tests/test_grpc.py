@@ -205,7 +205,7 @@ async def test_extra_metadata_is_dropped_unless_listed(
 
 def _refusal_cases(issuer: StandInIssuer) -> dict[str, tuple[list[tuple[str, str]], str, grpc.StatusCode, str]]:
     token = issuer.mint()
-    head, claims, sig = token.split(".")
+    head, _, sig = token.split(".")
     other = issuer.mint(project_path="payments/other")
     return {
         "missing": ([], "traces", grpc.StatusCode.UNAUTHENTICATED, "missing-token"),

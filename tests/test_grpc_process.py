@@ -1,0 +1,129 @@
+"""The gRPC listener in a real ``tracegate serve`` process: SIGTERM drains in-flight gRPC
+calls (new ones get UNAVAILABLE) and exits 0; ``--workers 2`` share the gRPC port."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+
+from proxy.standins import GrpcSink, StandInIssuer, free_port
+from tests.conftest import PAYMENTS_KEY, policy_yaml
+from tests.grpc_clients import call
+from tests.test_process import spawn
+
+
+@pytest.fixture
+async def grpc_sink() -> AsyncIterator[GrpcSink]:
+    server = GrpcSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def _env(tmp_path: Path, grpc_sink: GrpcSink) -> dict[str, str]:
+    return {
+        "LS_TOKEN_PAYMENTS": PAYMENTS_KEY,
+        "LS_TOKEN_DOCS": "docs-key",
+        "TRACEGATE_GRPC_UPSTREAM": grpc_sink.target,
+        "TRACEGATE_DRAIN_SECONDS": "10",
+        "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+def _policies(tmp_path: Path, issuer: StandInIssuer) -> Path:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "main.yaml").write_text(policy_yaml(issuer.url))
+    return policies
+
+
+async def test_sigterm_drains_in_flight_grpc_calls_and_exits_zero(
+    tmp_path: Path, issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    port = free_port()
+    process, _, admin = await spawn(
+        _policies(tmp_path, issuer),
+        _env(tmp_path, grpc_sink),
+        "http://127.0.0.1:1",
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+    )
+    try:
+        async with aiohttp.ClientSession() as client, client.get(admin + "/readyz") as resp:
+            assert (await resp.json())["listeners"] == {"http": True, "grpc": True}
+        token = issuer.mint()
+        grpc_sink.delay = 1.0
+        in_flight = [
+            asyncio.ensure_future(call(port, [("authorization", f"Bearer {token}")], f"{i}".encode())) for i in range(5)
+        ]
+        while len(grpc_sink.received) < 5:
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        late = await call(port, [("authorization", f"Bearer {token}")], b"late", timeout=3)
+        assert late.code is grpc.StatusCode.UNAVAILABLE
+        outcomes = await asyncio.wait_for(asyncio.gather(*in_flight), 15)
+        assert [o.code for o in outcomes] == [grpc.StatusCode.OK] * 5
+        await asyncio.wait_for(process.wait(), 15)
+        assert process.returncode == 0
+        assert sorted(r.body for r in grpc_sink.received) == [f"{i}".encode() for i in range(5)]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_two_workers_share_the_grpc_port(tmp_path: Path, issuer: StandInIssuer, grpc_sink: GrpcSink) -> None:
+    port = free_port()
+    process, _, admin = await spawn(
+        _policies(tmp_path, issuer),
+        _env(tmp_path, grpc_sink),
+        "http://127.0.0.1:1",
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+    )
+    host, admin_port = admin.rsplit(":", 1)
+    admins = [admin, f"{host}:{int(admin_port) + 1}"]
+    try:
+        async with aiohttp.ClientSession() as client:
+            for url in admins:  # each worker has its own JWKS cache: wait for both
+                for _ in range(200):
+                    try:
+                        async with client.get(url + "/readyz") as resp:
+                            body = await resp.json()
+                            if resp.status == 200 and not body["issuers_without_keys"]:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+            token = issuer.mint()
+            outcomes = [await call(port, [("authorization", f"Bearer {token}")], f"{i}".encode()) for i in range(24)]
+            assert [o.code for o in outcomes] == [grpc.StatusCode.OK] * 24
+            served = []
+            for url in admins:
+                async with client.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                served.append(
+                    sum(
+                        float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith("tracegate_requests_total{") and 'transport="grpc"' in line
+                    )
+                )
+        assert sum(served) == 24
+        assert all(n > 0 for n in served), served  # each call is a new connection, spread by the kernel
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 15)
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
