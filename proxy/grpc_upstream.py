@@ -98,12 +98,10 @@ class GrpcUpstream:
             found = self._calls[(target, method)] = self._channel(target).unary_unary(method)
         return found
 
-    def metadata(self, incoming: Iterable[tuple[str, str | bytes]], key: Secret) -> aio.Metadata:
-        out = aio.Metadata(("lightstep-access-token", key.reveal()))
-        for name, value in incoming:
-            if name in self._forward:
-                out.add(name, value)
-        return out
+    def metadata(self, incoming: Iterable[tuple[str, str | bytes]], key: Secret) -> tuple[tuple[str, str | bytes], ...]:
+        """Exactly one ``lightstep-access-token`` (the account's), then the allowed names."""
+        extra = tuple((name, value) for name, value in incoming if name in self._forward) if self._forward else ()
+        return (("lightstep-access-token", key.reveal()), *extra)
 
     def deadline(self, remaining: float | None) -> float:
         """Seconds the upstream call may take: the client's remaining time, at most the
