@@ -154,7 +154,8 @@ class GrpcDoor:
 
         return grpc.dynamic_ssl_server_credentials(
             _certificates(files),
-            fetch,  # type: ignore[arg-type]  # grpcio: None means "keep the current certificate" require_client_authentication=files.client_ca is not None
+            fetch,  # type: ignore[arg-type]  # grpcio: None means "keep the current certificate"
+            require_client_authentication=files.client_ca is not None,
         )
 
     def reload_tls(self) -> None:

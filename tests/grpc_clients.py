@@ -134,13 +134,39 @@ async def call(
         return Outcome(grpc.StatusCode.OK, "", (), response)
 
 
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 @dataclass
 class ThrowawayCA:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files;
+    :meth:`client_pair` issues client certificates (mTLS) from the same CA."""
 
     ca_pem: bytes
     cert: Path
     key: Path
+    ca_file: Path
+    ca_key: ec.EllipticCurvePrivateKey
+
+    def client_pair(self, name: str = "ci-runner") -> tuple[bytes, bytes]:
+        """(key PEM, certificate PEM) of a client certificate signed by this CA."""
+        now = datetime.datetime.now(datetime.UTC)
+        ca = x509.load_pem_x509_certificate(self.ca_pem)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
 
     @classmethod
     def create(cls, directory: Path) -> ThrowawayCA:
@@ -177,9 +203,8 @@ class ThrowawayCA:
         )
         cert_path, key_path = directory / "server.pem", directory / "server.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return cls(ca.public_bytes(serialization.Encoding.PEM), cert_path, key_path)
+        key_path.write_bytes(_pem_key(key))
+        ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+        ca_file = directory / "ca.pem"
+        ca_file.write_bytes(ca_pem)
+        return cls(ca_pem, cert_path, key_path, ca_file, ca_key)

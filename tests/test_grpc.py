@@ -133,6 +133,36 @@ async def test_sdk_export_over_tls(
     assert len(grpc_sink.received) == 1
 
 
+async def test_mtls_requires_a_client_certificate_from_the_client_ca(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink, tmp_path: Path
+) -> None:
+    ca = ThrowawayCA.create(tmp_path)
+    _, port = await start_grpc(
+        start_tracegate,
+        policy_yaml(issuer.url),
+        grpc_sink,
+        tls_cert=str(ca.cert),
+        tls_key=str(ca.key),
+        tls_client_ca=str(ca.ca_file),
+    )
+    headers = {"authorization": f"Bearer {issuer.mint()}"}
+    endpoint = f"https://127.0.0.1:{port}"
+    without = grpc.ssl_channel_credentials(root_certificates=ca.ca_pem)
+    ok, _ = await asyncio.to_thread(sdk_export, "traces", endpoint, headers, credentials=without, timeout=3)
+    assert not ok
+    assert grpc_sink.received == []
+    stranger = ThrowawayCA.create(tmp_path / "..").client_pair()  # a client certificate from another CA
+    foreign = grpc.ssl_channel_credentials(ca.ca_pem, private_key=stranger[0], certificate_chain=stranger[1])
+    ok, _ = await asyncio.to_thread(sdk_export, "traces", endpoint, headers, credentials=foreign, timeout=3)
+    assert not ok
+    assert grpc_sink.received == []
+    key, cert = ca.client_pair()
+    with_cert = grpc.ssl_channel_credentials(ca.ca_pem, private_key=key, certificate_chain=cert)
+    ok, sent = await asyncio.to_thread(sdk_export, "traces", endpoint, headers, credentials=with_cert)
+    assert ok
+    assert [r.body for r in grpc_sink.received] == [sent]
+
+
 async def test_tls_certificate_reloads_on_sighup_for_grpc(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink, tmp_path: Path
 ) -> None:
