@@ -173,3 +173,35 @@ async def _check_all_forwarded(tracegate: Server) -> None:
         expected = 'reason="forwarded"' in line or 'reason="client-cancelled"' in line
         if grpc_line and not expected and float(line.rsplit(" ", 1)[1]) > 0:
             raise RuntimeError(f"tracegate refused or failed gRPC calls during the benchmark: {line}")
+
+
+def grpc_lines(grpc: dict[str, Any]) -> list[str]:
+    """The report's OTLP/gRPC section: the table and the ratios against the targets."""
+    lines = [
+        "## OTLP/gRPC (h2load, 8 connections × 4 streams)",
+        "",
+        "h sink direct · i bare grpc.aio forwarder · j nginx grpc_pass · k tracegate's gRPC door. "
+        "The sink is a grpc.aio process answering OK; CPU is the contender's own process.",
+        "",
+        "| contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 1k req | peak RSS MiB | failed | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in grpc.items():
+        lines.append(
+            f"| {name} | {r.rps:,.0f} | {r.p50:.2f} | {r.p99:.2f} | {r.p999:.2f} | {r.cpu_per_1k:.3f} | "
+            f"{r.rss_mib:.0f} | {r.non_2xx:,} | {r.errors:,} |"
+        )
+    lines += ["", "| figure | 1KB | 20KB | target |", "|---|---:|---:|---|"]
+    k = {size: grpc[f"k {size}"] for size in ("1KB", "20KB")}
+    i = {size: grpc[f"i {size}"] for size in ("1KB", "20KB")}
+    j = {size: grpc[f"j {size}"] for size in ("1KB", "20KB")}
+    lines += [
+        f"| k/i throughput | {k['1KB'].rps / i['1KB'].rps:.2f} | {k['20KB'].rps / i['20KB'].rps:.2f} | >= 0.90 |",
+        f"| k p99 − i p99 (ms) | {k['1KB'].p99 - i['1KB'].p99:.2f} | {k['20KB'].p99 - i['20KB'].p99:.2f} | <= 1 |",
+        f"| k/i CPU per request | {k['1KB'].cpu_per_1k / i['1KB'].cpu_per_1k:.2f} | "
+        f"{k['20KB'].cpu_per_1k / i['20KB'].cpu_per_1k:.2f} | — |",
+        f"| k/j throughput (nginx grpc_pass) | {k['1KB'].rps / j['1KB'].rps:.2f} | "
+        f"{k['20KB'].rps / j['20KB'].rps:.2f} | as it is |",
+        "",
+    ]
+    return lines

@@ -304,6 +304,7 @@ async def test_refusals_get_their_grpc_status_and_send_nothing(
     issuer: StandInIssuer,
     grpc_sink: GrpcSink,
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
     case: str,
 ) -> None:
     tg, port = grpc_tg
@@ -318,7 +319,8 @@ async def test_refusals_get_their_grpc_status_and_send_nothing(
     if reason:
         assert line["reason"] == reason
     tokens = [v for _, v in metadata]
-    text = caplog.text + "".join(tg.audit_lines) + outcome.details
+    printed = capfd.readouterr()  # gRPC's C core writes to the process's stderr directly
+    text = caplog.text + "".join(tg.audit_lines) + outcome.details + printed.out + printed.err
     assert_no_secrets(text, *[t.removeprefix("Bearer ") for t in tokens])
 
 
