@@ -194,6 +194,8 @@ class GrpcReceived:
     method: str
     metadata: tuple[tuple[str, str | bytes], ...]
     body: bytes
+    #: Seconds left of the caller's deadline when the call arrived (None: no deadline).
+    time_remaining: float | None = None
 
     def values(self, name: str) -> list[str | bytes]:
         return [v for k, v in self.metadata if k == name]
@@ -221,7 +223,8 @@ class GrpcSink:
         return f"http://127.0.0.1:{self.port}"
 
     async def _record(self, method: str, request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
-        self.received.append(GrpcReceived(method, tuple(context.invocation_metadata() or ()), request))
+        metadata = tuple(context.invocation_metadata() or ())
+        self.received.append(GrpcReceived(method, metadata, request, context.time_remaining()))
         if self.delay:
             try:
                 await asyncio.sleep(self.delay)

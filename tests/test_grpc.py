@@ -429,6 +429,31 @@ async def test_short_client_deadline_against_slow_upstream_cancels_the_upstream_
     assert tg.audit()[-1]["reason"] in ("client-cancelled", "upstream-timeout")
 
 
+async def test_client_deadline_is_propagated_and_bounded_by_the_upstream_timeout(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    _, port = await start_grpc(start_tracegate, policy_yaml(issuer.url), grpc_sink, upstream_timeout="20")
+    metadata = [("authorization", f"Bearer {issuer.mint()}")]
+    assert (await call(port, metadata, timeout=8)).code is grpc.StatusCode.OK
+    assert (await call(port, metadata, timeout=120)).code is grpc.StatusCode.OK
+    short, long = (r.time_remaining for r in grpc_sink.received)
+    assert short is not None and 4 < short <= 8.5  # grpc-timeout is sent rounded up
+    assert long is not None and 15 < long <= 20.5
+
+
+async def test_policy_reload_applies_to_grpc_calls(
+    grpc_tg: tuple[Tracegate, int], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    tg, port = grpc_tg
+    metadata = [("authorization", f"Bearer {issuer.mint()}")]
+    assert (await call(port, metadata)).code is grpc.StatusCode.OK
+    policy = tg.policy_dir / "10-main.yaml"
+    policy.write_text(policy.read_text().replace('project_path: "payments/*"', 'project_path: "payments-moved/*"'))
+    assert await tg.runtime.reload()
+    assert (await call(port, metadata)).code is grpc.StatusCode.PERMISSION_DENIED
+    assert len(grpc_sink.received) == 1
+
+
 async def test_upstream_timeout_bounds_the_call(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
 ) -> None:
