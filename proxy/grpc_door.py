@@ -7,10 +7,13 @@ written (:mod:`proxy.grpc_status`). Messages are not decoded: the generic handle
 deserializer and no serializer, so the request's bytes go upstream as they came and the
 upstream's response bytes come back as they were.
 
-A refused call never reaches the upstream, and a call is answered OK only when the
-upstream said OK. Limits: gRPC itself refuses a message over ``TRACEGATE_MAX_BODY_BYTES``
-(after gzip decompression) with ``RESOURCE_EXHAUSTED`` before this module sees it, so such
-a call is not in the audit log; the whole message is received before admission runs.
+As on OTLP/HTTP, the call is identified and decided *before* its message is read: the
+handler is registered as client-streaming (the same bytes on the wire as a unary call), so
+it runs when the metadata arrives and reads the one message only once admitted. A refused
+call never reaches the upstream and its message is never buffered; a call is answered OK
+only when the upstream said OK. gRPC itself refuses a message over
+``TRACEGATE_MAX_BODY_BYTES`` (after gzip decompression) with ``RESOURCE_EXHAUSTED``; the
+handler then reads no message and records ``body-too-large``.
 
 The server is a ``grpc.aio`` server in the event loop of the process that serves it: it is
 created after ``--workers`` forked (grpc objects must not cross a fork), with
@@ -63,7 +66,7 @@ def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
 class _Methods(grpc.GenericRpcHandler):
     def __init__(self, door: GrpcDoor) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
-            method: grpc.unary_unary_rpc_method_handler(door.handler(method, signal))
+            method: grpc.stream_unary_rpc_method_handler(door.handler(method, signal))
             for method, signal in METHODS.items()
         }
 
@@ -92,20 +95,22 @@ class GrpcDoor:
         self.addresses: list[tuple[str, int]] = []
 
     def handler(self, method: str, signal: str) -> Callable[..., object]:
-        async def export(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
-            return await self._export(method, signal, request, context)
+        async def export(_messages: object, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+            return await self._export(method, signal, context)
 
         return export
 
-    async def _export(
-        self, method: str, signal: str, request: bytes, context: aio.ServicerContext[bytes, bytes]
-    ) -> bytes:
+    async def _export(self, method: str, signal: str, context: aio.ServicerContext[bytes, bytes]) -> bytes:
         runtime = self._runtime
         incoming = tuple(context.invocation_metadata() or ())
         headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in incoming if isinstance(v, str))
         admitted = await admit(runtime, headers, {}, signal=signal, transport="grpc")
         if isinstance(admitted, Refused):
             return await self._answer(context, refusal(admitted.status, admitted.reason, admitted.retry_after))
+        request = await context.read()
+        if not isinstance(request, bytes):  # EOF: over the size limit (gRPC answered it), or no message at all
+            admitted.record("failed", "body-too-large")
+            return await self._answer(context, refusal(413, "body-too-large"))
         try:
             answer = await self._forward(admitted, method, request, incoming, context.time_remaining())
         except asyncio.CancelledError:  # the client's deadline passed or it cancelled

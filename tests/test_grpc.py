@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from proxy.grpc_status import status_details
@@ -324,6 +325,26 @@ async def test_refusals_get_their_grpc_status_and_send_nothing(
     assert_no_secrets(text, *[t.removeprefix("Bearer ") for t in tokens])
 
 
+async def test_refusal_comes_before_the_message_is_read(
+    grpc_tg: tuple[Tracegate, int], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    """A client that sends its metadata and then holds its message back is refused at once:
+    admission runs on the metadata, as on OTLP/HTTP where it runs on the headers."""
+    _, port = grpc_tg
+    held = asyncio.Event()
+
+    async def never_sent() -> AsyncIterator[bytes]:
+        await held.wait()
+        yield b"never"
+
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = channel.stream_unary(METHOD["traces"])
+        with pytest.raises(aio.AioRpcError) as info:
+            await stub(never_sent(), metadata=(("authorization", "Bearer not.a.token"),), timeout=10)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert not held.is_set() and grpc_sink.received == []
+
+
 async def test_keys_not_yet_available_is_unavailable_with_retry_info(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
 ) -> None:
@@ -341,7 +362,7 @@ async def test_keys_not_yet_available_is_unavailable_with_retry_info(
 async def test_too_large_is_resource_exhausted_without_retry_info(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
 ) -> None:
-    _, port = await start_grpc(start_tracegate, policy_yaml(issuer.url), grpc_sink, max_body="4096")
+    tg, port = await start_grpc(start_tracegate, policy_yaml(issuer.url), grpc_sink, max_body="4096")
     token = issuer.mint()
     for compression in (None, grpc.Compression.Gzip):  # the limit is on the decompressed message
         outcome = await call(port, [("authorization", f"Bearer {token}")], b"\0" * 8192, compression=compression)
@@ -349,6 +370,8 @@ async def test_too_large_is_resource_exhausted_without_retry_info(
         assert retry_delay(outcome.trailers) is None
     assert (await call(port, [("authorization", f"Bearer {token}")], b"\0" * 4000)).code is grpc.StatusCode.OK
     assert len(grpc_sink.received) == 1
+    refused = [line for line in tg.audit() if line["reason"] == "body-too-large"]
+    assert [(line["decision"], line["transport"]) for line in refused] == [("failed", "grpc")] * 2
 
 
 async def test_unknown_method_is_unimplemented(
