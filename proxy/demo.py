@@ -107,7 +107,8 @@ async def run_demo() -> int:
                     break
                 await asyncio.sleep(0.025)
             ok = await _story(url, issuer, sink, key, tap)
-            ok = await _grpc_story(runners[2].addresses[0][1], issuer, grpc_sink, key, tap) and ok
+            grpc_port = runtime.grpc_address[1] if runtime.grpc_address is not None else 0
+            ok = await _grpc_story(grpc_port, issuer, grpc_sink, key, tap) and ok
         finally:
             for runner in runners:
                 await runner.cleanup()

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from aiohttp import web
 from grpc import aio
 from multidict import CIMultiDict
 
@@ -74,9 +75,26 @@ class _Methods(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)  # unknown method: None, answered UNIMPLEMENTED
 
 
+def add_grpc_listener(app: web.Application, runtime: Runtime) -> None:
+    """Run the gRPC listener with the ingest app, in its event loop: started after the
+    runtime (registered after the runtime's cleanup context), told to drain when the app
+    shuts down — at the same time as the HTTP listener — and closed before the runtime."""
+    door = GrpcDoor(runtime)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await door.start()
+        yield
+        await door.cleanup()
+
+    async def drain(_app: web.Application) -> None:
+        door.begin_drain()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
+
+
 class GrpcDoor:
-    """The gRPC listener and its upstream channels, for one runtime. Looks like a
-    ``web.AppRunner`` to ``start()``'s callers: ``addresses`` and ``cleanup()``."""
+    """The gRPC listener and its upstream channels, for one runtime."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -92,7 +110,6 @@ class GrpcDoor:
         self._server: aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._pending_certificates: grpc.ServerCertificateConfiguration | None = None
-        self.addresses: list[tuple[str, int]] = []
 
     def handler(self, method: str, signal: str) -> Callable[..., object]:
         async def export(_messages: object, context: aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -191,13 +208,14 @@ class GrpcDoor:
         except RuntimeError:
             bound = 0
         if not bound:
+            await server.stop(None)
             raise ConfigError(
                 f"TRACEGATE_GRPC_LISTEN={host}:{port}: cannot listen there (port in use, or not an address of "
                 "this host); choose another address or set it to off"
             )
         await server.start()
         self._server = server
-        self.addresses = [(host, bound)]
+        self._runtime.grpc_address = (host, bound)
         self._runtime.grpc_serving = True
         self._runtime.tls_reload_hooks.append(self.reload_tls)
 

@@ -72,8 +72,10 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         #: The listeners' TLS context (None: plain HTTP); its certificate is reloaded in place.
         self.tls_context: ssl.SSLContext | None = None
-        #: The gRPC listener: None when off, else whether it is taking calls (``/readyz``).
+        #: The gRPC listener: None when off, else whether it is taking calls (``/readyz``),
+        #: and the address it is bound to (the port chosen when 0 was asked for).
         self.grpc_serving: bool | None = None
+        self.grpc_address: tuple[str, int] | None = None
         #: Called after the TLS certificate reloaded (the gRPC listener's credentials).
         self.tls_reload_hooks: list[Callable[[], None]] = []
 

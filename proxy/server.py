@@ -22,7 +22,6 @@ from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.errors import PolicyLoadError
-from proxy.grpc_door import GrpcDoor
 from proxy.ingest import RUNTIME, add_ingest_routes
 from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
@@ -65,32 +64,20 @@ class _QuietRunner(web.AppRunner):
         return server
 
 
-def build_ingest_app(runtime: Runtime, policy: Policy, grpc_door: GrpcDoor | None = None) -> web.Application:
-    """The ingest app. Its lifecycle owns the runtime and, when given, the gRPC listener:
-    started after the runtime, draining alongside the HTTP listener, closed before it."""
+def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
     app = web.Application(client_max_size=runtime.settings.max_body)
     app[RUNTIME] = runtime
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await runtime.start(policy)
-        if grpc_door is not None:
-            try:
-                await grpc_door.start()
-            except BaseException:
-                await grpc_door.cleanup()
-                await runtime.close()
-                raise
         yield
-        if grpc_door is not None:
-            await grpc_door.cleanup()
         await runtime.close()
 
-    async def drain_grpc(_app: web.Application) -> None:
-        if grpc_door is not None:
-            grpc_door.begin_drain()
-
     app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(drain_grpc)
+    if runtime.settings.grpc_listen is not None:
+        from proxy.grpc_door import add_grpc_listener  # grpc is imported only when its listener is on
+
+        add_grpc_listener(app, runtime)
     add_ingest_routes(app)
     add_webhook_routes(app, runtime)
     return app
@@ -103,18 +90,17 @@ async def start(
     metrics: Metrics | None = None,
     audit: AuditLog | None = None,
     policy: Policy | None = None,
-) -> tuple[Runtime, list[web.AppRunner | GrpcDoor]]:
-    """Load the policy and start the listeners (ingest, admin, and gRPC unless it is off).
-    Raises PolicyLoadError if the first policy does not load: tracegate never starts without one."""
+) -> tuple[Runtime, list[web.AppRunner]]:
+    """Load the policy and start both listeners. Raises PolicyLoadError if the first
+    policy does not load: tracegate never starts without one."""
     redact_aiohttp()
     runtime = Runtime(settings, environ, metrics or Metrics(), audit=audit)
     if settings.tls is not None:
         runtime.tls_context = server_context(settings.tls)
     if policy is None:
         policy = await asyncio.to_thread(runtime.load)
-    grpc_door = GrpcDoor(runtime) if settings.grpc_listen is not None else None
     ingest = _QuietRunner(
-        build_ingest_app(runtime, policy, grpc_door),
+        build_ingest_app(runtime, policy),
         access_log=None,
         auto_decompress=False,
         shutdown_timeout=settings.drain_seconds,
@@ -133,7 +119,7 @@ async def start(
         ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
     ).start()
     await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
-    return runtime, [ingest, admin] + ([grpc_door] if grpc_door is not None else [])
+    return runtime, [ingest, admin]
 
 
 async def serve(settings: Settings, environ: Mapping[str, str]) -> int:

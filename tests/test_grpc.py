@@ -30,13 +30,18 @@ async def grpc_sink() -> AsyncIterator[GrpcSink]:
     await server.stop()
 
 
+def grpc_port(tg: Tracegate) -> int:
+    assert tg.runtime.grpc_address is not None
+    return tg.runtime.grpc_address[1]
+
+
 async def start_grpc(
     start_tracegate: Callable[..., Any], policy: str, grpc_sink: GrpcSink, **overrides: str
 ) -> tuple[Tracegate, int]:
     settings = {"grpc_listen": "127.0.0.1:0", "grpc_upstream": grpc_sink.target, **overrides}
     tg: Tracegate = await start_tracegate(policy, **settings)
     await tg.keys_ready()
-    return tg, tg.runners[2].addresses[0][1]
+    return tg, grpc_port(tg)
 
 
 @pytest.fixture
@@ -352,7 +357,7 @@ async def test_keys_not_yet_available_is_unavailable_with_retry_info(
     tg: Tracegate = await start_tracegate(
         policy_yaml(issuer.url), grpc_listen="127.0.0.1:0", grpc_upstream=grpc_sink.target
     )
-    port = tg.runners[2].addresses[0][1]
+    port = grpc_port(tg)
     outcome = await call(port, [("authorization", f"Bearer {issuer.mint()}")])
     assert outcome.code is grpc.StatusCode.UNAVAILABLE
     assert retry_delay(outcome.trailers) == 5
@@ -594,8 +599,7 @@ async def test_readyz_reflects_the_grpc_listener_and_drain_finishes_in_flight_ca
     while len(grpc_sink.received) < 3:
         await asyncio.sleep(0.01)
     tg.runtime.draining = True
-    door = tg.runners[2]
-    door.begin_drain()
+    await tg.runners[0].app.shutdown()  # what SIGTERM's drain does first: both listeners stop taking requests
     assert tg.runtime.grpc_serving is False
     async with client.get(tg.admin_url + "/readyz") as resp:
         assert resp.status == 503
