@@ -16,7 +16,7 @@ ENV TRACEGATE_POLICIES=/policies \
     TRACEGATE_ADMIN_LISTEN=0.0.0.0:9464 \
     PYTHONUNBUFFERED=1
 VOLUME ["/policies", "/var/lib/tracegate"]
-EXPOSE 4317 4318 9464
+EXPOSE 4318 9464
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["tracegate"]

@@ -145,7 +145,13 @@ class Forwarder:
         """POST a body already in memory as ``account`` and return the upstream's answer,
         whatever its status. ``timeout`` (seconds) shortens TRACEGATE_UPSTREAM_TIMEOUT, for a
         caller with a deadline of its own. Raises UpstreamError (502/504)."""
-        headers = {"Content-Type": content_type, "lightstep-access-token": _key(account).reveal()}
+        # identity: the answer is relayed as it came (a gRPC client in bridge mode gets it as
+        # the response message), and the session does not decompress.
+        headers = {
+            "Content-Type": content_type,
+            "Accept-Encoding": "identity",
+            "lightstep-access-token": _key(account).reveal(),
+        }
         limit = self._timeout
         if timeout is not None and (limit.total is None or timeout < limit.total):
             limit = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))

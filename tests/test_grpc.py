@@ -551,6 +551,7 @@ async def test_bridge_mode_sends_the_protobuf_to_the_http_upstream(
     assert got.headers["Content-Type"] == "application/x-protobuf"
     assert got.headers.getall("lightstep-access-token") == [DOCS_KEY]
     assert "Authorization" not in got.headers
+    assert got.headers["Accept-Encoding"] == "identity"  # the answer becomes the gRPC response as it is
 
     answer = ExportTraceServiceResponse()
     answer.partial_success.rejected_spans = 1
