@@ -202,7 +202,7 @@ class GrpcReceived:
 
 
 class GrpcSink:
-    """An OTLP/gRPC receiver on loopback (plaintext) that records every call, whatever the
+    """An OTLP/gRPC receiver on loopback (plaintext, or TLS) that records every call, whatever the
     method, with no deserializer: ``body`` is the message's bytes as they arrived.
     ``code``/``details``/``trailers`` shape its answer (OK with ``answer`` bytes by default);
     ``delay`` slows it down; ``cancelled`` counts calls abandoned by their caller mid-delay."""
@@ -217,10 +217,11 @@ class GrpcSink:
         self.cancelled = 0
         self.port = 0
         self._server: aio.Server | None = None
+        self.tls = False
 
     @property
     def target(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def _record(self, method: str, request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
         metadata = tuple(context.invocation_metadata() or ())
@@ -235,7 +236,8 @@ class GrpcSink:
             await context.abort(self.code, self.details, self.trailers)
         return self.answer
 
-    async def start(self, port: int = 0) -> None:
+    async def start(self, port: int = 0, *, credentials: grpc.ServerCredentials | None = None) -> None:
+        """Listen on 127.0.0.1; with ``credentials``, over TLS (``target`` is then https://)."""
         sink = self
 
         class _Any(grpc.GenericRpcHandler):
@@ -248,7 +250,9 @@ class GrpcSink:
                 return grpc.unary_unary_rpc_method_handler(record)
 
         server = aio.server(handlers=[_Any()], options=[("grpc.so_reuseport", 0)])
-        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        self.tls = credentials is not None
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         await server.start()
         self._server = server
 

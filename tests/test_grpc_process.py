@@ -1,5 +1,6 @@
 """The gRPC listener in a real ``tracegate serve`` process: SIGTERM drains in-flight gRPC
-calls (new ones get UNAVAILABLE) and exits 0; ``--workers 2`` share the gRPC port."""
+calls (new ones get UNAVAILABLE) and exits 0; ``--workers 2`` share the gRPC port; a TLS
+upstream is verified."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from proxy.standins import GrpcSink, StandInIssuer, free_port
 from tests.conftest import PAYMENTS_KEY, policy_yaml
-from tests.grpc_clients import call
+from tests.grpc_clients import ThrowawayCA, call
 from tests.test_process import spawn
 
 
@@ -127,3 +128,35 @@ async def test_two_workers_share_the_grpc_port(tmp_path: Path, issuer: StandInIs
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_tls_upstream_is_verified(tmp_path: Path, issuer: StandInIssuer) -> None:
+    """The gRPC upstream over TLS: a certificate the process trusts is served, one it does not
+    is refused (UNAVAILABLE, nothing sent). The trust store is grpc's own, pointed at the test
+    CA with GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, which grpc reads when the process starts."""
+    ca = ThrowawayCA.create(tmp_path)
+    other = ThrowawayCA.create(tmp_path / "..")
+    sink = GrpcSink()
+    await sink.start(credentials=grpc.ssl_server_credentials([(ca.key.read_bytes(), ca.cert.read_bytes())]))
+    policies = _policies(tmp_path, issuer)
+    try:
+        for trusted, roots in ((True, ca.ca_file), (False, other.ca_file)):
+            port = free_port()
+            env = {**_env(tmp_path, sink), "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(roots)}
+            assert sink.target.startswith("https://")
+            process, _, _ = await spawn(policies, env, "http://127.0.0.1:1", "--grpc-listen", f"127.0.0.1:{port}")
+            try:
+                before = len(sink.received)
+                outcome = await call(port, [("authorization", f"Bearer {issuer.mint()}")], b"over tls")
+                if trusted:
+                    assert outcome.code is grpc.StatusCode.OK
+                    assert [r.body for r in sink.received[before:]] == [b"over tls"]
+                    assert sink.received[-1].values("lightstep-access-token") == [PAYMENTS_KEY]
+                else:
+                    assert outcome.code is grpc.StatusCode.UNAVAILABLE
+                    assert len(sink.received) == before
+            finally:
+                process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(process.wait(), 15)
+    finally:
+        await sink.stop()
