@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -149,15 +150,29 @@ class GrpcDoor:
         key = _key(account)
         if account.upstream_protocol == "grpc":
             return await self._upstream.export(account, method, signal, request, key, incoming, remaining)
-        forwarder = self._runtime.forwarder
+        return await self._bridge(admitted, request, remaining)
+
+    async def _bridge(self, admitted: Admitted, request: bytes, remaining: float | None) -> GrpcAnswer:
+        """``upstream_protocol: http``: the message to the account's OTLP/HTTP path, counted
+        in the same upstream metrics as OTLP/HTTP requests (status: the HTTP status)."""
+        runtime, signal = self._runtime, admitted.signal
+        forwarder = runtime.forwarder
         if forwarder is None:
             raise RuntimeError("runtime not started")
+        started, label = time.perf_counter(), "error"
         try:
             got = await forwarder.exchange(
-                account, signal, request, PROTOBUF, timeout=self._upstream.deadline(remaining)
+                admitted.account, signal, request, PROTOBUF, timeout=self._upstream.deadline(remaining)
             )
+            label = str(got.status)
         except UpstreamError as exc:
+            label = "timeout" if exc.status == 504 else "unreachable"
             return refusal(exc.status, exc.reason)
+        finally:
+            metrics = runtime.metrics
+            metrics.child(metrics.request_bytes, signal).inc(len(request))
+            metrics.child(metrics.upstream_responses, signal, label).inc()
+            metrics.child(metrics.upstream_latency, signal).observe(time.perf_counter() - started)
         return from_http(got.status, got.body, got.headers.get("Content-Type"), got.headers.get("Retry-After"))
 
     @staticmethod

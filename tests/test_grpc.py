@@ -567,6 +567,8 @@ async def test_bridge_mode_sends_the_protobuf_to_the_http_upstream(
     outcome = await call(port, [("authorization", f"Bearer {token}")], b"raw")
     assert outcome.code is grpc.StatusCode.PERMISSION_DENIED
     assert tg.audit()[-1]["reason"] == "upstream-403"
+    assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="200") == 2
+    assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="503") == 1
 
 
 async def test_per_account_grpc_upstream(
