@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -65,6 +66,29 @@ def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration(chain, root_certificates=client_ca)
 
 
+def _cannot_listen(address: tuple[str, int], why: str) -> ConfigError:
+    return ConfigError(
+        f"TRACEGATE_GRPC_LISTEN={address[0]}:{address[1]}: cannot listen there ({why}); "
+        "choose another address or set it to off"
+    )
+
+
+def _check_bindable(address: tuple[str, int], *, shared: bool) -> None:
+    """Bind and release the address as gRPC will (SO_REUSEADDR, and SO_REUSEPORT when
+    workers share it), so that a port in use is one clear error before anything starts
+    rather than gRPC's own log line after the runtime did."""
+    host, port = address
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _cannot_listen(address, exc.strerror or type(exc).__name__) from None
+
+
 class _Methods(grpc.GenericRpcHandler):
     def __init__(self, door: GrpcDoor) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
@@ -79,7 +103,11 @@ class _Methods(grpc.GenericRpcHandler):
 def add_grpc_listener(app: web.Application, runtime: Runtime) -> None:
     """Run the gRPC listener with the ingest app, in its event loop: started after the
     runtime (registered after the runtime's cleanup context), told to drain when the app
-    shuts down — at the same time as the HTTP listener — and closed before the runtime."""
+    shuts down — at the same time as the HTTP listener — and closed before the runtime.
+    Raises ConfigError at once if the gRPC address cannot be bound, before anything starts."""
+    settings = runtime.settings
+    if settings.grpc_listen is not None:
+        _check_bindable(settings.grpc_listen, shared=settings.workers > 1)
     door = GrpcDoor(runtime)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
@@ -224,10 +252,7 @@ class GrpcDoor:
             bound = 0
         if not bound:
             await server.stop(None)
-            raise ConfigError(
-                f"TRACEGATE_GRPC_LISTEN={host}:{port}: cannot listen there (port in use, or not an address of "
-                "this host); choose another address or set it to off"
-            )
+            raise _cannot_listen((host, port), "gRPC could not bind it")
         await server.start()
         self._server = server
         self._runtime.grpc_address = (host, bound)

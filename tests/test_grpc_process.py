@@ -5,7 +5,10 @@ upstream is verified."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -160,3 +163,33 @@ async def test_tls_upstream_is_verified(tmp_path: Path, issuer: StandInIssuer) -
                 await asyncio.wait_for(process.wait(), 15)
     finally:
         await sink.stop()
+
+
+async def test_grpc_port_in_use_is_a_clear_error(tmp_path: Path, issuer: StandInIssuer, grpc_sink: GrpcSink) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--policies",
+            str(_policies(tmp_path, issuer)),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            f"127.0.0.1:{port}",
+            env={**os.environ, **_env(tmp_path, grpc_sink)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert len(lines) == 1, lines  # one clear line: nothing was started, nothing left open
+    assert lines[0].startswith(f"tracegate: TRACEGATE_GRPC_LISTEN=127.0.0.1:{port}: cannot listen there")
+    assert "in use" in lines[0]
