@@ -24,6 +24,7 @@ SIGHUP hands new ones to new handshakes (``dynamic_ssl_server_credentials``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -34,10 +35,10 @@ from aiohttp import web
 from grpc import aio
 from multidict import CIMultiDict
 
-from proxy.admission import Admitted, Refused, admit
+from proxy.admission import Admitted, Refused, admit, refuse
 from proxy.errors import ConfigError, UpstreamError
 from proxy.forward import MAX_ANSWER_BYTES, _key
-from proxy.grpc_status import GrpcAnswer, from_http, refusal
+from proxy.grpc_status import GrpcAnswer, failure, from_http, refusal
 from proxy.grpc_upstream import GrpcUpstream
 from proxy.headers import FORWARDED
 from proxy.runtime import Runtime
@@ -52,6 +53,7 @@ METHODS = {
     "/opentelemetry.proto.collector.logs.v1.LogsService/Export": "logs",
 }
 PROTOBUF = "application/x-protobuf"
+DRAINING = "tracegate is shutting down; retry"
 
 
 def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
@@ -138,6 +140,9 @@ class GrpcDoor:
         )
         self._server: aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._pending_certificates: grpc.ServerCertificateConfiguration | None = None
 
     def handler(self, method: str, signal: str) -> Callable[..., object]:
@@ -147,6 +152,20 @@ class GrpcDoor:
         return export
 
     async def _export(self, method: str, signal: str, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+        runtime = self._runtime
+        if self._stopping is not None:  # draining: new calls are told to go elsewhere
+            refuse(runtime, signal=signal, transport="grpc", reason="draining", status=503)
+            return await self._answer(context, failure(grpc.StatusCode.UNAVAILABLE, DRAINING, "draining"))
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._admit_and_forward(method, signal, context)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _admit_and_forward(self, method: str, signal: str, context: aio.ServicerContext[bytes, bytes]) -> bytes:
         runtime = self._runtime
         incoming = tuple(context.invocation_metadata() or ())
         headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in incoming if isinstance(v, str))
@@ -260,11 +279,21 @@ class GrpcDoor:
         self._runtime.tls_reload_hooks.append(self.reload_tls)
 
     def begin_drain(self) -> None:
-        """Stop taking calls (new ones get UNAVAILABLE); in-flight calls have
-        TRACEGATE_DRAIN_SECONDS to finish. :meth:`cleanup` waits for them."""
+        """Stop taking calls: from now on a new call is answered UNAVAILABLE (by the handler,
+        so never CANCELLED by a server half shut down), calls in flight have
+        TRACEGATE_DRAIN_SECONDS to finish, then the server stops (GOAWAY, listener closed).
+        :meth:`cleanup` waits for all of it."""
         if self._server is not None and self._stopping is None:
             self._runtime.grpc_serving = False
-            self._stopping = asyncio.ensure_future(self._server.stop(self._runtime.settings.drain_seconds))
+            self._stopping = asyncio.ensure_future(self._drain(self._server))
+
+    async def _drain(self, server: aio.Server) -> None:
+        grace = self._runtime.settings.drain_seconds
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        await server.stop(max(0.0, until - loop.time()))
 
     async def cleanup(self) -> None:
         self.begin_drain()

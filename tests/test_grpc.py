@@ -608,5 +608,7 @@ async def test_readyz_reflects_the_grpc_listener_and_drain_finishes_in_flight_ca
         assert resp.status == 503
     late = await call(port, [("authorization", f"Bearer {token}")], b"late", timeout=3)
     assert late.code is grpc.StatusCode.UNAVAILABLE
+    assert late.details == "tracegate is shutting down; retry"
     assert [o.code for o in await asyncio.gather(*in_flight)] == [grpc.StatusCode.OK] * 3
     assert b"late" not in {r.body for r in grpc_sink.received}
+    assert [line["transport"] for line in tg.audit() if line["reason"] == "draining"] == ["grpc"]
