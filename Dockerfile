@@ -17,7 +17,7 @@ ENV TRACEGATE_POLICIES=/policies \
     TRACEGATE_ADMIN_LISTEN=0.0.0.0:9464 \
     PYTHONUNBUFFERED=1
 VOLUME ["/policies", "/var/lib/tracegate"]
-EXPOSE 4318 9464
+EXPOSE 4318 4317 9464
 # Follows TRACEGATE_ADMIN_LISTEN (the admin listener is loopback-only by default; the image
 # opens it on 0.0.0.0 so that an orchestrator's probes and Prometheus reach it).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \

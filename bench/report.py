@@ -181,6 +181,10 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
             f"| {int(key.split()[1]):,} | {r.rps:,.0f} | {r.rps / base:.2f} | {r.p99:.2f} | "
             f"{r.cpu_per_1k:.3f} | {r.rss_mib:.0f} |"
         )
+    if "grpc" in results:
+        from bench.grpc_bench import grpc_lines
+
+        lines += ["", *grpc_lines(results["grpc"])]
     lines += [
         "",
         "## Memory: 100 concurrent 4MB uploads through tracegate",

@@ -14,6 +14,8 @@ Contenders, interleaved round by round (A B C … A B C …), medians quoted:
 Section ``stamp`` (``--only stamp``): d's process with one token of an account without
 ``stamp:`` (the byte-for-byte stream) against one of an account with ``stamp: default``
 (read, splice verified attributes in, send), 1 KB / 20 KB / 1 MB protobuf, interleaved.
+  h–k  OTLP/gRPC (``--only grpc``; its own letters, apart from the gateway's h and i): sink,
+       bare grpc.aio forwarder, nginx grpc_pass, tracegate (bench/grpc_bench.py)
 
 Run through bench/run (which installs wrk, nginx and the Python extras). Everything listens
 on 127.0.0.1 and is stopped at the end. Writes bench/results/<date>.md and .png.
@@ -195,13 +197,14 @@ class Bench:
         server.also.append(decider)
         return server
 
-    def tracegate(self, name: str, upstream: str, *extra: str) -> Server:
+    def tracegate(self, name: str, upstream: str, *extra: str, env_extra: dict[str, str] | None = None) -> Server:
         port, admin = free_port(), free_port()
         env = {
             "LS_TOKEN_BENCH": "bench-lightstep-key-0123456789",
             "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
             "TRACEGATE_DATA_DIR": str(self.work / name),
             "TRACEGATE_TOKEN_CACHE_SIZE": "200000",
+            **(env_extra or {}),
         }
         argv = [
             PY,
@@ -216,6 +219,8 @@ class Bench:
             f"127.0.0.1:{admin}",
             "--upstream",
             upstream,
+            "--grpc-listen",
+            "off",
             *extra,
         ]
         server = self._spawn(name, argv, f"http://127.0.0.1:{port}", env=env)
@@ -234,9 +239,11 @@ class Bench:
                             async with client.get(probe + "/readyz") as resp:
                                 if resp.status == 200 and not (await resp.json())["issuers_without_keys"]:
                                     break
-                        else:
+                        elif server.url.startswith("http"):
                             async with client.get(server.url + "/") as resp:
                                 break
+                        else:  # a gRPC server (HOST:PORT): checked by a real call before its runs
+                            break
                     except aiohttp.ClientError:
                         pass
                     await asyncio.sleep(0.05)
@@ -552,6 +559,12 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
             growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
         results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
 
+    if wanted("grpc"):
+        print("grpc: h2load, 1KB/20KB, sink / grpc.aio forwarder / nginx grpc_pass / tracegate", flush=True)
+        from bench.grpc_bench import run_grpc
+
+        results["grpc"] = await run_grpc(bench, work, args, tokens[0])
+
     if wanted("memory"):
         print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
         results["memory"] = await memory_test(bench, sink, tokens[0], bodies["4MB"].read_bytes())
@@ -622,7 +635,7 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,memory: run those and "
+        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory: run those and "
         "print figures without writing a report (for profiling work)",
     )
     return parser.parse_args()

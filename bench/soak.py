@@ -104,6 +104,8 @@ async def soak(args: argparse.Namespace) -> int:
             f"127.0.0.1:{admin}",
             "--upstream",
             sink.url,
+            "--grpc-listen",
+            "off",
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,

@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    # gRPC's C core writes plain-text INFO lines (failed handshakes, GOAWAYs) to stderr, where
+    # tracegate's logs are JSON; it reads this before grpc is first imported. Errors still show.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from proxy.server import run
 
     flags = {o.field: getattr(args, o.field) for o in OPTIONS if o.flag}

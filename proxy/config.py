@@ -17,7 +17,7 @@ from proxy.errors import ConfigError
 from proxy.forward import DEFAULT_PATHS
 from proxy.secrets import SecretRef
 from proxy.tls import TlsFiles
-from proxy.urls import check_url
+from proxy.urls import check_grpc_target, check_url
 
 
 def host_port(value: str) -> tuple[str, int]:
@@ -25,6 +25,17 @@ def host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT, for example 0.0.0.0:4318")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a listener, configured on purpose
+
+
+def listener_or_off(value: str) -> tuple[str, int] | None:
+    return None if value.strip().lower() == "off" else host_port(value)
+
+
+def grpc_target(value: str) -> str:
+    problem = check_grpc_target(value)
+    if problem:
+        raise ValueError(problem)
+    return value.rstrip("/")
 
 
 def url(value: str) -> str:
@@ -298,6 +309,21 @@ OPTIONS: tuple[Option, ...] = (
         secret_ref,
         "env:NAME or file:/path of a secret the gateway must send in X-Tracegate-Authz-Secret (empty: none).",
     ),
+    Option(
+        "grpc_listen",
+        "TRACEGATE_GRPC_LISTEN",
+        "0.0.0.0:4317",
+        listener_or_off,
+        "OTLP/gRPC listener (same TLS settings as the ingest); off disables it.",
+        flag=True,
+    ),
+    Option(
+        "grpc_upstream",
+        "TRACEGATE_GRPC_UPSTREAM",
+        "ingest.lightstep.com:443",
+        grpc_target,
+        "Default gRPC upstream: HOST:PORT or https://HOST[:PORT] (TLS), http://HOST:PORT (loopback only).",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -338,6 +364,8 @@ class Settings:
     authz_max_age: int
     authz_deny_max_age: int
     authz_secret: SecretRef | None
+    grpc_listen: tuple[str, int] | None
+    grpc_upstream: str
     log_level: str
 
     @property

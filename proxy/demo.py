@@ -3,7 +3,8 @@
 Starts a stand-in GitLab issuer and an OTLP sink on loopback, writes a one-rule policy,
 starts tracegate between them, then exports a real span with the OpenTelemetry SDK using
 a minted CI ID token, and shows what the sink received (the key redacted). Then it sends
-a forged token and shows the refusal. Exit 0 if everything happened as it should.
+a forged token and shows the refusal, and exports once more over OTLP/gRPC (port 4317's
+door) to a gRPC sink. Exit 0 if everything happened as it should.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from proxy.audit import AuditLog
 from proxy.config import Settings
 from proxy.secrets import Secret
 from proxy.server import start
-from proxy.standins import Sink, StandInIssuer
+from proxy.standins import GrpcSink, Sink, StandInIssuer
 
 POLICY = """\
 issuers:
@@ -50,7 +51,8 @@ class _AuditTap:
         self.lines += [json.loads(line) for line in text.splitlines()]
 
 
-def _export(endpoint: str, token: str) -> bool:
+def _export(endpoint: str, token: str, *, grpc: bool = False) -> bool:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -63,18 +65,24 @@ def _export(endpoint: str, token: str) -> bool:
     with provider.get_tracer("tracegate.demo").start_as_current_span("ci-job: test"):
         pass
     provider.shutdown()
-    exporter = OTLPSpanExporter(endpoint=endpoint, headers={"authorization": f"Bearer {token}"}, timeout=10)
+    headers = {"authorization": f"Bearer {token}"}
+    exporter: OTLPSpanExporter | GrpcSpanExporter
+    if grpc:  # what OTEL_EXPORTER_OTLP_PROTOCOL=grpc selects
+        exporter = GrpcSpanExporter(endpoint=endpoint, insecure=True, headers=headers, timeout=10)
+    else:
+        exporter = OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=10)
     try:
         return exporter.export(memory.get_finished_spans()) is SpanExportResult.SUCCESS
     finally:
-        exporter.shutdown()  # type: ignore[no-untyped-call]
+        exporter.shutdown()
 
 
 async def run_demo() -> int:
     tap = _AuditTap()
-    issuer, sink = StandInIssuer(), Sink()
+    issuer, sink, grpc_sink = StandInIssuer(), Sink(), GrpcSink()
     await issuer.start()
     await sink.start()
+    await grpc_sink.start()
     key = Secret("lsdemo-" + secrets.token_hex(16))
     with tempfile.TemporaryDirectory() as tmp:
         policies = Path(tmp) / "policies"
@@ -86,6 +94,8 @@ async def run_demo() -> int:
             "admin_listen": "127.0.0.1:0",
             "upstream": sink.url,
             "data_dir": str(Path(tmp) / "data"),
+            "grpc_listen": "127.0.0.1:0",
+            "grpc_upstream": grpc_sink.target,
         }
         runtime, runners = await start(
             Settings.load(flags, {}), {"LS_TOKEN_CHECKOUT": key.reveal()}, audit=AuditLog(tap, flush_interval=0)
@@ -97,11 +107,14 @@ async def run_demo() -> int:
                     break
                 await asyncio.sleep(0.025)
             ok = await _story(url, issuer, sink, key, tap)
+            grpc_port = runtime.grpc_address[1] if runtime.grpc_address is not None else 0
+            ok = await _grpc_story(grpc_port, issuer, grpc_sink, key, tap) and ok
         finally:
             for runner in runners:
                 await runner.cleanup()
             await issuer.stop()
             await sink.stop()
+            await grpc_sink.stop()
     print("\ndemo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 
@@ -156,3 +169,28 @@ async def _story(url: str, issuer: StandInIssuer, sink: Sink, key: Secret, tap: 
         and refused_status == 401
         and len(sink.received) == before
     )
+
+
+async def _grpc_story(port: int, issuer: StandInIssuer, sink: GrpcSink, key: Secret, tap: _AuditTap) -> bool:
+    print(f"\n3. the same CI job exporting over OTLP/gRPC (OTEL_EXPORTER_OTLP_PROTOCOL=grpc) to 127.0.0.1:{port}")
+    print(f"   gRPC sink {sink.target} plays Lightstep's ingest.lightstep.com:443")
+    token = issuer.mint(
+        project_path="shop/checkout", namespace_path="shop", sub="project_path:shop/checkout:ref_type:branch:ref:main"
+    )
+    accepted = await asyncio.to_thread(_export, f"http://127.0.0.1:{port}", token, grpc=True)
+    got = sink.received[-1] if sink.received else None
+    print(f"   exporter result: {'SUCCESS' if accepted else 'FAILURE'}")
+    injected = got is not None and got.values("lightstep-access-token") == [key.reveal()]
+    if got is not None:
+        print(f"   sink received {len(got.body)} bytes via {got.method}")
+        print(f"   lightstep-access-token upstream: {key.redacted()}  (the service account's key: {injected})")
+        print(
+            f"   client's authorization metadata upstream: {'present!' if got.values('authorization') else 'removed'}"
+        )
+    if tap.lines:
+        line = tap.lines[-1]
+        print(
+            f"   audit: transport={line['transport']} decision={line['decision']} account={line['service_account']} "
+            f"upstream={line['upstream_status']}"
+        )
+    return bool(accepted and injected and got is not None and not got.values("authorization"))

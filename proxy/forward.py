@@ -150,17 +150,32 @@ class Forwarder:
     ) -> tuple[int, str | None]:
         """Send a body tracegate made itself (a deployment marker) as ``account``. Returns
         the upstream's status and Retry-After; raises UpstreamError (502/504)."""
+        answer = await self.exchange(account, signal, body, content_type)
+        return answer.status, answer.headers.get("Retry-After")
+
+    async def exchange(
+        self, account: ServiceAccount, signal: str, body: bytes, content_type: str, *, timeout: float | None = None
+    ) -> UpstreamAnswer:
+        """POST a body already in memory as ``account`` and return the upstream's answer,
+        whatever its status. ``timeout`` (seconds) shortens TRACEGATE_UPSTREAM_TIMEOUT, for a
+        caller with a deadline of its own. Raises UpstreamError (502/504)."""
+        # identity: the answer is relayed as it came (a gRPC client in bridge mode gets it as
+        # the response message), and the session does not decompress.
         headers = {
             "Content-Type": content_type,
             "Accept-Encoding": "identity",
             "lightstep-access-token": _key(account).reveal(),
         }
+        limit = self._timeout
+        if timeout is not None and (limit.total is None or timeout < limit.total):
+            limit = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         try:
             async with self._session.post(
-                self.url(account, signal), data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                self.url(account, signal), data=body, headers=headers, timeout=limit, allow_redirects=False
             ) as resp:
-                await _read_answer(resp)
-                return resp.status, resp.headers.get("Retry-After")
+                answer = await _read_answer(resp)
+                relayed = {h: resp.headers[h] for h in RELAYED if h in resp.headers}
+                return UpstreamAnswer(resp.status, answer, relayed, len(body))
         except TimeoutError:
             raise UpstreamError("upstream-timeout", 504) from None
         except (aiohttp.ClientError, OSError):

@@ -73,6 +73,12 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         #: The listeners' TLS context (None: plain HTTP); its certificate is reloaded in place.
         self.tls_context: ssl.SSLContext | None = None
+        #: The gRPC listener: None when off, else whether it is taking calls (``/readyz``),
+        #: and the address it is bound to (the port chosen when 0 was asked for).
+        self.grpc_serving: bool | None = None
+        self.grpc_address: tuple[str, int] | None = None
+        #: Called after the TLS certificate reloaded (the gRPC listener's credentials).
+        self.tls_reload_hooks: list[Callable[[], None]] = []
 
     @property
     def gate(self) -> Gate:
@@ -159,6 +165,13 @@ class Runtime:
             log.error("TLS certificate reload failed; the previous certificate keeps serving: %s", exc)
             self.metrics.tls_reloads.labels("failed").inc()
             return
+        for hook in self.tls_reload_hooks:
+            try:
+                hook()
+            except ConfigError as exc:
+                log.error("TLS certificate reload failed for a listener; it keeps its certificate: %s", exc)
+                self.metrics.tls_reloads.labels("failed").inc()
+                return
         self.metrics.tls_reloads.labels("ok").inc()
 
     def issuers_without_keys(self) -> list[str]:

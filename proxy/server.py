@@ -59,6 +59,10 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
         await runtime.close()
 
     app.cleanup_ctx.append(lifecycle)
+    if runtime.settings.grpc_listen is not None:
+        from proxy.grpc_door import add_grpc_listener  # grpc is imported only when its listener is on
+
+        add_grpc_listener(app, runtime)
     add_ingest_routes(app)
     add_webhook_routes(app, runtime)
     add_traceparent_route(app)
@@ -177,8 +181,9 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(runtime.reload()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    listen, admin = settings.listen, settings.admin_listen
+    listen, admin, grpc_listen = settings.listen, settings.admin_listen, settings.grpc_listen
     where = {"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"}
+    where["grpc_listen"] = f"{grpc_listen[0]}:{grpc_listen[1]}" if grpc_listen is not None else "off"
     if settings.authz_listen is not None:
         where["authz"] = f"{settings.authz_listen[0]}:{settings.authz_listen[1]}"
     log.info("tracegate serving", extra=where)

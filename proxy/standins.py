@@ -6,7 +6,8 @@ discovery (or, like an Okta authorization server, only OAuth 2.0 metadata) and a
 freshly generated RSA and EC keys, under a path if asked (Forgejo's issuer is
 ``<instance>/api/actions``), and mints GitLab CI-shaped ID tokens (or GitHub/Forgejo
 Actions-shaped ones: :func:`github_claims`, :func:`forgejo_claims`); the sink records every request it receives
-(headers and raw body) and answers like an OTLP receiver. Not for production use.
+(headers and raw body) and answers like an OTLP receiver; the gRPC sink does the same for
+OTLP/gRPC calls (method, metadata and the raw message bytes). Not for production use.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from grpc import aio
 from multidict import CIMultiDict
 
 
@@ -291,3 +294,76 @@ class Sink(_Server):
         headers = {"Retry-After": self.retry_after} if self.retry_after else {}
         content_type = request.headers.get("Content-Type", "application/x-protobuf")
         return web.Response(status=self.status, body=self.answer, headers={"Content-Type": content_type, **headers})
+
+
+@dataclass
+class GrpcReceived:
+    method: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    body: bytes
+    #: Seconds left of the caller's deadline when the call arrived (None: no deadline).
+    time_remaining: float | None = None
+
+    def values(self, name: str) -> list[str | bytes]:
+        return [v for k, v in self.metadata if k == name]
+
+
+class GrpcSink:
+    """An OTLP/gRPC receiver on loopback (plaintext, or TLS) that records every call, whatever the
+    method, with no deserializer: ``body`` is the message's bytes as they arrived.
+    ``code``/``details``/``trailers`` shape its answer (OK with ``answer`` bytes by default);
+    ``delay`` slows it down; ``cancelled`` counts calls abandoned by their caller mid-delay."""
+
+    def __init__(self) -> None:
+        self.received: list[GrpcReceived] = []
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self.trailers: tuple[tuple[str, str | bytes], ...] = ()
+        self.delay = 0.0
+        self.answer = b""
+        self.cancelled = 0
+        self.port = 0
+        self._server: aio.Server | None = None
+        self.tls = False
+
+    @property
+    def target(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    async def _record(self, method: str, request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+        metadata = tuple(context.invocation_metadata() or ())
+        self.received.append(GrpcReceived(method, metadata, request, context.time_remaining()))
+        if self.delay:
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if self.code is not grpc.StatusCode.OK:
+            await context.abort(self.code, self.details, self.trailers)
+        return self.answer
+
+    async def start(self, port: int = 0, *, credentials: grpc.ServerCredentials | None = None) -> None:
+        """Listen on 127.0.0.1; with ``credentials``, over TLS (``target`` is then https://)."""
+        sink = self
+
+        class _Any(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
+                method: str = details.method
+
+                async def record(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+                    return await sink._record(method, request, context)
+
+                return grpc.unary_unary_rpc_method_handler(record)
+
+        server = aio.server(handlers=[_Any()], options=[("grpc.so_reuseport", 0)])
+        address = f"127.0.0.1:{port}"
+        self.tls = credentials is not None
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

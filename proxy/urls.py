@@ -39,3 +39,37 @@ def check_url(value: str) -> str | None:
 def same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def grpc_address(value: str) -> tuple[str, int, bool]:
+    """``(host, port, tls)`` of a gRPC upstream written ``HOST:PORT`` or ``https://HOST[:PORT]``
+    (TLS, verified) or ``http://HOST:PORT`` (plaintext). Raises ValueError saying what is wrong."""
+    text = value.strip().rstrip("/")
+    scheme = "https"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme not in ("https", "http"):
+            raise ValueError(f"{value!r}: use HOST:PORT, https://HOST[:PORT] or http://HOST:PORT (loopback)")
+    try:
+        parts = urlsplit("//" + text)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} is not HOST:PORT") from None
+    if not host or parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{value!r} must be HOST:PORT with nothing else (no path, query or credentials)")
+    if port is None:
+        if scheme == "http":
+            raise ValueError(f"{value!r}: http:// needs a port")
+        port = 443
+    if scheme == "http" and not is_loopback(host):
+        raise ValueError(f"{value!r} must use TLS (plaintext http:// only for loopback hosts)")
+    return host, port, scheme == "https"
+
+
+def check_grpc_target(value: str) -> str | None:
+    """None if ``value`` is a usable gRPC upstream, else what is wrong with it and what to do."""
+    try:
+        grpc_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None

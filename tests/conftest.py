@@ -106,7 +106,9 @@ async def sink() -> AsyncIterator[Sink]:
 
 
 def environ() -> dict[str, str]:
-    return {"LS_TOKEN_PAYMENTS": PAYMENTS_KEY, "LS_TOKEN_DOCS": DOCS_KEY}
+    # TRACEGATE_GRPC_LISTEN: a `tracegate serve` process started with this environment does
+    # not bind 0.0.0.0:4317 (tests listen on loopback only, on ports of their own).
+    return {"LS_TOKEN_PAYMENTS": PAYMENTS_KEY, "LS_TOKEN_DOCS": DOCS_KEY, "TRACEGATE_GRPC_LISTEN": "off"}
 
 
 StartTracegate = Callable[..., "asyncio.Future[Tracegate]"]
@@ -129,6 +131,7 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
             "path_metrics": "/v1/metrics",
             "path_logs": "/v1/logs",
             "data_dir": str(tmp_path / "data"),
+            "grpc_listen": "off",
             **overrides,
         }
         settings = Settings.load(flags, {})

@@ -30,6 +30,7 @@ async def test_starts_and_serves_with_issuer_down_then_keys_arrive(
         assert await resp.json() == {
             "ready": False,
             "reason": "waiting-for-issuer-keys",
+            "listeners": {"http": True},
             "issuers_without_keys": ["gitlab"],
         }
     resp = await post(client, tg.url, issuer.mint())

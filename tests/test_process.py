@@ -32,7 +32,9 @@ class Proc:
             return needle in await resp.text()
 
 
-async def spawn(policies: Path, env: dict[str, str], upstream: str) -> tuple[asyncio.subprocess.Process, str, str]:
+async def spawn(
+    policies: Path, env: dict[str, str], upstream: str, *extra: str
+) -> tuple[asyncio.subprocess.Process, str, str]:
     """Start ``python -m proxy serve`` and wait until it is ready with the issuer's keys.
     Its stdout and stderr go to ``stdout.log`` / ``stderr.log`` beside ``policies``."""
     port, admin = free_port(), free_port()
@@ -51,6 +53,9 @@ async def spawn(policies: Path, env: dict[str, str], upstream: str) -> tuple[asy
         f"127.0.0.1:{admin}",
         "--upstream",
         upstream,
+        "--grpc-listen",
+        "off",
+        *extra,
         env={**os.environ, **env},
         stdout=out,
         stderr=err,

@@ -27,7 +27,7 @@ from proxy.policy.model import (
 from proxy.policy.source import LDict, LList, read_document
 from proxy.policy.stamps import parse_stamp
 from proxy.secrets import SecretRef, SecretUnavailable, resolve
-from proxy.urls import check_url
+from proxy.urls import check_grpc_target, check_url
 
 TOP_LEVEL = ("issuers", "service_accounts", "rules", "webhooks")
 #: Claims that identify a project or person; a bare ``*`` on them needs ``allow_any: true``.
@@ -114,6 +114,16 @@ class Checker:
         if value is None:
             return None
         problem = check_url(value)
+        if problem:
+            self.add(entry.line_of(key), f"{what}.{key}: {problem}")
+            return None
+        return value
+
+    def grpc_target(self, entry: LDict, key: str, what: str) -> str | None:
+        value = self.string(entry, key, what)
+        if value is None:
+            return None
+        problem = check_grpc_target(value)
         if problem:
             self.add(entry.line_of(key), f"{what}.{key}: {problem}")
             return None
@@ -249,7 +259,13 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("access_token", "signals", "upstream", "stamp"), ("access_token",), what, line)
+        check.keys(
+            entry,
+            ("access_token", "signals", "upstream", "grpc_upstream", "upstream_protocol", "stamp"),
+            ("access_token",),
+            what,
+            line,
+        )
         ref = (
             check.secret_ref(entry.get("access_token"), entry.line_of("access_token"), f"{what}.access_token")
             if "access_token" in entry
@@ -261,6 +277,11 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             check.add(entry.line_of("signals"), f"{what}: unknown signal {bad[0]!r}; use traces, metrics or logs")
         upstream = check.url(entry, "upstream", what)
         stamp = parse_stamp(check, entry["stamp"], entry.line_of("stamp"), what) if "stamp" in entry else ()
+        grpc_upstream = check.grpc_target(entry, "grpc_upstream", what)
+        protocol = entry.get("upstream_protocol", "grpc")
+        if protocol not in ("grpc", "http"):
+            check.add(entry.line_of("upstream_protocol"), f"{what}.upstream_protocol must be grpc or http")
+            protocol = "grpc"
         if ref is None or stamp is None:
             continue
         token = None
@@ -270,7 +291,17 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             except SecretUnavailable as exc:
                 check.add(entry.line_of("access_token"), f"{what}.access_token: {exc}; set it or fix the reference")
         sigs: frozenset[Signal] = frozenset(s for s in SIGNALS if s in signals)
-        out[name] = ServiceAccount(name, ref, sigs, upstream, check.where(line), token, stamp)
+        out[name] = ServiceAccount(
+            name,
+            ref,
+            sigs,
+            upstream,
+            check.where(line),
+            token,
+            stamp,
+            grpc_upstream=grpc_upstream,
+            upstream_protocol=protocol,
+        )
 
 
 def _rules(check: Checker, top: LDict) -> list[Rule]:

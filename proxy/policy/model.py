@@ -48,6 +48,10 @@ class ServiceAccount:
     #: Resource attributes set from verified claims: (attribute, claims, first present
     #: wins). Empty: the body is forwarded byte for byte (see proxy/stamp.py).
     stamp: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: OTLP/gRPC clients of this account: the gRPC upstream (None: TRACEGATE_GRPC_UPSTREAM),
+    #: or ``upstream_protocol: http`` to send their protobuf to the OTLP/HTTP upstream instead.
+    grpc_upstream: str | None = None
+    upstream_protocol: Literal["grpc", "http"] = "grpc"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,12 +78,23 @@ class Outbox:
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(_SCHEMA)
-            return db
+            # Workers (--workers N) open one file at once: switching it to WAL takes a lock
+            # that SQLite's busy handler does not wait for, so a locked start is retried.
+            attempts = 0
+            while True:
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+                try:
+                    db.execute("PRAGMA busy_timeout=5000")
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=FULL")
+                    db.executescript(_SCHEMA)
+                    return db
+                except sqlite3.OperationalError as exc:
+                    db.close()
+                    attempts += 1
+                    if "locked" not in str(exc) or attempts == 50:
+                        raise
+                    time.sleep(0.1)
 
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
