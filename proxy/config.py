@@ -135,7 +135,13 @@ OPTIONS: tuple[Option, ...] = (
         "Extra client headers to forward upstream (comma list).",
     ),
     Option("data_dir", "TRACEGATE_DATA_DIR", "./data", Path, "Where the deployment-marker outbox lives."),
-    Option("outbox_path", "TRACEGATE_OUTBOX", "", str, "Outbox SQLite file; default DATA_DIR/outbox.sqlite3."),
+    Option(
+        "outbox_path",
+        "TRACEGATE_OUTBOX",
+        "",
+        str,
+        "Outbox: SQLite file or sqlite:///PATH (default DATA_DIR/outbox.sqlite3); postgresql://… to share it.",
+    ),
     Option(
         "webhook_max_body",
         "TRACEGATE_WEBHOOK_MAX_BODY_BYTES",
@@ -193,6 +199,20 @@ OPTIONS: tuple[Option, ...] = (
         "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
         flag=True,
     ),
+    Option(
+        "outbox_pool_size",
+        "TRACEGATE_OUTBOX_POOL_SIZE",
+        "8",
+        positive(int),
+        "PostgreSQL outbox: most connections per process.",
+    ),
+    Option(
+        "watch_interval",
+        "TRACEGATE_WATCH_INTERVAL_SECONDS",
+        "2",
+        float,
+        "How often policy, secret and TLS files are checked for changes (reload like SIGHUP); 0: never.",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -225,6 +245,8 @@ class Settings:
     idle_timeout: float
     body_timeout: float
     workers: int
+    outbox_pool_size: int
+    watch_interval: float
     log_level: str
 
     @property
@@ -239,10 +261,6 @@ class Settings:
         return TlsFiles(
             Path(self.tls_cert), Path(self.tls_key), Path(self.tls_client_ca) if self.tls_client_ca else None
         )
-
-    @property
-    def outbox_file(self) -> Path:
-        return Path(self.outbox_path) if self.outbox_path else self.data_dir / "outbox.sqlite3"
 
     @classmethod
     def load(cls, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
@@ -261,6 +279,11 @@ class Settings:
                 raise ConfigError(f"{source}={raw!r}: {exc}") from None
         if bool(values["tls_cert"]) != bool(values["tls_key"]):
             raise ConfigError("TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY must be set together (or neither)")
+        scheme, sep, _ = values["outbox_path"].partition("://")
+        if sep and scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(  # the value itself may hold a password: name only its scheme
+                f"TRACEGATE_OUTBOX: unknown scheme {scheme[:20]!r}; use a file path, sqlite:///PATH or postgresql://…"
+            )
         if values["tls_client_ca"] and not values["tls_cert"]:
             raise ConfigError("TRACEGATE_TLS_CLIENT_CA needs TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY (mTLS is TLS)")
         return cls(**values)

@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
 from proxy.config import Settings
-from proxy.errors import PolicyLoadError
+from proxy.errors import OutboxUnavailable, PolicyLoadError
 from proxy.ingest import RUNTIME, add_ingest_routes
 from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
@@ -124,6 +124,9 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     except PolicyLoadError as exc:
         for problem in exc.problems:
             log.error("policy failed to load: %s", problem)
+        return 2
+    except OutboxUnavailable as exc:
+        log.error("outbox could not be opened: %s", exc.reason)
         return 2
     gc.freeze()  # start-up objects (modules, policy, keys) are never garbage: stop scanning them
     loop = asyncio.get_running_loop()

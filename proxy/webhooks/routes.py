@@ -2,6 +2,8 @@
 Forgejo, HMAC-signed) and ``POST /v1/deployments`` (a GitLab job with its ID token).
 
 Both answer 202 only after the event is durably in the outbox; refusals store nothing.
+When the outbox cannot commit (its database is down), they answer 503 with Retry-After,
+which forges and GitLab jobs retry; never 202 without a commit.
 """
 
 from __future__ import annotations
@@ -9,26 +11,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.answers import refusal
-from proxy.errors import AuthError, BodyError
+from proxy.errors import AuthError, BodyError, OutboxUnavailable
 from proxy.forward import declared_length
 from proxy.identify import extract_token
 from proxy.ingest import RUNTIME
 from proxy.runtime import Runtime
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
-from proxy.webhooks.outbox import Added, Outbox
+from proxy.webhooks.outbox import Added
 from proxy.webhooks.sender import Sender
 from proxy.webhooks.signatures import presented_signatures, verifies
+from proxy.webhooks.store import OutboxStore, describe, open_outbox
 
-OUTBOX = web.AppKey("outbox", Outbox)
+log = logging.getLogger("tracegate.outbox")
+OUTBOX: web.AppKey[OutboxStore] = web.AppKey("outbox")
+#: Seconds a webhook sender is asked to wait when the outbox cannot commit.
+OUTBOX_RETRY_AFTER = 5
 MAX_DEPLOYMENT_BODY = 4096
 
 
@@ -234,12 +242,36 @@ async def handle_deployment(request: web.Request) -> web.Response:
     return done(202, "accepted", "stored", services=list(services))
 
 
+@web.middleware
+async def outbox_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any door that stores in the outbox: a store that cannot commit is a 503 with
+    Retry-After (counted and audited), never a 500 and never a 202."""
+    try:
+        return await handler(request)
+    except OutboxUnavailable as exc:
+        runtime = request.app[RUNTIME]
+        runtime.metrics.webhooks.labels("outbox", "unavailable", "outbox-unavailable").inc()
+        runtime.audit(kind="webhook", decision="unavailable", reason="outbox-unavailable", error=exc.reason)
+        return web.json_response(
+            {"accepted": False, "reason": "outbox-unavailable"},
+            status=503,
+            headers={"Retry-After": str(OUTBOX_RETRY_AFTER)},
+        )
+
+
 def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     settings = runtime.settings
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        outbox = Outbox(settings.outbox_file, clock=time.time, dedupe_window=settings.dedupe_window)
+        outbox = open_outbox(
+            settings.outbox_path,
+            settings.data_dir,
+            clock=time.time,
+            dedupe_window=settings.dedupe_window,
+            pool_size=settings.outbox_pool_size,
+        )
         await outbox.open()
+        log.info("outbox open", extra={"outbox": describe(settings.outbox_path, settings.data_dir)})
         app[OUTBOX] = outbox
         sender = Sender(outbox, runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max)
         task = asyncio.get_running_loop().create_task(sender.run())
@@ -249,5 +281,6 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
         await outbox.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.middlewares.append(outbox_unavailable)
     app.router.add_post("/webhooks/gitea", handle_gitea)
     app.router.add_post("/v1/deployments", handle_deployment)
