@@ -7,6 +7,7 @@ PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -79,8 +80,6 @@ def postgres() -> Iterator[PgServer]:
     server.init()
     server.start()
     yield server
-    try:
+    with contextlib.suppress(RuntimeError):  # already stopped by a test that failed mid-restart
         server.stop("immediate")
-    except RuntimeError:
-        pass  # already stopped by a test that failed mid-restart
     shutil.rmtree(root, ignore_errors=True)

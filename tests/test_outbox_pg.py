@@ -126,7 +126,10 @@ async def test_leases_are_shared_and_expired_ones_taken_over(make: Callable[...,
     assert await a.prune() == len(ids_b)
 
 
-async def test_database_down_is_unavailable_then_recovers(make: Callable[..., PostgresOutbox], postgres: PgServer) -> None:  # noqa: F811
+async def test_database_down_is_unavailable_then_recovers(
+    make: Callable[..., PostgresOutbox],
+    postgres: PgServer,  # noqa: F811
+) -> None:
     clock = Clock()
     outbox = make(clock)
     await outbox.open()
