@@ -6,6 +6,7 @@ webhook is answered 202 unless its event was committed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -140,39 +141,54 @@ async def test_sprayed_and_duplicated_deliveries_draw_one_marker_each(
     assert not any(k.startswith("manual-") for k in seen)
 
 
-async def test_a_killed_replicas_leased_events_are_taken_over(replicas: Spawn, sink: Sink, dsn: str) -> None:
-    hanging = Sink()
-    hanging.delay = 120.0  # an upstream that takes the request and never answers in time
-    await hanging.start()
+@contextlib.asynccontextmanager
+async def blackhole() -> AsyncIterator[str]:
+    """An upstream that takes the connection and the request and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     try:
-        doomed = await replicas(hanging.url)
-        survivor = await replicas(sink.url)
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_a_killed_replicas_leased_events_are_taken_over(replicas: Spawn, sink: Sink, dsn: str) -> None:
+    async with blackhole() as nowhere:
+        doomed, survivor = await asyncio.gather(replicas(nowhere), replicas(sink.url))
         async with aiohttp.ClientSession() as client:
             statuses = await asyncio.gather(*(post_push(client, doomed, n, f"k-{n}") for n in range(10)))
             assert statuses == [202] * 10
-            # The doomed replica's sender leases all ten at once and hangs sending the first.
+            # The doomed replica's sender leases what is due and hangs sending (its upstream
+            # timeout is 3 s): kill it as soon as it holds leases, mid-send.
             db = await asyncpg.connect(dsn)
             try:
                 deadline = time.monotonic() + 10
                 leased = 0
-                while leased < 10 and time.monotonic() < deadline:
+                while not leased and time.monotonic() < deadline:
                     leased = await db.fetchval(
                         "SELECT count(*) FROM tracegate_outbox_events WHERE state = 'pending' AND next_attempt_at > $1",
-                        time.time() + 4,  # further out than any retry backoff: a lease
+                        time.time() + 4,  # further out than any retry backoff (0.5 s): a lease
                     )
-                    await asyncio.sleep(0.05)
-                assert leased == 10
+                    await asyncio.sleep(0.02)
+                doomed.process.send_signal(signal.SIGKILL)
+                await doomed.process.wait()
+                assert leased >= 1
+                # Meanwhile the survivor goes on with its own work.
+                assert await post_push(client, survivor, 99, "k-99") == 202
+                seen = await settle([sink], 11, timeout=40)
+                assert seen == Counter({f"k-{n}": 1 for n in [*range(10), 99]})
+                assert await db.fetchval("SELECT count(*) FROM tracegate_outbox_events WHERE state = 'delivered'") == 11
             finally:
                 await db.close()
-            doomed.process.send_signal(signal.SIGKILL)
-            await doomed.process.wait()
-            # Meanwhile the survivor goes on with its own work.
-            assert await post_push(client, survivor, 99, "k-99") == 202
-        seen = await settle([sink, hanging], 11, timeout=40)
-        assert seen == Counter({f"k-{n}": 1 for n in [*range(10), 99]})
-        assert hanging.received == []  # none completed there: the takeover sent each once
-    finally:
-        await hanging.stop()
 
 
 async def test_database_restart_mid_run_loses_nothing_and_sends_nothing_twice(
