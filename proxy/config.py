@@ -48,6 +48,13 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def names(value: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
@@ -210,7 +217,7 @@ OPTIONS: tuple[Option, ...] = (
         "watch_interval",
         "TRACEGATE_WATCH_INTERVAL_SECONDS",
         "2",
-        float,
+        non_negative,
         "How often policy, secret and TLS files are checked for changes (reload like SIGHUP); 0: never.",
     ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),

@@ -1,7 +1,8 @@
 """Running tracegate: two listeners, signal handling, graceful drain.
 
-SIGHUP reloads policies and secret files; SIGTERM/SIGINT stop accepting, let in-flight
-requests finish for up to ``drain_seconds``, then exit 0.
+SIGHUP reloads policies and secret files, and so does a change to them on disk
+(:mod:`proxy.watch`); SIGTERM/SIGINT stop accepting, let in-flight requests finish for up
+to ``drain_seconds``, then exit 0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.runtime import Runtime
 from proxy.tls import server_context
+from proxy.watch import FileWatch
 from proxy.webhooks.routes import add_webhook_routes
 
 log = logging.getLogger("tracegate")
@@ -70,7 +72,12 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await runtime.start(policy)
+        interval = runtime.settings.watch_interval
+        watch = asyncio.get_running_loop().create_task(FileWatch(runtime, interval).run()) if interval > 0 else None
         yield
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await runtime.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -129,6 +129,7 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
             "path_metrics": "/v1/metrics",
             "path_logs": "/v1/logs",
             "data_dir": str(tmp_path / "data"),
+            "watch_interval": "0",  # tests reload when they say so (tests/test_watch.py watches)
             **overrides,
         }
         settings = Settings.load(flags, {})

@@ -1,0 +1,91 @@
+"""Files that change on disk the way Kubernetes changes a mounted Secret or ConfigMap (new
+hidden directory, ``..data`` symlink swapped in one rename) are reloaded with no signal and
+no restart: the next request uses the new key; a broken update keeps the old policy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.standins import Sink, StandInIssuer
+from tests.conftest import DOCS_KEY, Tracegate, environ, policy_yaml
+
+NEW_DOCS_KEY = "ls-key-docs-rotated-00112233"
+
+
+class Mounted:
+    """A directory as the kubelet keeps a volume: ``..<version>/`` holds the files,
+    ``..data`` points at the current version, each visible name links through ``..data``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir()
+        self.version = 0
+
+    def publish(self, files: dict[str, str]) -> None:
+        self.version += 1
+        fresh = self.root / f"..2026_11_22_{self.version:02d}"
+        fresh.mkdir()
+        for name, text in files.items():
+            (fresh / name).write_text(text)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        os.symlink(fresh.name, self.root / "..data_tmp")
+        os.rename(self.root / "..data_tmp", self.root / "..data")  # the atomic swap
+        for name in files:
+            if not (self.root / name).is_symlink():
+                os.symlink(f"..data/{name}", self.root / name)
+        if old is not None:
+            for stale in (self.root / old).iterdir():
+                stale.unlink()
+            (self.root / old).rmdir()
+
+
+async def send(client: aiohttp.ClientSession, tg: Tracegate, token: str) -> int:
+    async with client.post(tg.url + "/v1/traces", data=b"x", headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status
+
+
+async def until(tg: Tracegate, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
+    deadline = time.monotonic() + timeout
+    while tg.metric(name, **labels) < value:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {value}"
+        await asyncio.sleep(0.05)
+
+
+async def test_rotated_secret_and_policy_swaps_reload_without_a_signal(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, tmp_path: Path
+) -> None:
+    secrets = Mounted(tmp_path / "secrets")
+    secrets.publish({"docs-key": DOCS_KEY + "\n"})
+    policies = Mounted(tmp_path / "policies-mount")
+    good = policy_yaml(issuer.url).replace("{env: LS_TOKEN_DOCS}", f"{{file: {secrets.root / 'docs-key'}}}")
+    policies.publish({"main.yaml": good})
+    tg: Tracegate = await start_tracegate(good, env=environ(), policies=str(policies.root), watch_interval="0.1")
+    await tg.keys_ready()
+    token = issuer.mint(project_path="docs/site")
+    async with aiohttp.ClientSession() as client:
+        assert await send(client, tg, token) == 200
+        assert sink.received[-1].headers["lightstep-access-token"] == DOCS_KEY
+
+        secrets.publish({"docs-key": NEW_DOCS_KEY + "\n"})  # the Secret is rotated
+        await until(tg, "tracegate_policy_loads_total", 2, result="ok")
+        assert await send(client, tg, token) == 200
+        assert sink.received[-1].headers["lightstep-access-token"] == NEW_DOCS_KEY
+
+        policies.publish({"main.yaml": good + "\nrules: [\n"})  # a broken ConfigMap update
+        await until(tg, "tracegate_policy_loads_total", 1, result="failed")
+        assert tg.metric("tracegate_policy_loaded") == 0
+        assert await send(client, tg, token) == 200  # the last good policy keeps serving
+        assert sink.received[-1].headers["lightstep-access-token"] == NEW_DOCS_KEY
+        await asyncio.sleep(0.5)  # not retried while the files stay as they are
+        assert tg.metric("tracegate_policy_loads_total", result="failed") == 1
+
+        policies.publish({"main.yaml": good.replace('["docs/site", "docs/handbook"]', '["docs/handbook"]')})
+        await until(tg, "tracegate_policy_loads_total", 3, result="ok")
+        assert await send(client, tg, token) == 403
+    assert tg.metric("tracegate_policy_loads_total", result="ok") == 3
