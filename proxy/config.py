@@ -203,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
         "TRACEGATE_WORKERS",
         "1",
         positive(int),
-        "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
+        "Processes sharing the ports (SO_REUSEPORT); /metrics on the admin port sums all workers.",
         flag=True,
     ),
     Option(

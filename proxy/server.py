@@ -14,11 +14,12 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import replace
 from http import HTTPStatus
+from pathlib import Path
 
 from aiohttp import web
 
+from proxy import multiproc
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
 from proxy.config import Settings
@@ -121,13 +122,13 @@ async def start(
     await web.TCPSite(
         ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=runtime.tls_context
     ).start()
-    await web.TCPSite(admin, *settings.admin_listen, reuse_address=True).start()
+    await web.TCPSite(admin, *settings.admin_listen, reuse_address=True, reuse_port=shared).start()
     return runtime, [ingest, admin]
 
 
-async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
+async def serve(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
     try:
-        runtime, runners = await start(settings, environ)
+        runtime, runners = await start(settings, environ, metrics=metrics)
     except PolicyLoadError as exc:
         for problem in exc.problems:
             log.error("policy failed to load: %s", problem)
@@ -161,25 +162,33 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_one(settings: Settings, environ: Mapping[str, str]) -> int:
+def run_one(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve(settings, environ))
+        return runner.run(serve(settings, environ, metrics))
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> int:
     """Serve in this process, or with ``workers`` > 1 fork that many workers that share the
-    ingest port (SO_REUSEPORT: the kernel spreads connections), each with its own JWKS
-    cache, token cache and outbox sender. Worker k's admin listener is on ADMIN_PORT + k.
-    The parent forwards SIGHUP/SIGTERM/SIGINT and exits with the worst worker exit code."""
+    ingest and admin ports (SO_REUSEPORT: the kernel spreads connections), each with its own
+    JWKS cache, token cache and outbox sender; any worker's ``/metrics`` answers for all of
+    them (:mod:`proxy.multiproc`). The parent forwards SIGHUP/SIGTERM/SIGINT and exits with
+    the worst worker exit code."""
     if settings.workers == 1:
         return run_one(settings, environ)
-    host, port = settings.admin_listen
+    directory, made = multiproc.enable(os.environ)
+    try:
+        return _fork_workers(settings, environ, directory)
+    finally:
+        multiproc.cleanup(directory, made)
+
+
+def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Path) -> int:
     pids = []
-    for k in range(settings.workers):
+    for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = run_one(replace(settings, admin_listen=(host, port + k if port else 0)), environ)
+            code = run_one(settings, environ, Metrics(multiprocess_dir=directory))
             os._exit(code)
         pids.append(pid)
 
@@ -193,5 +202,6 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
     worst = 0
     for child in pids:
         _, status = os.waitpid(child, 0)
+        multiproc.worker_exited(directory, child)
         worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
     return worst
