@@ -169,7 +169,8 @@ async def main(args: argparse.Namespace) -> int:
         f"# Outbox benchmark, {datetime.date.today().isoformat()}",
         "",
         f"{args.webhooks} signed Gitea pushes per configuration from {args.concurrency} clients, "
-        f"medians of {args.rounds} interleaved round(s); all on 127.0.0.1, PostgreSQL {args.pg_bindir.split('/')[-2]} local. "
+        f"medians of {args.rounds} interleaved round(s); all on 127.0.0.1 "
+        f"(PostgreSQL {Path(args.pg_bindir).parent.name}, default settings). "
         "The machine was shared with other work: compare ratios, not absolutes.",
         "",
         "| outbox | replicas | webhooks/s accepted | p50 to 202 (ms) | p99 to 202 (ms) | markers/s delivered |",
