@@ -72,6 +72,9 @@ async def replicas(tmp_path: Path, issuer: StandInIssuer, dsn: str) -> AsyncIter
         if replica.process.returncode is None:
             replica.process.kill()
             await replica.process.wait()
+    for k in range(1, count + 1):  # through kills and database crashes: no unhandled error, no 500
+        log = (tmp_path / f"replica-{k}" / "stderr.log").read_text()
+        assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
 
 
 async def post_push(client: aiohttp.ClientSession, replica: Replica, n: int, delivery: str) -> int:
