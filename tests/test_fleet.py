@@ -1,4 +1,4 @@
-"""Two tracegate processes on one real PostgreSQL: every marker reaches the sink exactly once
+"""Two or three tracegate processes on one real PostgreSQL: every marker reaches the sink exactly once
 when deliveries are sprayed across both and duplicated to both at once, when a replica is
 SIGKILLed holding leased events, and when the database crashes and restarts mid-run; no
 webhook is answered 202 unless its event was committed."""
@@ -199,13 +199,15 @@ async def test_database_restart_mid_run_loses_nothing_and_sends_nothing_twice(
     sink: Sink,
     postgres: PgServer,  # noqa: F811
 ) -> None:
-    a, b = await asyncio.gather(replicas(sink.url), replicas(sink.url))
+    fleet = await asyncio.gather(replicas(sink.url), replicas(sink.url), replicas(sink.url))
     answered: dict[str, list[int]] = {}
     stop = asyncio.Event()
 
     async def gitea(client: aiohttp.ClientSession, n: int) -> None:
-        """Like a forge: retry a delivery until a replica answers 202 (2xx ends it)."""
+        """Like a forge behind a load balancer that also duplicates: each attempt reaches two
+        of the three replicas at once; retry until one answers 202 (2xx ends it)."""
         delivery = f"r-{n}"
+        a, b = fleet[n % 3], fleet[(n + 1) % 3]
         answered[delivery] = []
         while True:
             statuses = await asyncio.gather(post_push(client, a, n, delivery), post_push(client, b, n, delivery))

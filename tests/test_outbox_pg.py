@@ -19,8 +19,6 @@ from proxy.webhooks.outbox_pg import MIGRATIONS, PostgresOutbox
 from proxy.webhooks.store import describe, open_outbox, sqlite_path
 from tests.pg_server import PgServer, postgres  # noqa: F401 - the session fixture
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
 
 class Clock:
     def __init__(self) -> None:
