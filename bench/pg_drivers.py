@@ -25,6 +25,7 @@ from proxy.webhooks.outbox_pg import _ADD_EVENT, _CLAIM_DIGEST, PostgresOutbox  
 
 
 def _psycopg_sql(sql: str) -> str:
+    """$n → %s, in order of appearance (a repeated $n takes its value again)."""
     for n in range(6, 0, -1):
         sql = sql.replace(f"${n}", "%s")
     return sql
@@ -53,7 +54,7 @@ async def psycopg_adds(dsn: str, n: int, concurrency: int, prefix: str) -> float
         async def one(i: int) -> None:
             async with pool.connection() as db, db.transaction():
                 now = time.time()
-                await db.execute(add, (f"{prefix}-{i}", f"{prefix}-d{i}", "gitea", "acct", b"x" * 600, now))
+                await db.execute(add, (f"{prefix}-{i}", f"{prefix}-d{i}", "gitea", "acct", b"x" * 600, now, now))
                 await db.execute(claim, (f"{prefix}-d{i}", now, 86400.0))
 
         return await _timed(one, n, concurrency)
