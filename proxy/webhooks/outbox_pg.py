@@ -123,6 +123,10 @@ FROM tracegate_outbox_events
 
 
 class PostgresOutbox:
+    """The outbox in PostgreSQL. ``connect_timeout`` and ``command_timeout`` (seconds) bound
+    how long a webhook waits on an unreachable database before its 503 (at most twice each:
+    one retry), below the 5 s Gitea allows a delivery by default."""
+
     def __init__(
         self,
         dsn: Secret,
@@ -130,8 +134,8 @@ class PostgresOutbox:
         clock: Callable[[], float],
         dedupe_window: float = 86400.0,
         pool_size: int = 8,
-        connect_timeout: float = 5.0,
-        command_timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
         start_attempts: int = 30,
     ) -> None:
         self._dsn = dsn
