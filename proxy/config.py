@@ -8,7 +8,7 @@ one table of every setting; the README's configuration table is written from it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,7 @@ class Settings:
     token_cache_size: int
     forward_headers: tuple[str, ...]
     data_dir: Path
-    outbox_path: str
+    outbox_path: str = field(repr=False)  # a postgresql:// URL may hold a password
     webhook_max_body: int
     dedupe_window: float
     outbox_retry_base: float

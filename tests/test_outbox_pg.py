@@ -169,7 +169,8 @@ def test_outbox_setting_picks_the_store(tmp_path: Path) -> None:
     assert sqlite_path("", tmp_path) == tmp_path / "outbox.sqlite3"
     assert sqlite_path("sqlite:///var/lib/tg/o.db", tmp_path) == Path("/var/lib/tg/o.db")
     assert sqlite_path("rel/o.db", tmp_path) == Path("rel/o.db")
-    assert Settings.load({}, {"TRACEGATE_OUTBOX": url}).outbox_path == url
+    settings = Settings.load({}, {"TRACEGATE_OUTBOX": url})
+    assert settings.outbox_path == url and "hunter2" not in repr(settings)
     with pytest.raises(ConfigError) as caught:
         Settings.load({}, {"TRACEGATE_OUTBOX": "mysql://root:hunter2@db/x"})
     assert "'mysql'" in str(caught.value) and "hunter2" not in str(caught.value)
