@@ -174,3 +174,37 @@ def test_outbox_setting_picks_the_store(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.load({}, {"TRACEGATE_OUTBOX": "mysql://root:hunter2@db/x"})
     assert "'mysql'" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+async def test_an_outbox_that_cannot_open_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from tests.conftest import policy_yaml
+
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "main.yaml").write_text(policy_yaml("https://issuer.invalid"))
+    (tmp_path / "a-file").write_text("not a directory")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--policies",
+        str(tmp_path / "policies"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        env={
+            **os.environ,
+            "LS_TOKEN_PAYMENTS": "ls-key-p",
+            "LS_TOKEN_DOCS": "ls-key-d",
+            "TRACEGATE_OUTBOX": f"sqlite:///{tmp_path}/a-file/outbox.sqlite3",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert b"outbox could not be opened: outbox-sqlite-" in err and b"Traceback" not in err

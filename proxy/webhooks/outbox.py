@@ -90,7 +90,10 @@ class Outbox:
             db.executescript(_SCHEMA)
             return db
 
-        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxUnavailable(f"outbox-sqlite-{type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._db is not None:
