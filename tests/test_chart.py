@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.config import OPTIONS, host_port
+from proxy.config import OPTIONS, Settings, host_port
 from proxy.standins import StandInIssuer
 from tests.conftest import policy_yaml
 
@@ -150,7 +150,15 @@ async def test_rendered_probes_ports_and_drain_agree_with_tracegate(
         assert host_port(env["TRACEGATE_GRPC_LISTEN"])[1] == ports["otlp-grpc"] == 4317
         [service] = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None"]
         assert {p["port"] for p in service["spec"]["ports"]} == {4318, 4317, 9464}
+        # tracegate itself accepts every setting the chart gives it.
+        plain = {k: v for k, v in env.items() if isinstance(v, str)}
+        if "TRACEGATE_OUTBOX" not in plain:  # from the URL Secret
+            plain["TRACEGATE_OUTBOX"] = "postgresql://tracegate:pw@db:5432/tracegate"
+        settings = Settings.load({}, plain)
+        assert settings.admin_listen == ("0.0.0.0", ports["admin"])
+        assert settings.workers == values.get("workers", 1)
         drain = float(env["TRACEGATE_DRAIN_SECONDS"])
+        assert settings.drain_seconds == drain
         pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pod["terminationGracePeriodSeconds"] > pause + drain  # the kubelet never cuts the drain short
         probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
