@@ -89,3 +89,72 @@ async def test_rotated_secret_and_policy_swaps_reload_without_a_signal(
         await until(tg, "tracegate_policy_loads_total", 3, result="ok")
         assert await send(client, tg, token) == 403
     assert tg.metric("tracegate_policy_loads_total", result="ok") == 3
+
+
+def self_signed(common_name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+async def served_certificate_name(url: str) -> str:
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    host, port = url.removeprefix("https://").split(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only read which certificate is served
+    _, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return str(x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+async def test_a_rotated_tls_secret_is_served_to_new_connections(
+    start_tracegate: Any, issuer: StandInIssuer, tmp_path: Path
+) -> None:
+    tls = Mounted(tmp_path / "tls")
+    cert, key = self_signed("first")
+    tls.publish({"tls.crt": cert, "tls.key": key})
+    tg: Tracegate = await start_tracegate(
+        policy_yaml(issuer.url),
+        tls_cert=str(tls.root / "tls.crt"),
+        tls_key=str(tls.root / "tls.key"),
+        watch_interval="0.1",
+    )
+    url = tg.url.replace("http://", "https://")
+    assert await served_certificate_name(url) == "first"
+    cert, key = self_signed("second")
+    tls.publish({"tls.crt": cert, "tls.key": key})  # cert-manager renews the Secret
+    await until(tg, "tracegate_tls_reloads_total", 1, result="ok")
+    assert await served_certificate_name(url) == "second"
