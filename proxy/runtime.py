@@ -72,6 +72,8 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         #: The listeners' TLS context (None: plain HTTP); its certificate is reloaded in place.
         self.tls_context: ssl.SSLContext | None = None
+        #: Reloads attempted so far (SIGHUP or file watch), so the watch knows its files were read.
+        self.reload_attempts = 0
 
     @property
     def gate(self) -> Gate:
@@ -165,6 +167,7 @@ class Runtime:
         """Reload policies, secret files and the TLS certificate. True if the new policy now
         serves. Each part is all-or-nothing: a failed part keeps what it had."""
         async with self._reload_lock:
+            self.reload_attempts += 1
             self._reload_tls()
             try:
                 policy = await asyncio.to_thread(self.load)

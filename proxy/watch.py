@@ -10,7 +10,8 @@ debounce: a writer that is halfway through is not caught mid-way).
 
 The reload is :meth:`proxy.runtime.Runtime.reload`, all-or-nothing: a broken update keeps
 the last good policy serving and is counted (``tracegate_policy_loads_total{result="failed"}``);
-it is not retried until the files change again.
+it is not retried until the files change again. Files a SIGHUP reload has just read are not
+reloaded a second time.
 
 Watched: every policy file (and which ones exist), every secret file the serving policy
 names (``{file: …}`` references), and the TLS certificate, key and client CA.
@@ -70,6 +71,7 @@ class FileWatch:
         """Poll until cancelled. Never raises: a file that cannot be read is a change (its
         stamp becomes None), and the reload decides whether that is an error."""
         seen = await self._fingerprint()
+        attempts = self._runtime.reload_attempts
         pending: Fingerprint | None = None
         while True:
             await asyncio.sleep(self._interval)
@@ -77,6 +79,9 @@ class FileWatch:
                 now = await self._fingerprint()
             except OSError as exc:  # the policy directory itself is gone: keep serving, keep looking
                 log.error("policy directory unreadable; the previous policy keeps serving (%s)", type(exc).__name__)
+                continue
+            if self._runtime.reload_attempts != attempts:  # a SIGHUP read these files already
+                seen, pending, attempts = now, None, self._runtime.reload_attempts
                 continue
             if now == seen:
                 pending = None
@@ -86,4 +91,4 @@ class FileWatch:
                 continue
             log.info("policy, secret or TLS files changed; reloading")
             await self._runtime.reload()
-            seen, pending = await self._fingerprint(), None
+            seen, pending, attempts = await self._fingerprint(), None, self._runtime.reload_attempts
