@@ -81,7 +81,8 @@ class FileWatch:
                 log.error("policy directory unreadable; the previous policy keeps serving (%s)", type(exc).__name__)
                 continue
             if self._runtime.reload_attempts != attempts:  # a SIGHUP read these files already
-                seen, pending, attempts = now, None, self._runtime.reload_attempts
+                attempts, pending = self._runtime.reload_attempts, None
+                seen = await self._fingerprint()  # taken now: ``now`` may predate what it read
                 continue
             if now == seen:
                 pending = None
