@@ -65,21 +65,24 @@ class FileWatch:
         self._interval = interval
 
     async def _fingerprint(self) -> Fingerprint:
-        return await asyncio.to_thread(lambda: fingerprint(watched_files(self._runtime)))
+        """The watched files' stamps; a policy directory that cannot be listed is a stamp of
+        its own (a change, which the reload then reports as the policy's problem)."""
+        try:
+            return await asyncio.to_thread(lambda: fingerprint(watched_files(self._runtime)))
+        except OSError as exc:
+            return ((str(self._runtime.settings.policies), ("unreadable", 0, 0, len(type(exc).__name__))),)
 
     async def run(self) -> None:
         """Poll until cancelled. Never raises: a file that cannot be read is a change (its
         stamp becomes None), and the reload decides whether that is an error."""
-        seen = await self._fingerprint()
+        # Read ``reload_attempts`` before each baseline fingerprint, never after: a SIGHUP that
+        # starts in between then shows as a change of attempts, and the baseline is retaken.
         attempts = self._runtime.reload_attempts
+        seen = await self._fingerprint()
         pending: Fingerprint | None = None
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                now = await self._fingerprint()
-            except OSError as exc:  # the policy directory itself is gone: keep serving, keep looking
-                log.error("policy directory unreadable; the previous policy keeps serving (%s)", type(exc).__name__)
-                continue
+            now = await self._fingerprint()
             if self._runtime.reload_attempts != attempts:  # a SIGHUP read these files already
                 attempts, pending = self._runtime.reload_attempts, None
                 seen = await self._fingerprint()  # taken now: ``now`` may predate what it read
@@ -92,4 +95,5 @@ class FileWatch:
                 continue
             log.info("policy, secret or TLS files changed; reloading")
             await self._runtime.reload()
-            seen, pending, attempts = await self._fingerprint(), None, self._runtime.reload_attempts
+            attempts, pending = self._runtime.reload_attempts, None
+            seen = await self._fingerprint()
