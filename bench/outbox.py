@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import shutil
 import statistics
 import sys
 import tempfile
@@ -165,6 +166,8 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await issuer.stop()
         pg.stop("fast")
+        shutil.rmtree(pg_root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     lines = [
         f"# Outbox benchmark, {datetime.date.today().isoformat()}",
         "",
