@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,13 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         return number
 
     return parse
+
+
+def non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
 
 
 def names(value: str) -> tuple[str, ...]:
@@ -192,7 +199,13 @@ OPTIONS: tuple[Option, ...] = (
         "Extra client headers to forward upstream (comma list).",
     ),
     Option("data_dir", "TRACEGATE_DATA_DIR", "./data", Path, "Where the deployment-marker outbox lives."),
-    Option("outbox_path", "TRACEGATE_OUTBOX", "", str, "Outbox SQLite file; default DATA_DIR/outbox.sqlite3."),
+    Option(
+        "outbox_path",
+        "TRACEGATE_OUTBOX",
+        "",
+        str,
+        "Outbox: SQLite file or sqlite:///PATH (default DATA_DIR/outbox.sqlite3); postgresql://… to share it.",
+    ),
     Option(
         "webhook_max_body",
         "TRACEGATE_WEBHOOK_MAX_BODY_BYTES",
@@ -247,7 +260,7 @@ OPTIONS: tuple[Option, ...] = (
         "TRACEGATE_WORKERS",
         "1",
         positive(int),
-        "Processes sharing the ingest port (SO_REUSEPORT); worker k serves admin on ADMIN_PORT+k.",
+        "Processes sharing the ports (SO_REUSEPORT); /metrics on the admin port sums all workers.",
         flag=True,
     ),
     Option(
@@ -324,6 +337,20 @@ OPTIONS: tuple[Option, ...] = (
         grpc_target,
         "Default gRPC upstream: HOST:PORT or https://HOST[:PORT] (TLS), http://HOST:PORT (loopback only).",
     ),
+    Option(
+        "outbox_pool_size",
+        "TRACEGATE_OUTBOX_POOL_SIZE",
+        "8",
+        positive(int),
+        "PostgreSQL outbox: most connections per process.",
+    ),
+    Option(
+        "watch_interval",
+        "TRACEGATE_WATCH_INTERVAL_SECONDS",
+        "2",
+        non_negative,
+        "How often policy, secret and TLS files are checked for changes (reload like SIGHUP); 0: never.",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -347,7 +374,7 @@ class Settings:
     token_cache_size: int
     forward_headers: tuple[str, ...]
     data_dir: Path
-    outbox_path: str
+    outbox_path: str = field(repr=False)  # a postgresql:// URL may hold a password
     webhook_max_body: int
     dedupe_window: float
     outbox_retry_base: float
@@ -366,6 +393,8 @@ class Settings:
     authz_secret: SecretRef | None
     grpc_listen: tuple[str, int] | None
     grpc_upstream: str
+    outbox_pool_size: int
+    watch_interval: float
     log_level: str
 
     @property
@@ -380,10 +409,6 @@ class Settings:
         return TlsFiles(
             Path(self.tls_cert), Path(self.tls_key), Path(self.tls_client_ca) if self.tls_client_ca else None
         )
-
-    @property
-    def outbox_file(self) -> Path:
-        return Path(self.outbox_path) if self.outbox_path else self.data_dir / "outbox.sqlite3"
 
     @classmethod
     def load(cls, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
@@ -402,6 +427,11 @@ class Settings:
                 raise ConfigError(f"{source}={raw!r}: {exc}") from None
         if bool(values["tls_cert"]) != bool(values["tls_key"]):
             raise ConfigError("TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY must be set together (or neither)")
+        scheme, sep, _ = values["outbox_path"].partition("://")
+        if sep and scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(  # the value itself may hold a password: name only its scheme
+                f"TRACEGATE_OUTBOX: unknown scheme {scheme[:20]!r}; use a file path, sqlite:///PATH or postgresql://…"
+            )
         if values["tls_client_ca"] and not values["tls_cert"]:
             raise ConfigError("TRACEGATE_TLS_CLIENT_CA needs TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY (mTLS is TLS)")
         if values["authz_listen"] is not None and not values["authz_dialect"]:

@@ -9,7 +9,8 @@ Every error tracegate raises on purpose derives from :class:`TracegateError`::
     │   └── KeysUnavailable    the issuer's keys could not be had yet       -> 503
     ├── BodyError              the request body broke the limits           -> 413 / 400
     │   └── StampError         the body cannot be stamped (see stamp.py)   -> 400 / 413
-    └── UpstreamError          the upstream could not be reached in time   -> 502 / 504
+    ├── UpstreamError          the upstream could not be reached in time   -> 502 / 504
+    └── OutboxUnavailable      the outbox's database cannot take a write    -> 503
 
 Each error that reaches a client carries a stable kebab-case ``reason`` that goes to the
 audit log and the metrics. ``str()`` of an error never contains a token, a signature
@@ -91,3 +92,15 @@ class StampError(BodyError):
 
     def __init__(self, reason: str, status: int = 400) -> None:
         super().__init__(reason, status)
+
+
+class OutboxUnavailable(TracegateError):
+    """The outbox's store could not be reached or could not commit: nothing was stored, and
+    the webhook is answered 503 so that its sender retries. ``reason`` names the failure's
+    class, never the connection string."""
+
+    status = 503
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

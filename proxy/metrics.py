@@ -6,6 +6,7 @@ claim value, a token or a key, so cardinality stays bounded by the policy's size
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,7 +15,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        #: With several workers (:mod:`proxy.multiproc`): render every worker's samples, merged.
+        #: Each gauge's ``multiprocess_mode`` says how (it is ignored with one worker).
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -44,9 +48,13 @@ class Metrics:
             "tracegate_policy_loaded",
             "1 if the last policy load succeeded, 0 if the old policy is serving.",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.policy_last_load = Gauge(
-            "tracegate_policy_last_load_timestamp_seconds", "Unix time of the last successful policy load.", registry=r
+            "tracegate_policy_last_load_timestamp_seconds",
+            "Unix time of the last successful policy load.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.tls_reloads = Counter(
             "tracegate_tls_reloads", "TLS certificate reloads (SIGHUP) by result.", ("result",), registry=r
@@ -62,9 +70,14 @@ class Metrics:
         )
         self.token_cache = Counter("tracegate_token_cache", "Verified-token cache lookups.", ("result",), registry=r)
         # Outbox (deployment markers).
-        self.outbox_depth = Gauge("tracegate_outbox_depth", "Events waiting in the outbox.", registry=r)
+        self.outbox_depth = Gauge(
+            "tracegate_outbox_depth", "Events waiting in the outbox.", registry=r, multiprocess_mode="livemax"
+        )
         self.outbox_oldest_age = Gauge(
-            "tracegate_outbox_oldest_pending_seconds", "Age of the oldest pending outbox event.", registry=r
+            "tracegate_outbox_oldest_pending_seconds",
+            "Age of the oldest pending outbox event.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.outbox_deliveries = Counter(
             "tracegate_outbox_deliveries", "Outbox delivery attempts by result.", ("result",), registry=r
@@ -92,4 +105,8 @@ class Metrics:
         self.child(self.requests, signal, account, decision, reason, transport).inc()
 
     def render(self) -> bytes:
+        if self.multiprocess_dir is not None:
+            from proxy.multiproc import render
+
+            return render(self.multiprocess_dir)
         return generate_latest(self.registry)

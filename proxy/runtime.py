@@ -79,6 +79,8 @@ class Runtime:
         self.grpc_address: tuple[str, int] | None = None
         #: Called after the TLS certificate reloaded (the gRPC listener's credentials).
         self.tls_reload_hooks: list[Callable[[], None]] = []
+        #: Reloads attempted so far (SIGHUP or file watch), so the watch knows its files were read.
+        self.reload_attempts = 0
 
     @property
     def gate(self) -> Gate:
@@ -181,6 +183,7 @@ class Runtime:
         """Reload policies, secret files and the TLS certificate. True if the new policy now
         serves. Each part is all-or-nothing: a failed part keeps what it had."""
         async with self._reload_lock:
+            self.reload_attempts += 1
             self._reload_tls()
             try:
                 policy = await asyncio.to_thread(self.load)

@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
+from proxy import multiproc
 from proxy.admin import build_admin_app
 from proxy.audit import AuditLog
 from proxy.authz import build_authz_app
@@ -32,7 +33,9 @@ from proxy.protocol import EdgeRunner, guard
 from proxy.runtime import Runtime
 from proxy.tls import server_context
 from proxy.traceparent import add_traceparent_route
+from proxy.watch import FileWatch
 from proxy.webhooks.routes import add_webhook_routes
+from proxy.webhooks.store import describe
 
 log = logging.getLogger("tracegate")
 
@@ -55,7 +58,12 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await runtime.start(policy)
+        interval = runtime.settings.watch_interval
+        watch = asyncio.get_running_loop().create_task(FileWatch(runtime, interval).run()) if interval > 0 else None
         yield
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await runtime.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -117,7 +125,7 @@ async def start(
             settings.listen,
         )
         await _listen(
-            web.TCPSite(admin, *settings.admin_listen, reuse_address=True),
+            web.TCPSite(admin, *settings.admin_listen, reuse_address=True, reuse_port=shared),
             "TRACEGATE_ADMIN_LISTEN",
             settings.admin_listen,
         )
@@ -166,11 +174,11 @@ async def _listen(site: web.TCPSite, setting: str, address: tuple[str, int]) -> 
         ) from None
 
 
-async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
+async def serve(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
     """Serve until SIGTERM/SIGINT. Raises ConfigError (nothing left open) when tracegate
     cannot start: the caller prints it as one line and exits 2."""
     try:
-        runtime, runners = await start(settings, environ)
+        runtime, runners = await start(settings, environ, metrics=metrics)
     except PolicyLoadError as exc:
         for problem in exc.problems:
             log.error("policy failed to load: %s", problem)
@@ -186,6 +194,7 @@ async def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     where["grpc_listen"] = f"{grpc_listen[0]}:{grpc_listen[1]}" if grpc_listen is not None else "off"
     if settings.authz_listen is not None:
         where["authz"] = f"{settings.authz_listen[0]}:{settings.authz_listen[1]}"
+    where["outbox"] = describe(settings.outbox_path, settings.data_dir)  # never the password
     log.info("tracegate serving", extra=where)
     await stop.wait()
     log.info("draining", extra={"seconds": settings.drain_seconds})
@@ -205,26 +214,34 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_one(settings: Settings, environ: Mapping[str, str]) -> int:
+def run_one(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve(settings, environ))
+        return runner.run(serve(settings, environ, metrics))
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> int:
     """Serve in this process, or with ``workers`` > 1 fork that many workers that share the
-    ingest port (SO_REUSEPORT: the kernel spreads connections), each with its own JWKS
-    cache, token cache and outbox sender. Worker k's admin listener is on ADMIN_PORT + k.
-    The parent forwards SIGHUP/SIGTERM/SIGINT and exits with the worst worker exit code."""
+    ingest, gRPC and admin ports (SO_REUSEPORT: the kernel spreads connections), each with
+    its own JWKS cache, token cache and outbox sender; any worker's ``/metrics`` answers for
+    all of them (:mod:`proxy.multiproc`). The parent forwards SIGHUP/SIGTERM/SIGINT and
+    exits with the worst worker exit code."""
     if settings.workers == 1:
         return run_one(settings, environ)
-    host, port = settings.admin_listen
+    directory, made = multiproc.enable(os.environ)
+    try:
+        return _fork_workers(settings, environ, directory)
+    finally:
+        multiproc.cleanup(directory, made)
+
+
+def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Path) -> int:
     pids = []
     for k in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             try:
-                code = run_one(replace(settings, admin_listen=(host, port + k if port else 0)), environ)
+                code = run_one(settings, environ, Metrics(multiprocess_dir=directory))
             except ConfigError as exc:
                 print(f"tracegate: worker {k}: {exc}", file=sys.stderr, flush=True)
                 code = 2
@@ -241,5 +258,6 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
     worst = 0
     for child in pids:
         _, status = os.waitpid(child, 0)
+        multiproc.worker_exited(directory, child)
         worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
     return worst

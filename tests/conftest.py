@@ -132,6 +132,7 @@ async def start_tracegate(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
             "path_logs": "/v1/logs",
             "data_dir": str(tmp_path / "data"),
             "grpc_listen": "off",
+            "watch_interval": "0",  # tests reload when they say so (tests/test_watch.py watches)
             **overrides,
         }
         settings = Settings.load(flags, {})

@@ -83,6 +83,12 @@ async def test_sigterm_drains_in_flight_grpc_calls_and_exits_zero(
             await process.wait()
 
 
+def _listening_sockets(port: int) -> int:
+    """Sockets in LISTEN state on ``port`` (IPv4 or IPv6 tables), from the kernel's own view."""
+    rows = [row.split() for table in ("tcp", "tcp6") for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A")
+
+
 async def test_two_workers_share_the_grpc_port(tmp_path: Path, issuer: StandInIssuer, grpc_sink: GrpcSink) -> None:
     port = free_port()
     process, _, admin = await spawn(
@@ -94,36 +100,35 @@ async def test_two_workers_share_the_grpc_port(tmp_path: Path, issuer: StandInIs
         "--workers",
         "2",
     )
-    host, admin_port = admin.rsplit(":", 1)
-    admins = [admin, f"{host}:{int(admin_port) + 1}"]
     try:
-        async with aiohttp.ClientSession() as client:
-            for url in admins:  # each worker has its own JWKS cache: wait for both
-                for _ in range(200):
-                    try:
-                        async with client.get(url + "/readyz") as resp:
-                            body = await resp.json()
-                            if resp.status == 200 and not body["issuers_without_keys"]:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
+        # The shared admin port answers for whichever worker takes the connection, and each
+        # worker has its own JWKS cache: wait for 20 ready answers in a row, each on a new
+        # connection (the kernel spreads them), so that both workers have their keys.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            streak = 0
+            for _ in range(600):
+                try:
+                    async with client.get(admin + "/readyz") as resp:
+                        body = await resp.json()
+                        ok = resp.status == 200 and not body["issuers_without_keys"]
+                except aiohttp.ClientError:
+                    ok = False
+                streak = streak + 1 if ok else 0
+                if streak == 20:
+                    break
+                await asyncio.sleep(0.02)
             token = issuer.mint()
             outcomes = [await call(port, [("authorization", f"Bearer {token}")], f"{i}".encode()) for i in range(24)]
             assert [o.code for o in outcomes] == [grpc.StatusCode.OK] * 24
-            served = []
-            for url in admins:
-                async with client.get(url + "/metrics") as resp:
-                    text = await resp.text()
-                served.append(
-                    sum(
-                        float(line.rsplit(" ", 1)[1])
-                        for line in text.splitlines()
-                        if line.startswith("tracegate_requests_total{") and 'transport="grpc"' in line
-                    )
-                )
-        assert sum(served) == 24
-        assert all(n > 0 for n in served), served  # each call is a new connection, spread by the kernel
+            async with client.get(admin + "/metrics") as resp:
+                text = await resp.text()
+        served = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tracegate_requests_total{") and 'transport="grpc"' in line
+        )
+        assert served == 24  # one scrape answers for both workers (multiprocess metrics)
+        assert _listening_sockets(port) == 2  # both workers bound the gRPC port (SO_REUSEPORT)
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 15)
         assert process.returncode == 0

@@ -89,6 +89,7 @@ async def proc(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> AsyncIterat
         "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
         "TRACEGATE_DRAIN_SECONDS": "10",
         "TRACEGATE_DATA_DIR": str(tmp_path / "data"),
+        "TRACEGATE_WATCH_INTERVAL_SECONDS": "0",  # SIGHUP alone reloads here; tests/test_watch.py watches
     }
     process, url, admin = await spawn(policies, env, sink.url)
     yield Proc(process, url, admin, policy, secret_file)

@@ -18,9 +18,9 @@ from typing import Any
 
 from proxy.policy.model import WebhookSource
 from proxy.webhooks.ci_outbox import store_spans
-from proxy.webhooks.outbox import Outbox
 from proxy.webhooks.payload import Skip, get, positive_id, text
 from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
+from proxy.webhooks.store import OutboxStore
 
 EVENTS = ("workflow_run", "workflow_job")
 MAX_STEPS = 100
@@ -157,7 +157,7 @@ def spans_for(event: str, payload: dict[str, Any]) -> CiSpan | Skip:
 
 
 async def receive(
-    outbox: Outbox, hook: WebhookSource, source: str, event: str, payload: dict[str, Any]
+    outbox: OutboxStore, hook: WebhookSource, source: str, event: str, payload: dict[str, Any]
 ) -> tuple[int, str, str, dict[str, Any]]:
     """An authentic workflow_run / workflow_job for ``hook``: (status, decision, reason,
     answer fields) for the Gitea door to answer and record."""

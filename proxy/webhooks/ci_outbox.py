@@ -14,11 +14,12 @@ import hashlib
 from collections.abc import Sequence
 
 from proxy.policy.model import WebhookSource
-from proxy.webhooks.outbox import Added, Outbox
+from proxy.webhooks.outbox import Added
 from proxy.webhooks.pipeline import CiSpan, otlp_json
+from proxy.webhooks.store import OutboxStore
 
 
-async def store_spans(outbox: Outbox, spans: Sequence[CiSpan], *, source: str, hook: WebhookSource) -> list[Added]:
+async def store_spans(outbox: OutboxStore, spans: Sequence[CiSpan], *, source: str, hook: WebhookSource) -> list[Added]:
     """Store each span as its own OTLP/JSON export under ``hook``'s service name and
     account. Returns each span's outcome, in order."""
     outcomes: list[Added] = []

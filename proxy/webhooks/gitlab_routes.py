@@ -35,8 +35,8 @@ from proxy.protocol import expect_refusal
 from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
-from proxy.webhooks.outbox import Outbox
 from proxy.webhooks.payload import Skip
+from proxy.webhooks.store import OutboxStore
 
 #: Longest token compared; GitLab's secret token field is free text, bounded here.
 MAX_TOKEN_BYTES = 1024
@@ -127,7 +127,7 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     drawn = gitlab.spans_for(event, payload, instance, with_jobs="job" not in hook.events)
     if isinstance(drawn, Skip):
         return done(202, "ignored", drawn.reason, **facts)
-    outbox: Outbox = request.app[OUTBOX]
+    outbox: OutboxStore = request.app[OUTBOX]
     try:
         outcomes = await store_spans(outbox, drawn.spans, source="gitlab", hook=hook)
     except (sqlite3.Error, OSError, RuntimeError):

@@ -10,7 +10,8 @@ event (a manual redelivery in Gitea has a new id and the same body).
 
 No secret is stored: only the service account's name; its key is looked up at send time.
 SQLite is blocking, so every call runs on one dedicated thread, which also serialises
-access to the single connection.
+access to the single connection. A failing disk or file becomes
+:class:`~proxy.errors.OutboxUnavailable` (answered 503), as in the PostgreSQL store.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from proxy.errors import OutboxUnavailable
 
 T = TypeVar("T")
 
@@ -70,8 +73,11 @@ class Outbox:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
             if self._db is None:
-                raise RuntimeError("outbox is closed")
-            return fn(self._db)
+                raise OutboxUnavailable("outbox-closed")
+            try:
+                return fn(self._db)
+            except (sqlite3.Error, OSError) as exc:
+                raise OutboxUnavailable(f"outbox-sqlite-{type(exc).__name__}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
@@ -96,7 +102,10 @@ class Outbox:
                         raise
                     time.sleep(0.1)
 
-        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxUnavailable(f"outbox-sqlite-{type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._db is not None:

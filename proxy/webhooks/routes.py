@@ -2,6 +2,8 @@
 Forgejo, HMAC-signed) and ``POST /v1/deployments`` (a GitLab job with its ID token).
 
 Both answer 202 only after the event is durably in the outbox; refusals store nothing.
+When the outbox cannot commit (its database is down), they answer 503 with Retry-After,
+which forges and GitLab jobs retry; never 202 without a commit.
 """
 
 from __future__ import annotations
@@ -10,19 +12,19 @@ import asyncio
 import hashlib
 import os
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
 from proxy import untrusted
 from proxy.admission import Refused
 from proxy.answers import refusal
-from proxy.errors import BodyError, ConfigError
+from proxy.errors import BodyError, ConfigError, OutboxUnavailable
 from proxy.forges import ci_facts
 from proxy.forward import BODY_READ_ERRORS, declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
@@ -31,11 +33,14 @@ from proxy.runtime import Runtime
 from proxy.webhooks import actions
 from proxy.webhooks.gitea import Classified, classify, repository_name
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
-from proxy.webhooks.outbox import Added, Outbox
+from proxy.webhooks.outbox import Added
 from proxy.webhooks.sender import Sender
 from proxy.webhooks.signatures import presented_signatures, verifies
+from proxy.webhooks.store import OutboxStore, describe, open_outbox
 
-OUTBOX = web.AppKey("outbox", Outbox)
+OUTBOX: web.AppKey[OutboxStore] = web.AppKey("outbox")
+#: Seconds a webhook sender is asked to wait when the outbox cannot commit.
+OUTBOX_RETRY_AFTER = 5
 MAX_DEPLOYMENT_BODY = 4096
 #: More fields than this in a form-encoded delivery is not Gitea's form (it sends one).
 MAX_FORM_FIELDS = 20
@@ -281,18 +286,43 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
     return done(202, "accepted", "stored", services=stored_services)
 
 
+@web.middleware
+async def outbox_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any door that stores in the outbox: a store that cannot commit is a 503 with
+    Retry-After (counted and audited), never a 500 and never a 202."""
+    try:
+        return await handler(request)
+    except OutboxUnavailable as exc:
+        runtime = request.app[RUNTIME]
+        runtime.metrics.webhooks.labels("outbox", "unavailable", "outbox-unavailable").inc()
+        runtime.audit(kind="webhook", decision="unavailable", reason="outbox-unavailable", error=exc.reason)
+        return web.json_response(
+            {"accepted": False, "reason": "outbox-unavailable"},
+            status=503,
+            headers={"Retry-After": str(OUTBOX_RETRY_AFTER)},
+        )
+
+
 def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     settings = runtime.settings
 
     async def storage(_app: web.Application) -> AsyncIterator[None]:
-        outbox = Outbox(settings.outbox_file, clock=time.time, dedupe_window=settings.dedupe_window)
+        outbox = open_outbox(
+            settings.outbox_path,
+            settings.data_dir,
+            clock=time.time,
+            dedupe_window=settings.dedupe_window,
+            pool_size=settings.outbox_pool_size,
+        )
+        where = describe(settings.outbox_path, settings.data_dir)
         try:
             await outbox.open()
-        except (OSError, sqlite3.Error) as exc:
+        except OutboxUnavailable as exc:
             await outbox.close()
             raise ConfigError(
-                f"TRACEGATE_OUTBOX={settings.outbox_file}: cannot open the outbox ({type(exc).__name__}); make "
-                f"TRACEGATE_DATA_DIR writable by uid {os.getuid()} or point TRACEGATE_OUTBOX at a writable file"
+                f"TRACEGATE_OUTBOX={where}: cannot open the outbox ({exc.reason}); make TRACEGATE_DATA_DIR "
+                f"writable by uid {os.getuid()}, point TRACEGATE_OUTBOX at a writable file, or make the database "
+                "reachable"
             ) from None
         app[OUTBOX] = outbox
         yield
@@ -309,6 +339,7 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     # data directory stops start-up before anything else is under way; the sender starts last.
     app.cleanup_ctx.insert(0, storage)
     app.cleanup_ctx.append(sending)
+    app.middlewares.append(outbox_unavailable)
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_refusal(_gitea_refuses, webhook_limit))
     from proxy.webhooks.gitlab_routes import expect_gitlab, handle_gitlab  # it reads OUTBOX from here
 
