@@ -36,12 +36,13 @@ from grpc import aio
 from multidict import CIMultiDict
 
 from proxy.admission import Admitted, Refused, admit, refuse
-from proxy.errors import ConfigError, UpstreamError
+from proxy.errors import ConfigError, StampError, UpstreamError
 from proxy.forward import MAX_ANSWER_BYTES, _key
 from proxy.grpc_status import GrpcAnswer, failure, from_http, refusal
 from proxy.grpc_upstream import GrpcUpstream
 from proxy.headers import FORWARDED
 from proxy.runtime import Runtime
+from proxy.stamp import stamp_for, stamp_protobuf
 from proxy.tls import TlsFiles
 
 log = logging.getLogger("tracegate")
@@ -176,6 +177,12 @@ class GrpcDoor:
         if not isinstance(request, bytes):  # EOF: over the size limit (gRPC answered it), or no message at all
             admitted.record("failed", "body-too-large")
             return await self._answer(context, refusal(413, "body-too-large"))
+        if admitted.account.stamp:  # grpcio has already inflated a gzip message
+            try:
+                request = stamp_protobuf(request, stamp_for(admitted.account, admitted.identity))
+            except StampError as exc:
+                admitted.record("failed", exc.reason, bytes_in=len(request))
+                return await self._answer(context, refusal(exc.status, exc.reason))
         try:
             answer = await self._forward(admitted, method, request, incoming, context.time_remaining())
         except asyncio.CancelledError:  # the client's deadline passed or it cancelled

@@ -612,3 +612,32 @@ async def test_readyz_reflects_the_grpc_listener_and_drain_finishes_in_flight_ca
     assert [o.code for o in await asyncio.gather(*in_flight)] == [grpc.StatusCode.OK] * 3
     assert b"late" not in {r.body for r in grpc_sink.received}
     assert [line["transport"] for line in tg.audit() if line["reason"] == "draining"] == ["grpc"]
+
+
+async def test_stamped_account_gets_verified_attributes_over_grpc_too(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+    policy = policy_yaml(issuer.url).replace(
+        "access_token: {env: LS_TOKEN_PAYMENTS}", "access_token: {env: LS_TOKEN_PAYMENTS}\n    stamp: default"
+    )
+    tg, port = await start_grpc(start_tracegate, policy, grpc_sink)
+    await tg.keys_ready()
+    sent = ExportTraceServiceRequest()
+    resource = sent.resource_spans.add().resource
+    resource.attributes.append(KeyValue(key="service.name", value={"string_value": "checkout"}))
+    resource.attributes.append(KeyValue(key="vcs.ref.head.revision", value={"string_value": "forged"}))
+    token = issuer.mint(sha="c" * 40)
+    outcome = await call(port, [("authorization", f"Bearer {token}")], sent.SerializeToString())
+    assert outcome.code == grpc.StatusCode.OK
+    got = ExportTraceServiceRequest.FromString(grpc_sink.received[0].body)
+    attrs = [(a.key, a.value.string_value) for a in got.resource_spans[0].resource.attributes]
+    assert ("service.name", "checkout") in attrs
+    assert [v for k, v in attrs if k == "vcs.ref.head.revision"] == ["c" * 40]  # verified, once
+    # A message that cannot be parsed for stamping is refused, never forwarded unstamped.
+    bad = await call(port, [("authorization", f"Bearer {token}")], b"\x0a\xff\xff\xff")
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(grpc_sink.received) == 1
+    assert tg.audit()[-1]["reason"] == "stamp-bad-protobuf"
