@@ -87,6 +87,9 @@ def add_dev_parser(sub: Any) -> None:
     dev.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})")
     dev.add_argument("--listen", default="127.0.0.1:4318", help="tracegate's OTLP/HTTP listener (default %(default)s)")
     dev.add_argument("--admin-listen", default="127.0.0.1:9464", help="admin listener (default %(default)s)")
+    dev.add_argument(
+        "--grpc-listen", default="127.0.0.1:4317", help="tracegate's OTLP/gRPC listener, or off (default %(default)s)"
+    )
     dev.add_argument("--ttl", type=_seconds, help=f"token lifetime, seconds (default {DEFAULT_TTL})")
     more = dev.add_subparsers(dest="dev_command")
     token = more.add_parser("token", help="mint a token for the running `tracegate dev` issuer (printed on stdout)")
@@ -124,7 +127,9 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         print(export_headers(token) if args.export else token)
         return 0
     try:
-        return asyncio.run(run_dev(state, args.listen, args.admin_listen, args.ttl or DEFAULT_TTL))
+        return asyncio.run(
+            run_dev(state, args.listen, args.admin_listen, args.ttl or DEFAULT_TTL, grpc_listen=args.grpc_listen)
+        )
     except KeyboardInterrupt:  # Ctrl-C while starting, before our handler is installed
         return 130
 
@@ -168,12 +173,9 @@ def collector_exporter(token: str, http_endpoint: str) -> list[str]:
     ]
 
 
-def grpc_endpoint(runners: list[Any]) -> str | None:
-    """HOOK for the OTLP/gRPC door (port 4317, added by another change): once tracegate has
-    a gRPC listener, set its listen setting to loopback in :func:`_settings` and return
-    ``http://127.0.0.1:<its port>`` here; ``dev`` then prints the gRPC variables too (see
-    :func:`exporter_variables`). None: OTLP/HTTP only."""
-    return None
+def grpc_endpoint(address: tuple[str, int] | None) -> str | None:
+    """The OTLP/gRPC endpoint to paste (plaintext on loopback), or None when it is off."""
+    return None if address is None else f"http://{address[0]}:{address[1]}"
 
 
 # --- running -------------------------------------------------------------------------------
@@ -212,23 +214,24 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
+async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc_listen: str = "off") -> int:
     from proxy import logs
     from proxy.audit import AuditLog
     from proxy.config import Settings
     from proxy.errors import ConfigError, PolicyLoadError
     from proxy.secrets import Secret
     from proxy.server import start
-    from proxy.standins import Received, Sink, StandInIssuer
+    from proxy.standins import GrpcSink, Received, Sink, StandInIssuer
 
     try:
         prepare(state)
-        for flag, address in (("--listen", listen), ("--admin-listen", admin_listen)):
+        checked = [("--listen", listen), ("--admin-listen", admin_listen)]
+        for flag, address in checked + ([("--grpc-listen", grpc_listen)] if grpc_listen != "off" else []):
             _check_free(flag, address)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     logs.configure("WARNING")
-    issuer, sink = StandInIssuer(), Sink()
+    issuer, sink, grpc_sink = StandInIssuer(), Sink(), GrpcSink()
     key = Secret("lsdev-" + secrets.token_hex(16))
 
     def received(request: Received) -> None:
@@ -240,6 +243,7 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
     sink.on_receive = received
     await issuer.start()
     await sink.start()
+    await grpc_sink.start()
     policies = state / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "00-dev-issuer.yaml").write_text(ISSUER_YAML.format(issuer=issuer.url, audience=AUDIENCE))
@@ -254,6 +258,9 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
             "admin_listen": admin_listen,
             "upstream": sink.url,
             "data_dir": str(state / "data"),
+            "grpc_listen": grpc_listen,
+            "grpc_upstream": grpc_sink.target,
+            "watch_interval": "0",  # dev reloads on SIGHUP, as it says
         }
         settings = Settings.load(flags, {})
         audit = AuditLog(_audit_line, flush_interval=0)
@@ -282,19 +289,32 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int) -> int:
         write_private(state / "state.json", json.dumps(info, indent=1).encode())
         token = mint(state, {}, ttl)
         stop = _install_signals(runtime.reload)
-        _banner(info, token, grpc_endpoint(runners), state)
-        await stop.wait()
+        _banner(info, token, grpc_endpoint(runtime.grpc_address), state)
+        await _relay_grpc(grpc_sink, key.reveal(), stop)
     finally:
         _remove_signals()
         for runner in runners:
             await runner.cleanup()
         await issuer.stop()
         await sink.stop()
+        await grpc_sink.stop()
         for name in ("state.json", "signing-key.pem"):
             with contextlib.suppress(FileNotFoundError):
                 (state / name).unlink()
     _say("# tracegate dev stopped")
     return 0
+
+
+async def _relay_grpc(grpc_sink: Any, key: str, stop: asyncio.Event) -> None:
+    """Until ``stop``: say what the gRPC sink received, as the HTTP sink's callback does."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+        for call in grpc_sink.received:
+            sent = [v for k, v in call.metadata if k == "lightstep-access-token"]
+            with_key = "the account's key" if sent == [key] else f"{len(sent)} key(s), not the account's!"
+            _say(f"# grpc sink: {call.method} {len(call.body)} bytes, {with_key}")
+        grpc_sink.received.clear()
 
 
 def _audit_line(text: str) -> None:

@@ -60,13 +60,16 @@ class Dev:
     def audit(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines if line.startswith("{")]
 
-    def exports(self) -> dict[str, str]:
-        out = {}
+    def exports(self, block: int = 0) -> dict[str, str]:
+        """The ``export`` lines of the ``block``-th group printed (0: OTLP/HTTP, 1: OTLP/gRPC)."""
+        groups: list[dict[str, str]] = []
         for line in self.lines:
             if line.startswith("export "):
                 name, _, value = line.removeprefix("export ").partition("=")
-                out.setdefault(name, value)
-        return out
+                if not groups or name in groups[-1]:
+                    groups.append({})
+                groups[-1][name] = value
+        return groups[block] if len(groups) > block else {}
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -82,7 +85,11 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
 
 
 async def sdk_export(variables: dict[str, str]) -> str:
-    code, out, err = await run(sys.executable, "-c", SDK_EXPORT, env=variables)
+    """A real SDK export configured by ``variables`` alone; gRPC when they say so."""
+    script = SDK_EXPORT
+    if variables.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc":
+        script = script.replace(".proto.http.trace_exporter", ".proto.grpc.trace_exporter")
+    code, out, err = await run(sys.executable, "-c", script, env=variables)
     assert code == 0, err
     return out.strip()
 
@@ -101,6 +108,8 @@ async def dev(tmp_path: Path) -> AsyncIterator[Dev]:
         "--listen",
         f"127.0.0.1:{free_port()}",
         "--admin-listen",
+        f"127.0.0.1:{free_port()}",
+        "--grpc-listen",
         f"127.0.0.1:{free_port()}",
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
@@ -134,8 +143,12 @@ async def test_dev_real_sdk_export_decisions_more_tokens_reload_and_cleanup(dev:
     assert (dev.state / "signing-key.pem").stat().st_mode & 0o077 == 0
     assert dev.state.stat().st_mode & 0o077 == 0
 
-    # 1. The printed variables, as they are, make a real SDK export succeed.
+    # 1. The printed variables, as they are, make a real SDK export succeed: HTTP, and gRPC.
     assert await sdk_export(variables) == "SUCCESS"
+    grpc_variables = dev.exports(1)
+    assert grpc_variables["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert await sdk_export(grpc_variables) == "SUCCESS"
+    await dev.wait_for(lambda line: line.startswith("# grpc sink: ") and "the account's key" in line)
     line = await dev.wait_for(lambda line: line.startswith("{") and '"allowed"' in line)
     record = json.loads(line)
     assert (record["rule"], record["service_account"], record["upstream_status"]) == ("my-project", "ci", 200)
@@ -197,6 +210,7 @@ async def test_dev_real_sdk_export_decisions_more_tokens_reload_and_cleanup(dev:
     again = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "dev", "--state", str(dev.state),
         "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}",
+        "--grpc-listen", "off",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
