@@ -11,12 +11,10 @@ set serves GitLab (``pipeline_id``, ``project_path``…) and GitHub/Forgejo Acti
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from proxy.policy.checker import Checker
 from proxy.policy.source import LDict, LList
-
-if TYPE_CHECKING:
-    from proxy.policy.loader import Checker
 
 #: attribute → claims, first present wins. GitLab claim first, then GitHub/Forgejo.
 DEFAULT_STAMP: tuple[tuple[str, tuple[str, ...]], ...] = (

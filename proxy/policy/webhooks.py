@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
+from proxy.policy.checker import Checker
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import WebhookSource
 from proxy.policy.source import LList
 from proxy.secrets import SecretUnavailable, resolve
-
-if TYPE_CHECKING:
-    from proxy.policy.loader import Checker
 
 EVENTS = ("push", "tag", "release")
 #: What each source may send (``events:``), and what an entry listens to when it lists none.

@@ -1,0 +1,117 @@
+"""Collecting policy problems while a loader walks one file: each problem pinned to the
+file and line it was written at, every check's wording in one place. Used by the loader
+and by each section's parser (``webhooks.py``, ``stamps.py``), which import it and nothing
+of the loader: the loader imports the sections, never the other way round."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from proxy.errors import PolicyProblem
+from proxy.policy.matchers import claim_text
+from proxy.policy.model import Where
+from proxy.policy.source import LDict, LList
+from proxy.secrets import SecretRef
+from proxy.urls import check_grpc_target, check_url
+
+
+class Checker:
+    """Collects problems while the loader walks one file. Shared with the webhook section."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[PolicyProblem] = []
+
+    def add(self, line: int, message: str) -> None:
+        self.problems.append(PolicyProblem(self.file, line, message))
+
+    def where(self, line: int) -> Where:
+        return Where(self.file, line)
+
+    def mapping(self, value: Any, line: int, what: str) -> LDict | None:
+        if isinstance(value, LDict):
+            return value
+        self.add(line, f"{what} must be a mapping (key: value), not {_kind(value)}")
+        return None
+
+    def keys(
+        self, entry: LDict, allowed: tuple[str, ...], required: tuple[str, ...], what: str, line: int | None = None
+    ) -> None:
+        for key in entry:
+            if key not in allowed:
+                self.add(entry.line_of(key), f"unknown key {key!r} in {what}; allowed: {', '.join(allowed)}")
+        for key in required:
+            if key not in entry:
+                self.add(line or entry.line, f"{what} is missing {key!r}")
+
+    def string(self, entry: LDict, key: str, what: str) -> str | None:
+        value = entry.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str) and value:
+            return value
+        self.add(entry.line_of(key), f"{what}.{key} must be a non-empty string, not {_kind(value)}")
+        return None
+
+    def strings(self, entry: LDict, key: str, what: str, *, scalars: bool = False) -> tuple[str, ...] | None:
+        """A string or a list of strings; with ``scalars``, booleans and numbers become
+        their claim text (``true``, ``42``)."""
+        value = entry.get(key)
+        if value is None:
+            return None
+        items = list(value) if isinstance(value, list) else [value]
+        out: list[str] = []
+        for item in items:
+            text = claim_text(item) if scalars else item if isinstance(item, str) else None
+            if not text:
+                self.add(entry.line_of(key), f"{what}.{key} must hold non-empty strings, not {_kind(item)}")
+                return None
+            out.append(text)
+        if not out:
+            self.add(entry.line_of(key), f"{what}.{key} must not be empty")
+            return None
+        return tuple(out)
+
+    def secret_ref(self, value: Any, line: int, what: str) -> SecretRef | None:
+        if isinstance(value, str):
+            # Never echo the value: it may be the secret itself.
+            self.add(line, f"{what} is written inline; secrets are references: {{env: NAME}} or {{file: /path}}")
+            return None
+        if not isinstance(value, LDict) or len(value) != 1 or next(iter(value)) not in ("env", "file"):
+            self.add(line, f"{what} must be exactly one of {{env: NAME}} or {{file: /path}}")
+            return None
+        kind: Literal["env", "file"] = "env" if "env" in value else "file"
+        name = value[kind]
+        if not isinstance(name, str) or not name.strip():
+            self.add(line, f"{what}: {{{kind}: …}} needs a non-empty name")
+            return None
+        if kind == "file" and not name.startswith("/"):
+            self.add(line, f"{what}: {{file: {name}}} must be an absolute path")
+            return None
+        return SecretRef(kind, name)
+
+    def url(self, entry: LDict, key: str, what: str) -> str | None:
+        value = self.string(entry, key, what)
+        if value is None:
+            return None
+        problem = check_url(value)
+        if problem:
+            self.add(entry.line_of(key), f"{what}.{key}: {problem}")
+            return None
+        return value
+
+    def grpc_target(self, entry: LDict, key: str, what: str) -> str | None:
+        value = self.string(entry, key, what)
+        if value is None:
+            return None
+        problem = check_grpc_target(value)
+        if problem:
+            self.add(entry.line_of(key), f"{what}.{key}: {problem}")
+            return None
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {LDict: "a mapping", LList: "a list", bool: "a boolean"}.get(type(value), type(value).__name__)
