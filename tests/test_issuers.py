@@ -247,3 +247,36 @@ def test_ci_facts_side_by_side() -> None:
         "880011",
     )
     assert ci_facts("https://id.example.com", {"sub": "svc", "cid": "x"}) is None
+
+
+async def test_traceparent_for_github_actions_tokens(
+    start_tracegate: Callable[..., Any], github: StandInIssuer, client: aiohttp.ClientSession
+) -> None:
+    from proxy.webhooks.pipeline import instance_of, pipeline_span_id, trace_id, traceparent
+
+    tg = await start_example(
+        start_tracegate, "github-actions.yaml", "https://token.actions.githubusercontent.com", github.url
+    )
+    web = instance_of(github.url)
+    assert web is not None
+
+    async def ask(claims: dict[str, Any], fmt: str = "traceparent") -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {github.mint(claims)}"}
+        async with client.get(tg.url + f"/v1/traceparent?format={fmt}", headers=headers) as resp:
+            return resp.status, (await resp.text()).strip()
+
+    # The job named by check_run_id: its own span, in the run's trace.
+    status, parent = await ask(github_claims(github.url))
+    assert status == 200
+    assert parent == traceparent(web, "424242", "22259804324", "90000001", "1")
+    # Two jobs of the same run share the trace; a token without check_run_id gets the run's root.
+    _, other = await ask(github_claims(github.url, check_run_id="90000002"))
+    assert other.split("-")[1] == parent.split("-")[1] and other != parent
+    _, root = await ask(github_claims(github.url, check_run_id=None))
+    trace = trace_id(web, "424242", "22259804324")
+    assert root == f"00-{trace}-{pipeline_span_id(web, '424242', '22259804324')}-01"
+    # Another repository id (a re-used name): the example policy binds on ids, so it may not ask.
+    status, _ = await ask(github_claims(github.url, repository_id="777"))
+    assert status == 403
+    status, resource = await ask(github_claims(github.url), "resource")
+    assert "cicd.pipeline.run.id=22259804324" in resource and "cicd.pipeline.task.run.id=90000001" in resource
