@@ -13,9 +13,11 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -95,70 +97,50 @@ async def start(
         policy = await asyncio.to_thread(runtime.load)
     # Built before any listener opens, so that a bad authz setting stops tracegate at once.
     authz_app = build_authz_app(runtime) if settings.authz_listen is not None else None
-    ingest = EdgeRunner(
-        build_ingest_app(runtime, policy),
-        metrics=runtime.metrics,
-        grpc_hint=GRPC_HINT,
-        access_log=None,
-        auto_decompress=False,
-        shutdown_timeout=settings.drain_seconds,
-        handle_signals=False,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        max_headers=MAX_HEADERS,
-        read_bufsize=READ_BUFSIZE,
-        keepalive_timeout=settings.idle_timeout,
-    )
-    admin = EdgeRunner(
-        build_admin_app(runtime), metrics=runtime.metrics, grpc_hint=GRPC_HINT, access_log=None, handle_signals=False
-    )
+    shared = settings.workers > 1
+    tls = runtime.tls_context
+    listeners: list[tuple[web.AppRunner, tuple[str, int], str, ssl.SSLContext | None]] = [
+        (
+            _edge(
+                build_ingest_app(runtime, policy),
+                runtime,
+                http_limits=True,
+                auto_decompress=False,
+                shutdown_timeout=settings.drain_seconds,
+                read_bufsize=READ_BUFSIZE,
+                keepalive_timeout=settings.idle_timeout,
+            ),
+            settings.listen,
+            "TRACEGATE_LISTEN",
+            tls,
+        ),
+        (_edge(build_admin_app(runtime), runtime), settings.admin_listen, "TRACEGATE_ADMIN_LISTEN", None),
+    ]
+    if authz_app is not None and settings.authz_listen is not None:  # the gateway door; TLS as the ingest's
+        authz = _edge(authz_app, runtime, http_limits=True, keepalive_timeout=settings.idle_timeout)
+        listeners.append((authz, settings.authz_listen, "TRACEGATE_AUTHZ_LISTEN", tls))
     runners: list[web.AppRunner] = []
     try:
-        for each in (ingest, admin):
-            runners.append(each)
-            await each.setup()
-        shared = settings.workers > 1
-        tls = runtime.tls_context
-        await _listen(
-            web.TCPSite(ingest, *settings.listen, reuse_address=True, reuse_port=shared, ssl_context=tls),
-            "TRACEGATE_LISTEN",
-            settings.listen,
-        )
-        await _listen(
-            web.TCPSite(admin, *settings.admin_listen, reuse_address=True, reuse_port=shared),
-            "TRACEGATE_ADMIN_LISTEN",
-            settings.admin_listen,
-        )
-        if authz_app is not None and settings.authz_listen is not None:  # the gateway door; TLS as the ingest's
-            authz = EdgeRunner(
-                authz_app,
-                metrics=runtime.metrics,
-                grpc_hint=GRPC_HINT,
-                access_log=None,
-                handle_signals=False,
-                max_line_size=MAX_LINE_SIZE,
-                max_field_size=MAX_FIELD_SIZE,
-                max_headers=MAX_HEADERS,
-                keepalive_timeout=settings.idle_timeout,
-            )
-            runners.append(authz)
-            await authz.setup()
-            await _listen(
-                web.TCPSite(
-                    authz,
-                    *settings.authz_listen,
-                    reuse_address=True,
-                    reuse_port=shared,
-                    ssl_context=runtime.tls_context,
-                ),
-                "TRACEGATE_AUTHZ_LISTEN",
-                settings.authz_listen,
-            )
+        for runner, address, setting, context in listeners:
+            runners.append(runner)
+            await runner.setup()
+            site = web.TCPSite(runner, *address, reuse_address=True, reuse_port=shared, ssl_context=context)
+            await _listen(site, setting, address)
     except BaseException:
         for started in reversed(runners):
             await started.cleanup()
         raise
     return runtime, runners
+
+
+def _edge(app: web.Application, runtime: Runtime, *, http_limits: bool = False, **options: Any) -> EdgeRunner:
+    """A runner for one listener, with tracegate's answers to malformed input (protocol.py)
+    and, for listeners clients reach, the parser's header limits."""
+    if http_limits:
+        options.update(max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
+    return EdgeRunner(
+        app, metrics=runtime.metrics, grpc_hint=GRPC_HINT, access_log=None, handle_signals=False, **options
+    )
 
 
 async def _listen(site: web.TCPSite, setting: str, address: tuple[str, int]) -> None:
