@@ -111,6 +111,9 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+MAX_FIELD_NUMBER = (1 << 29) - 1
+
+
 def _fields(buf: memoryview, pos: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, field end) of each field of the
     message in ``buf[pos:end]``. Length-delimited values are bounds-checked, not decoded.
@@ -123,7 +126,11 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterable[tuple[int, int, int
         else:
             tag, pos = _read_varint(buf, pos, end)
         number, wire = tag >> 3, tag & 7
-        if number == 0:
+        # Field numbers are 1 … 2^29-1 in a tag of at most 5 bytes. A longer tag is not
+        # protobuf — and parsers that keep only its low 32 bits (protobuf-java, gogo) would
+        # read a field this walk calls something else: a client value for a stamped key
+        # disguised as an unknown field. Refuse it.
+        if number == 0 or number > MAX_FIELD_NUMBER or pos - start > 5:
             raise StampError(BAD_PROTOBUF)
         value = pos
         if wire == 2:

@@ -426,3 +426,38 @@ def _decodes(body: bytes) -> bool:
     except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
         return False
     return True
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _ld(tag: int, payload: bytes) -> bytes:
+    return _varint(tag) + _varint(len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    "disguised",
+    [
+        (1 << 35) | (1 << 3) | 2,  # low 32 bits read as field 1: protobuf-java and gogo truncate tags
+        (1 << 32) | (1 << 3) | 2,
+        ((1 << 29) << 3) | 2,  # field number 2^29: out of range
+    ],
+)
+def test_over_long_or_out_of_range_tags_are_refused_not_walked_past(disguised: int) -> None:
+    """A client value for a stamped key hidden behind a tag that this walk would read as an
+    unknown field, but a 32-bit parser upstream as an attribute: refused, never forwarded."""
+    from proxy.errors import StampError
+    from proxy.stamp import stamp_protobuf
+
+    kv = _ld(0x0A, b"vcs.ref.head.revision") + _ld(0x12, _ld(0x0A, b"forged"))
+    for resource in (_ld(disguised, kv), _ld(0x0A, _ld(disguised, b"vcs.ref.head.revision"))):
+        body = _ld(0x0A, _ld(0x0A, resource))
+        with pytest.raises(StampError) as refused:
+            stamp_protobuf(body, (("vcs.ref.head.revision", "c" * 40),))
+        assert refused.value.reason == "stamp-bad-protobuf"
