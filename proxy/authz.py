@@ -136,7 +136,9 @@ class AuthzDoor:
         presented = request.headers.getall(SECRET_HEADER, ())
         if len(presented) != 1:
             return False
-        return hmac.compare_digest(presented[0].encode(), self.secret.reveal().encode())
+        # A header can carry any bytes (aiohttp keeps them as surrogates): compare bytes.
+        given = presented[0].encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, self.secret.reveal().encode())
 
     async def check(self, request: web.Request) -> web.StreamResponse:
         runtime = self.runtime

@@ -173,10 +173,21 @@ class GrpcDoor:
         admitted = await admit(runtime, headers, {}, signal=signal, transport="grpc")
         if isinstance(admitted, Refused):
             return await self._answer(context, refusal(admitted.status, admitted.reason, admitted.retry_after))
-        request = await context.read()
+        try:
+            # The one message, then the end of the stream, within the body timeout (as on
+            # OTLP/HTTP): an admitted caller may not hold a call open by never sending.
+            async with asyncio.timeout(runtime.settings.body_timeout):
+                request = await context.read()
+                after = await context.read() if isinstance(request, bytes) else None
+        except TimeoutError:
+            admitted.record("failed", "body-timeout")
+            return await self._answer(context, refusal(408, "body-timeout"))
         if not isinstance(request, bytes):  # EOF: over the size limit (gRPC answered it), or no message at all
             admitted.record("failed", "body-too-large")
             return await self._answer(context, refusal(413, "body-too-large"))
+        if isinstance(after, bytes):  # Export is unary: a second message is not OTLP
+            admitted.record("failed", "more-than-one-message", bytes_in=len(request))
+            return await self._answer(context, refusal(400, "more-than-one-message"))
         if admitted.account.stamp:  # grpcio has already inflated a gzip message
             try:
                 request = stamp_protobuf(request, stamp_for(admitted.account, admitted.identity))

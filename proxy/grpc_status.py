@@ -26,6 +26,7 @@ _RETRY_INFO_URL = b"type.googleapis.com/google.rpc.RetryInfo"
 
 _REFUSALS: dict[int, tuple[grpc.StatusCode, str]] = {
     400: (grpc.StatusCode.INVALID_ARGUMENT, "bad request"),
+    408: (grpc.StatusCode.DEADLINE_EXCEEDED, "request message arrived too slowly"),
     401: (grpc.StatusCode.UNAUTHENTICATED, "the request's token is missing or invalid"),
     403: (grpc.StatusCode.PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large"),

@@ -10,6 +10,7 @@ nginx's check is covered end to end in test_gateway_nginx.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -334,3 +335,23 @@ async def test_the_authz_listener_requires_the_gateways_client_certificate_under
         assert resp.status == 200
         assert resp.headers["lightstep-access-token"] == PAYMENTS_KEY
     assert [r["decision"] for r in authz_lines(tg)] == ["allowed"]  # the refused handshake never reached a decision
+
+
+async def test_a_non_utf8_shared_secret_header_is_refused_not_a_500(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer
+) -> None:
+    env = {**environ(), "AUTHZ_SECRET": "gateway-secret-5f0c8e1b2a7d4c39"}
+    tg, url = await start_authz(start_tracegate, issuer, "nginx", env=env, authz_secret="env:AUTHZ_SECRET")
+    await tg.keys_ready()
+    head = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Original-URI: /v1/traces\r\nX-Original-Method: POST\r\n"
+        b"Authorization: Bearer " + issuer.mint().encode() + b"\r\n"
+        b"X-Tracegate-Authz-Secret: \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+    assert tg.metric("tracegate_unhandled_errors_total") == 0

@@ -501,3 +501,67 @@ async def test_without_job_events_the_pipeline_hook_gives_the_latest_attempts(
     assert all(s["parentSpanId"] == root["spanId"] for s in jobs.values())
     assert int(jobs["880010"]["startTimeUnixNano"]) == c.ns("2026-11-21T08:00:04Z")  # pipeline hooks: whole seconds
     assert jobs["880012"]["status"] == {"code": 2, "message": "script_failure"}
+
+
+INSTANCE = "https://gitlab.example.com"
+
+
+# An outside review of these doors (each test failed before its fix).
+
+
+async def test_an_entry_matched_by_path_cannot_speak_for_a_project_bound_by_id(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    job = c.gitlab_job(880010)  # payments (project 4242, bound by id in payments-api-ci) …
+    job["project"]["path_with_namespace"] = "docs/site"  # … claiming a path the docs entry matches
+    status, answer = await post_gitlab(client, tg.url, "Job Hook", job, token=GITLAB_DOCS, instance=INSTANCE)
+    assert (status, answer["reason"]) == (401, "bad-token")
+    await asyncio.sleep(0.3)
+    assert sink.received == []
+
+
+async def test_gitea_actions_html_url_must_name_the_matched_repository(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    run = c.gitea_run()
+    run["repository"]["html_url"] = "https://gitlab.example.com/x"
+    status, reason = await post_gitea(client, tg.url, "workflow_run", run)
+    assert status == 202 and reason.startswith("malformed")
+    await asyncio.sleep(0.3)
+    assert sink.received == []
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("build_id", 99_999_999_999_999_999_999), ("build_finished_at", "9999-12-31T23:59:59Z")],
+)
+async def test_values_past_otlp_ranges_never_reach_an_export(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession, field: str, value: Any
+) -> None:
+    job = c.gitlab_job(880010)
+    job[field] = value
+    status, _ = await post_gitlab(client, tg.url, "Job Hook", job, instance=INSTANCE)
+    assert status == 202
+    await asyncio.sleep(0.5)
+    from google.protobuf import json_format
+
+    for received in sink.received:  # whatever was sent is an export the upstream can parse
+        json_format.Parse(received.body, ExportTraceServiceRequest())
+
+
+async def test_a_non_ascii_instance_header_is_no_unhandled_error(tg: Tracegate) -> None:
+    body = json.dumps(c.gitlab_job(880010)).encode()
+    head = (
+        b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Gitlab-Event: Job Hook\r\nX-Gitlab-Token: " + GITLAB_OLD.encode() + b"\r\n"
+        b"X-Gitlab-Instance: https://gitlab.example.com/\xff\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+    )
+    host, port = tg.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:200]
+    assert b"no-instance-url" in answer  # not a URL: no trace is keyed by it
+    assert tg.metric("tracegate_unhandled_errors_total") == 0

@@ -641,3 +641,47 @@ async def test_stamped_account_gets_verified_attributes_over_grpc_too(
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(grpc_sink.received) == 1
     assert tg.audit()[-1]["reason"] == "stamp-bad-protobuf"
+
+
+async def _stream_call(port: int, token: str, messages: Any) -> grpc.StatusCode:
+    """An Export sent as a client stream (the same wire format as unary), so a test can send
+    two messages, or none and hold the stream open."""
+    from tests.grpc_clients import METHOD
+
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = channel.stream_unary(METHOD["traces"])
+        try:
+            await stub(messages, metadata=aio.Metadata(("authorization", f"Bearer {token}")), timeout=20)
+        except aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+async def test_a_second_message_on_one_export_is_refused_not_dropped(
+    grpc_tg: tuple[Tracegate, int], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    tg, port = grpc_tg
+
+    async def two() -> Any:
+        yield b"\x0a\x00"
+        yield b"\x0a\x00"
+
+    assert await _stream_call(port, issuer.mint(), two()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_sink.received == []
+    assert tg.audit()[-1]["reason"] == "more-than-one-message"
+
+
+async def test_an_admitted_call_that_never_sends_its_message_times_out(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    tg, port = await start_grpc(start_tracegate, policy_yaml(issuer.url), grpc_sink, body_timeout="0.5")
+    await tg.keys_ready()
+    never = asyncio.Event()
+
+    async def silent() -> Any:
+        await never.wait()  # the client holds the stream open and sends nothing
+        yield b""
+
+    assert await _stream_call(port, issuer.mint(), silent()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert tg.audit()[-1]["reason"] == "body-timeout"
+    assert grpc_sink.received == []

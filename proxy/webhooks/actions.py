@@ -19,7 +19,7 @@ from typing import Any
 from proxy.policy.model import WebhookSource
 from proxy.webhooks.ci_outbox import store_spans
 from proxy.webhooks.payload import Skip, get, positive_id, text
-from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
+from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, parse_time
 from proxy.webhooks.store import OutboxStore
 
 EVENTS = ("workflow_run", "workflow_job")
@@ -37,16 +37,18 @@ _RESULTS = {
 
 def run_of(payload: dict[str, Any], run_id: Any) -> RunId | None:
     """The run's trace: instance from the repository's ``html_url`` minus its
-    ``full_name`` (so a sub-path install keeps its prefix), the repository's id."""
+    ``full_name`` (so a sub-path install keeps its prefix), the repository's id. An
+    ``html_url`` that does not end in ``full_name`` — the value the entry was matched on —
+    draws nothing."""
     html = text(get(payload, "repository", "html_url"), 1024)
     full_name = text(get(payload, "repository", "full_name"), 512)
     repo_id, run = positive_id(get(payload, "repository", "id")), positive_id(run_id)
     if html is None or repo_id is None or run is None:
         return None
     html = html.rstrip("/")
-    instance = (
-        instance_of(html[: -len(full_name) - 1]) if full_name and html.endswith("/" + full_name) else origin_of(html)
-    )
+    if not full_name or not html.lower().endswith("/" + full_name.lower()):
+        return None  # html_url names another repository than the one the entry matched
+    instance = instance_of(html[: -len(full_name) - 1])
     return RunId(instance, repo_id, run) if instance else None
 
 

@@ -53,11 +53,14 @@ def token_matches(presented: str, secrets: Iterable[Secret]) -> bool:
 
 
 def candidates(hooks: Iterable[WebhookSource], project_id: str | None, path: str | None) -> list[WebhookSource]:
-    """GitLab entries naming the project: those matching its id first, then its path."""
+    """GitLab entries naming the project. Entries that bind its id are the only ones when
+    any exist: the secret of an entry matched by path (which the sender also writes) must
+    not be able to speak for a project another entry binds by its immutable id."""
     gitlab_hooks = [h for h in hooks if h.source == "gitlab"]
     by_id = [h for h in gitlab_hooks if project_id is not None and project_id in h.project_ids]
-    by_path = [h for h in gitlab_hooks if h not in by_id and path is not None and h.repository.match_text(path)]
-    return by_id + by_path
+    if by_id:
+        return by_id
+    return [h for h in gitlab_hooks if path is not None and h.repository.match_text(path)]
 
 
 async def _refuses(request: web.Request) -> bool:

@@ -33,11 +33,16 @@ def text(value: Any, limit: int | None = 256) -> str | None:
 
 def positive_id(value: Any) -> str | None:
     """A positive integer id as its decimal text (forges send numbers; claims carry them as
-    strings), else None. Booleans are not ids."""
+    strings), else None. Booleans are not ids, and neither is anything past int64 (OTLP
+    attributes are int64: such a value would make the export one the upstream refuses)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 20:
+        value = int(value)
+    if isinstance(value, int) and 0 < value <= MAX_ID:
         return str(value)
-    if isinstance(value, str) and value.isdecimal() and len(value) <= 20 and int(value) > 0:
-        return str(int(value))
     return None
+
+
+#: The largest id an OTLP int64 attribute holds.
+MAX_ID = (1 << 63) - 1

@@ -44,7 +44,10 @@ Attribute = str | int | float | bool
 def instance_of(url: str) -> str | None:
     """``scheme://host[:port][/path]`` of a forge URL: lower-cased host, no default port, no
     trailing ``/`` — one spelling per instance, so ``iss`` and a webhook's URLs agree. None
-    for anything that is not an http(s) URL."""
+    for anything that is not an http(s) URL — or not printable ASCII, as a URL is (a header
+    can carry any bytes; they would become part of a trace id and an outbox key)."""
+    if not url.isascii() or not url.isprintable():
+        return None
     try:
         parts = urlsplit(url.strip())
     except ValueError:
@@ -98,6 +101,10 @@ def traceparent(instance: str, project_id: str, pipeline_id: str, job_id: str, a
     return f"00-{trace}-{job_span_id(instance, project_id, pipeline_id, job_id, attempt)}-01"
 
 
+#: OTLP times are fixed64 nanoseconds: the last instant one holds (in the year 2554).
+MAX_UNIX_NANOS = (1 << 64) - 1
+
+
 def parse_time(value: Any) -> int | None:
     """A forge timestamp as Unix nanoseconds, or None when unset. Accepts GitLab's pipeline
     hook form ``2016-08-12 15:23:28 UTC``, ISO 8601 with ``Z`` or an offset and any
@@ -123,7 +130,8 @@ def parse_time(value: Any) -> int | None:
     seconds = int(moment.timestamp())
     if seconds <= 0:  # Go's zero time (year 1), or anything before 1970: not a CI time
         return None
-    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+    nanos = seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+    return nanos if nanos <= MAX_UNIX_NANOS else None  # OTLP's fixed64: past 2554 is no time
 
 
 @dataclass(frozen=True)
