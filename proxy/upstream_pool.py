@@ -1,0 +1,486 @@
+"""The OTLP/HTTP upstream leg: keep-alive HTTP/1.1 connections over asyncio protocols.
+
+aiohttp's client cost ~137 µs of CPU per forwarded request (FACTS.md); this pool does the
+same job with one :class:`asyncio.Protocol` per connection and httptools (llhttp) parsing
+the answers — no hand-written parser. It is used by :meth:`Forwarder.forward` only;
+markers, bridge mode, JWKS and discovery keep aiohttp's client.
+
+What it guarantees:
+
+* TLS for ``https://`` upstreams with certificate and host name verification and SNI
+  (``ssl.create_default_context()``); plain TCP only for ``http://``, which ``proxy.urls``
+  allows for loopback hosts alone.
+* A request is sent exactly once. A pooled connection the upstream has closed (FIN seen,
+  reset, idle past ``idle_timeout``) is dropped before anything is written and the request
+  goes out on another one; once one byte of a request was written it is never re-sent.
+* Timeouts: ``connect_timeout`` for opening a connection (TCP and TLS), ``timeout`` for the
+  whole exchange (waiting for a pool slot, sending, reading) — either expiring is
+  ``upstream-timeout`` (504) and the connection is aborted; a refused, reset or garbled
+  connection is ``upstream-unreachable`` (502).
+* Backpressure: the body is written as it is read from the client, and reading stops while
+  the socket's send buffer is over its high-water mark (``pause_writing``). The answer is
+  held up to ``max_answer`` bytes (over it: 502), so memory per request stays bounded.
+* No redirects: a 3xx is an answer like any other. ``1xx`` interim answers (``100
+  Continue``) are skipped. An answer that arrives before the request body ended is relayed;
+  the connection is then closed, since the upstream did not read the whole request.
+* A connection returns to the pool only after its answer was read to its end and the
+  request was written whole; anything else closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, cast
+
+import httptools
+from yarl import URL
+
+from proxy.errors import UpstreamError
+
+#: Answer headers kept (lower-cased name → the spelling relayed).
+Relayed = Mapping[bytes, str]
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_BREAKS: Final = frozenset("\r\n")
+#: A first body piece up to this size goes out in the same write as the head (one send).
+_COALESCE: Final = 64 * 1024
+#: A pooled connection idle for longer than this gets one turn of the event loop before it
+#: is reused, so that a FIN or reset already in the kernel is seen before a byte is written.
+_RECHECK_IDLE_S: Final = 1.0
+
+
+def _unreachable() -> UpstreamError:
+    return UpstreamError("upstream-unreachable", 502)
+
+
+@dataclass(frozen=True)
+class PoolAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one upstream URL's requests go, and their request line and Host header."""
+
+    key: tuple[str, int, bool]
+    head: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: a transport, an llhttp response parser, and the state of
+    the one exchange in flight (HTTP/1.1 without pipelining)."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool]) -> None:
+        self._pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self.paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._relayed: Relayed = {}
+        self._max_answer = 0
+        # The exchange in flight.
+        self.busy = False
+        self.done = False
+        self.failure: UpstreamError | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+        self._interim = False
+        self._eof_body = False
+        self._framed = False
+        self.keep_alive = False
+
+    # --- the exchange ---------------------------------------------------------------
+
+    def begin(self, relayed: Relayed, max_answer: int) -> None:
+        self.busy, self.done, self.failure = True, False, None
+        self.status, self.headers, self._body, self._size = 0, {}, [], 0
+        self._relayed, self._max_answer = relayed, max_answer
+
+    def answer(self) -> PoolAnswer:
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return PoolAnswer(self.status, self.headers, body)
+
+    def finished(self) -> bool:
+        return self.done or self.failure is not None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise ConnectionResetError("upstream connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the send buffer is over its high-water mark, unless the answer came
+        or the connection ended meanwhile (the caller checks which)."""
+        while self.paused and not self.closed and not self.finished():
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    async def wait_answer(self) -> None:
+        while not self.finished():
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, failure: UpstreamError) -> None:
+        if not self.done and self.failure is None:
+            self.failure = failure
+        self.close()
+        self._wake()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # create_connection gives a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy or self.finished():
+            self._fail(_unreachable())  # bytes nobody asked for: the connection is unusable
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(_unreachable())
+            return
+        if self.done:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        # An answer without Content-Length or chunked framing ends at EOF (llhttp has no
+        # finish call in httptools); any other EOF mid-answer means the answer is lost.
+        if self.busy and self._eof_body and not self.done and self.failure is None:
+            self.done, self.keep_alive = True, False
+        self._fail(_unreachable())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.paused = False
+        if self.busy and not self.done:
+            if self._eof_body and exc is None and self.failure is None:
+                self.done, self.keep_alive = True, False
+            else:
+                self._fail(_unreachable())
+        self._wake()
+        self._pool._lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    # --- httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers, self._body, self._size = {}, [], 0
+        self._interim = self._eof_body = self._framed = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+        spelling = self._relayed.get(lower)
+        if spelling is not None and spelling not in self.headers:
+            self.headers[spelling] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._interim = 100 <= status < 200
+        if not self._interim:
+            self.status = status
+            self._eof_body = not self._framed and status not in (204, 304)
+
+    def on_body(self, body: bytes) -> None:
+        if self._interim or self.failure is not None:
+            return
+        self._size += len(body)
+        if self._size > self._max_answer:
+            self._fail(UpstreamError("upstream-answer-too-large", 502))
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:  # 100 Continue and other 1xx: the real answer follows
+            self._interim = False
+            return
+        if self.failure is None:
+            self.done = True
+            self.keep_alive = self._parser.should_keep_alive()
+
+
+class UpstreamPool:
+    """Keep-alive connections to the upstreams, by (host, port, tls). No module state: the
+    runtime makes one at start and closes it at shutdown."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+        max_connections: int = 1024,
+        max_idle_per_origin: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_origin = max_idle_per_origin
+        self._ssl = ssl_context
+        self._max_connections = max_connections
+        self._opening = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._targets: dict[URL, _Target] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # --- public ---------------------------------------------------------------------
+
+    async def post(
+        self,
+        url: URL,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes],
+        *,
+        timeout: float,
+        relayed: Relayed,
+        max_answer: int,
+        content_length: int | None = None,
+    ) -> PoolAnswer:
+        """POST ``body`` to ``url`` with ``headers`` (already filtered, without Host,
+        Content-Length or Transfer-Encoding: the framing is added here). ``body`` as bytes
+        is sent with its Content-Length; an iterator with ``content_length`` (the client's
+        declared length) as it comes, else chunked. Raises UpstreamError, or whatever the
+        iterator raises."""
+        target = self._target(url)
+        # The server's parser refuses CR and LF in headers already; never split one here.
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers if not _BREAKS.intersection(name + value))
+        stream = None if isinstance(body, bytes) else body
+        if isinstance(body, bytes):
+            framing = b"Content-Length: %d\r\n\r\n" % len(body)
+        elif content_length is None:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        else:
+            framing = b"Content-Length: %d\r\n\r\n" % content_length
+        head = target.head + lines.encode("utf-8", "surrogateescape") + framing
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                first = body if isinstance(body, bytes) else await anext(body, b"")
+                conn = await self._acquire(target.key)
+                conn.begin(relayed, max_answer)
+                complete = await self._send(conn, head, first, stream, content_length)
+                await conn.wait_answer()
+        except TimeoutError:
+            if conn is not None:
+                conn.abort()
+            raise UpstreamError("upstream-timeout", 504) from None
+        except OSError:
+            if conn is not None:
+                conn.abort()
+            raise _unreachable() from None
+        except BaseException:
+            if conn is not None:
+                conn.abort()
+            raise
+        if conn.failure is not None:
+            raise conn.failure
+        answer = conn.answer()
+        self._release(conn, reusable=complete and conn.keep_alive)
+        return answer
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self._open):
+            conn.abort()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports' connection_lost run
+
+    # --- sending --------------------------------------------------------------------
+
+    async def _send(
+        self,
+        conn: _Connection,
+        head: bytes,
+        first: bytes,
+        stream: AsyncIterator[bytes] | None,
+        content_length: int | None,
+    ) -> bool:
+        """Write the request; True if it was written whole, False if the answer came first."""
+        chunked = stream is not None and content_length is None
+        if chunked and first:
+            conn.write(head + b"%x\r\n" % len(first) + first + _CRLF)
+        elif len(first) <= _COALESCE:
+            conn.write(head + first)
+        else:
+            conn.write(head)
+            conn.write(first)
+        sent = len(first)
+        if stream is not None and first:
+            async for chunk in stream:
+                if conn.paused:
+                    await conn.drain()
+                if conn.finished():
+                    return False  # answered early (or failed): stop sending
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                sent += len(chunk)
+        if conn.finished():
+            return False
+        if content_length is not None and sent != content_length:
+            raise _unreachable()  # the body did not match its declared length: never complete it
+        if chunked:
+            conn.write(_LAST_CHUNK)
+        return True
+
+    # --- connections ----------------------------------------------------------------
+
+    def _target(self, url: URL) -> _Target:
+        found = self._targets.get(url)
+        if found is None:
+            tls = url.scheme == "https"
+            host = url.raw_host or ""
+            port = url.port or (443 if tls else 80)
+            host_header = f"[{host}]" if ":" in host else host
+            if not url.is_default_port():
+                host_header += f":{port}"
+            path = url.raw_path_qs or "/"
+            head = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
+            found = self._targets[url] = _Target((host, port, tls), head)
+        return found
+
+    async def _acquire(self, key: tuple[str, int, bool]) -> _Connection:
+        """A pooled connection to ``key`` that is still open, else a new one; at the
+        connection limit, the next one released (or an idle one of another origin closed)."""
+        while True:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                age = time.monotonic() - conn.idle_since
+                if age > _RECHECK_IDLE_S and not conn.closed:
+                    await asyncio.sleep(0)  # a FIN or reset already in the kernel is seen now
+                if not conn.closed and age < self.idle_timeout:
+                    return conn
+                conn.close()
+            if self._closing:
+                raise _unreachable()
+            if self._opening + len(self._open) < self._max_connections:
+                return await self._connect(key)
+            if not self._close_one_idle():
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_one()  # woken, then cancelled: pass the turn on
+                    raise
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+            else:
+                await asyncio.sleep(0)  # its connection_lost frees the place
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
+        host, port, tls = key
+        context = None
+        if tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        loop = asyncio.get_running_loop()
+        self._opening += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, key), host, port, ssl=context, server_hostname=host if tls else None
+                )
+        finally:
+            self._opening -= 1
+        self._open.add(conn)
+        if self._closing:
+            conn.abort()
+            raise _unreachable()
+        return conn
+
+    def _close_one_idle(self) -> bool:
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0).close()
+                return True
+        return False
+
+    def _release(self, conn: _Connection, *, reusable: bool) -> None:
+        conn.busy = False
+        idle = self._idle.setdefault(conn.key, [])
+        if not reusable or conn.closed or self._closing or len(idle) >= self.max_idle_per_origin:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+        self._wake_one()
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle past ``idle_timeout`` (the upstream would soon anyway)."""
+        self._sweeper = None
+        horizon = time.monotonic() - self.idle_timeout
+        remaining = 0
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since < horizon:
+                idle.pop(0).close()
+            remaining += len(idle)
+        if remaining and not self._closing:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            self._wake_one()
+        idle = self._idle.get(conn.key)
+        if idle and not conn.busy and conn in idle:
+            idle.remove(conn)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
