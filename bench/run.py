@@ -565,6 +565,19 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
 
         results["grpc"] = await run_grpc(bench, work, args, tokens[0])
 
+    if only is not None and "profile" in only:  # only when asked: py-spy needs ptrace rights
+        from bench.profile import profile
+
+        print("profile: py-spy on c and d under wrk, 1KB/20KB/1MB", flush=True)
+        profiles: dict[str, str] = {}
+        for body in ("1KB", "20KB", "1MB"):
+            for key in ("c aiohttp forwarder", "d tracegate"):
+                server, toks = contenders[key]
+                text, run = await profile(server.process.pid, args.duration, case(server, toks, body))
+                profiles[f"{key[0]} {body}"] = f"{run.rps:.0f} req/s, {run.cpu_per_1k:.3f} CPU s/1k req\n{text}"
+                print(f"--- {key} {body}: {profiles[f'{key[0]} {body}']}\n", flush=True)
+        results["profile"] = profiles
+
     if wanted("memory"):
         print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
         results["memory"] = await memory_test(bench, sink, tokens[0], bodies["4MB"].read_bytes())
@@ -573,7 +586,7 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         print(
             json.dumps(
                 {
-                    k: v if k == "memory" else {n: vars(r) for n, r in v.items()}
+                    k: v if k in ("memory", "profile") else {n: vars(r) for n, r in v.items()}
                     for k, v in results.items()
                     if k != "payload_bytes"
                 },
@@ -635,8 +648,8 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory: run those and "
-        "print figures without writing a report (for profiling work)",
+        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory,profile: run those "
+        "and print figures without writing a report (for profiling work; profile runs py-spy on c and d)",
     )
     return parser.parse_args()
 
