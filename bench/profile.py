@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,7 +46,7 @@ def bucket(frame: str) -> str:
 
 def summarise(raw: str, requests: int, rate: int = RATE) -> str:
     """A text table from py-spy's ``--format raw`` output (``frame;frame;… count`` lines,
-    outermost first): µs of CPU per request by bucket, then the 15 hottest functions."""
+    outermost first): µs of CPU per request by bucket, then the 30 hottest functions."""
     by_bucket: collections.Counter[str] = collections.Counter()
     by_leaf: collections.Counter[str] = collections.Counter()
     total = 0
@@ -63,7 +65,7 @@ def summarise(raw: str, requests: int, rate: int = RATE) -> str:
     for name, count in by_bucket.most_common():
         lines.append(f"{name:34s} {count * per:7.1f} {count / max(total, 1):6.1%}")
     lines += ["", "hottest functions (self time):"]
-    for leaf, count in by_leaf.most_common(15):
+    for leaf, count in by_leaf.most_common(30):
         lines.append(f"  {count * per:6.1f} µs  {leaf[:110]}")
     return "\n".join(lines)
 
@@ -71,7 +73,7 @@ def summarise(raw: str, requests: int, rate: int = RATE) -> str:
 async def profile(pid: int, seconds: int, load: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
     """Sample ``pid`` with py-spy while ``load()`` runs (it returns bench's Run, whose
     ``requests`` divide the samples). Returns the summary and the Run."""
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if spy is None:
         return "py-spy not installed (pip install py-spy)", await load()
     with tempfile.TemporaryDirectory() as tmp:

@@ -116,6 +116,15 @@ class _Connection(asyncio.Protocol):
     def finished(self) -> bool:
         return self.done or self.failure is not None
 
+    def refused(self) -> bool:
+        """Stop sending the body: the exchange failed, or the upstream answered before the
+        body ended with an error or with the connection closing (RFC 9112 §9.3). An early
+        2xx on a kept-alive connection (nginx's ``return 200`` discards the body) gets the
+        rest of the body, so the connection stays usable."""
+        if self.failure is not None or self.closed:
+            return True
+        return self.done and not (self.keep_alive and 200 <= self.status < 300)
+
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
             raise ConnectionResetError("upstream connection closed")
@@ -124,7 +133,7 @@ class _Connection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark, unless the answer came
         or the connection ended meanwhile (the caller checks which)."""
-        while self.paused and not self.closed and not self.finished():
+        while self.paused and not self.closed and not self.refused():
             self._waiter = self._loop.create_future()
             await self._waiter
 
@@ -299,14 +308,14 @@ class UpstreamPool:
                 conn.begin(relayed, max_answer)
                 complete = await self._send(conn, head, first, stream, content_length)
                 await conn.wait_answer()
-        except TimeoutError:
+        except OSError as exc:  # TimeoutError is one
             if conn is not None:
                 conn.abort()
-            raise UpstreamError("upstream-timeout", 504) from None
-        except OSError:
-            if conn is not None:
-                conn.abort()
-            raise _unreachable() from None
+            if conn is None or not conn.done or conn.failure is not None:
+                raise (
+                    UpstreamError("upstream-timeout", 504) if isinstance(exc, TimeoutError) else _unreachable()
+                ) from None
+            complete = False  # answered (2xx), but the rest of the body could not follow
         except BaseException:
             if conn is not None:
                 conn.abort()
@@ -350,11 +359,11 @@ class UpstreamPool:
             async for chunk in stream:
                 if conn.paused:
                     await conn.drain()
-                if conn.finished():
+                if conn.refused():
                     return False  # answered early (or failed): stop sending
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 sent += len(chunk)
-        if conn.finished():
+        if conn.refused():
             return False
         if content_length is not None and sent != content_length:
             raise _unreachable()  # the body did not match its declared length: never complete it

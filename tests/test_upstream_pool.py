@@ -265,6 +265,18 @@ async def test_answer_before_the_request_body_ended_is_relayed(upstreams: Any, p
     assert answer.status == 413
 
 
+async def test_early_2xx_gets_the_rest_of_the_body_and_keeps_the_connection(upstreams: Any, pool: UpstreamPool) -> None:
+    """nginx's ``return 200`` answers at the headers and discards the body; the request is
+    still written whole, so the connection is reused."""
+    upstream = await upstreams(answer_ok, early=True)
+    for _ in range(2):
+        answer = await post(pool, upstream.url, pieces(1 << 20), content_length=1 << 20)
+        assert (answer.status, answer.body) == (200, b"ok")
+    await asyncio.sleep(0.05)
+    assert [len(r.body) for r in upstream.requests] == [1 << 20, 1 << 20]
+    assert all(r.complete for r in upstream.requests) and upstream.connections == 1
+
+
 async def test_chunked_and_content_length_requests(upstreams: Any, pool: UpstreamPool) -> None:
     upstream = await upstreams(answer_ok)
     await post(pool, upstream.url, pieces(200_000))
