@@ -565,6 +565,23 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
 
         results["grpc"] = await run_grpc(bench, work, args, tokens[0])
 
+    if wanted("workers"):
+        from proxy.cpus import usable_cpus
+
+        cores = usable_cpus()
+        print(f"workers: d with --workers 1 vs --workers {cores} (auto), 20KB, c alongside", flush=True)
+        many = bench.tracegate("tracegate-workers", sink.url, "--workers", str(cores))
+        many.with_children = True  # the workers are its children
+        await bench.wait_ready()
+        results["workers"] = await bench.interleaved(
+            {
+                "c aiohttp forwarder": case(forwarder, None, "20KB"),
+                "d --workers 1": case(tg["d"], one, "20KB"),
+                f"d --workers {cores}": case(many, one, "20KB"),
+            },
+            args.rounds,
+        )
+
     if only is not None and "profile" in only:  # only when asked: py-spy needs ptrace rights
         from bench.profile import profile
 
@@ -648,7 +665,7 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory,profile: run those "
+        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory,workers,profile: run those "
         "and print figures without writing a report (for profiling work; profile runs py-spy on c and d)",
     )
     return parser.parse_args()
