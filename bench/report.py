@@ -178,7 +178,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
     base = gt["d 1"].rps
     for key, r in gt.items():
         lines.append(
-            f"| {int(key.split()[1]):,} | {r.rps:,.0f} | {r.rps / base:.2f} | {r.p99:.2f} | "
+            f"| {key.split()[1] if key.startswith('d ') else key} | {r.rps:,.0f} | {r.rps / base:.2f} | {r.p99:.2f} | "
             f"{r.cpu_per_1k:.3f} | {r.rss_mib:.0f} |"
         )
     if "workers" in results:

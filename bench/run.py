@@ -557,6 +557,19 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         for count in token_counts(args.max_tokens):
             path = token_file(f"{count}.tokens", tokens[:count])
             growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
+        # Every token verified once first (a verification is an RSA check; the rows measure
+        # the cache), then one gc.freeze() period, so the cached identities are frozen.
+        # The same process without the freeze (TRACEGATE_GC_FREEZE_INTERVAL=0) runs alongside.
+        thawed = bench.tracegate(
+            "tracegate-nofreeze", sink.url, *extra, env_extra={"TRACEGATE_GC_FREEZE_INTERVAL": "0"}
+        )
+        await bench.wait_ready()
+        everyone = token_file("all.tokens", tokens)
+        for server in (tg["d"], thawed):
+            await bench.wrk(server, bodies["1KB"], everyone, duration=max(3, args.max_tokens / 2000))
+        await asyncio.sleep(11)
+        growth_tokens[f"no-freeze {args.max_tokens}"] = case(thawed, everyone, "20KB")
+        growth_tokens["no-freeze 1"] = case(thawed, one, "20KB")
         results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
 
     if wanted("grpc"):

@@ -357,7 +357,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "gc_freeze_interval",
         "TRACEGATE_GC_FREEZE_INTERVAL",
-        "30",
+        "10",
         non_negative,
         "Seconds between `gc.freeze()` calls that take long-lived objects (cached identities) out of "
         "Python's full garbage collections; 0: never (see proxy/gcfreeze.py).",

@@ -36,7 +36,8 @@ DEFAULT_PATHS: Mapping[str, str] = {
 MAX_ANSWER_BYTES = 4 << 20
 CHUNK = 32 * 1024
 #: Pieces in which a body is streamed upstream: what the server has buffered, up to this.
-STREAM_CHUNK = 256 * 1024
+#: 256 KiB pieces took 100 concurrent 4 MB uploads to +119 MiB RSS (target 64); 64 KiB: +40.
+STREAM_CHUNK = 64 * 1024
 #: RELAYED by their lower-case names, as the upstream pool matches them.
 _RELAYED_LOWER = {name.lower().encode(): name for name in RELAYED}
 #: Pieces in which a body that is read whole (for stamping) is taken from the buffer.

@@ -12,8 +12,8 @@ collections skip: done every ``interval`` seconds, the long-lived cache entries 
 modules, the policy, the key sets) leave the collector's work, and a full collection only
 walks what was created since the last freeze. Frozen objects are still freed by reference
 counting; only a *cycle* that became garbage after being frozen stays until it is thawed.
-So every ``thaw_every`` freezes the permanent generation is thawed and collected once (one
-full pause, e.g. every 10 minutes), bounding what cyclic garbage can accumulate.
+So every 10 minutes the permanent generation is thawed and collected once (one
+full pause), bounding what cyclic garbage can accumulate.
 """
 
 from __future__ import annotations
@@ -21,15 +21,20 @@ from __future__ import annotations
 import asyncio
 import gc
 
+#: Seconds between thaws (one full collection of everything each time).
+THAW_SECONDS = 600.0
 
-async def freeze_periodically(interval: float, thaw_every: int = 20) -> None:
+
+async def freeze_periodically(interval: float, thaw_every: int | None = None) -> None:
     """Run until cancelled: ``gc.freeze()`` every ``interval`` seconds; every
-    ``thaw_every``-th time, ``gc.unfreeze()`` and a full ``gc.collect()`` first."""
+    ``thaw_every``-th time (by default every THAW_SECONDS), ``gc.unfreeze()`` and a full
+    ``gc.collect()`` first."""
+    every = thaw_every if thaw_every is not None else max(1, round(THAW_SECONDS / interval))
     ticks = 0
     while True:
         await asyncio.sleep(interval)
         ticks += 1
-        if ticks % thaw_every == 0:
+        if ticks % every == 0:
             gc.unfreeze()
             gc.collect()
         gc.freeze()
