@@ -21,8 +21,9 @@ What it guarantees:
   the socket's send buffer is over its high-water mark (``pause_writing``). The answer is
   held up to ``max_answer`` bytes (over it: 502), so memory per request stays bounded.
 * No redirects: a 3xx is an answer like any other. ``1xx`` interim answers (``100
-  Continue``) are skipped. An answer that arrives before the request body ended is relayed;
-  the connection is then closed, since the upstream did not read the whole request.
+  Continue``) are skipped. An answer that arrives before the request body ended is relayed:
+  an error (or a closing connection) stops the body and the connection is closed; an early
+  2xx on a kept-alive connection still gets the rest of the body (RFC 9112 §9.3).
 * A connection returns to the pool only after its answer was read to its end and the
   request was written whole; anything else closes it.
 """
@@ -33,17 +34,15 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
-import httptools
 from yarl import URL
 
 from proxy.errors import UpstreamError
+from proxy.upstream_conn import PoolAnswer, Relayed, UpstreamConnection, unreachable
 
-#: Answer headers kept (lower-cased name → the spelling relayed).
-Relayed = Mapping[bytes, str]
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _BREAKS: Final = frozenset("\r\n")
@@ -54,195 +53,12 @@ _COALESCE: Final = 64 * 1024
 _RECHECK_IDLE_S: Final = 1.0
 
 
-def _unreachable() -> UpstreamError:
-    return UpstreamError("upstream-unreachable", 502)
-
-
-@dataclass(frozen=True)
-class PoolAnswer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 @dataclass(frozen=True)
 class _Target:
     """Where one upstream URL's requests go, and their request line and Host header."""
 
     key: tuple[str, int, bool]
     head: bytes
-
-
-class _Connection(asyncio.Protocol):
-    """One upstream connection: a transport, an llhttp response parser, and the state of
-    the one exchange in flight (HTTP/1.1 without pipelining)."""
-
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool]) -> None:
-        self._pool = pool
-        self.key = key
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
-        self.paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._relayed: Relayed = {}
-        self._max_answer = 0
-        # The exchange in flight.
-        self.busy = False
-        self.done = False
-        self.failure: UpstreamError | None = None
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self._body: list[bytes] = []
-        self._size = 0
-        self._interim = False
-        self._eof_body = False
-        self._framed = False
-        self.keep_alive = False
-
-    # --- the exchange ---------------------------------------------------------------
-
-    def begin(self, relayed: Relayed, max_answer: int) -> None:
-        self.busy, self.done, self.failure = True, False, None
-        self.status, self.headers, self._body, self._size = 0, {}, [], 0
-        self._relayed, self._max_answer = relayed, max_answer
-
-    def answer(self) -> PoolAnswer:
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        return PoolAnswer(self.status, self.headers, body)
-
-    def finished(self) -> bool:
-        return self.done or self.failure is not None
-
-    def refused(self) -> bool:
-        """Stop sending the body: the exchange failed, or the upstream answered before the
-        body ended with an error or with the connection closing (RFC 9112 §9.3). An early
-        2xx on a kept-alive connection (nginx's ``return 200`` discards the body) gets the
-        rest of the body, so the connection stays usable."""
-        if self.failure is not None or self.closed:
-            return True
-        return self.done and not (self.keep_alive and 200 <= self.status < 300)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is None or self.closed:
-            raise ConnectionResetError("upstream connection closed")
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        """Wait while the send buffer is over its high-water mark, unless the answer came
-        or the connection ended meanwhile (the caller checks which)."""
-        while self.paused and not self.closed and not self.refused():
-            self._waiter = self._loop.create_future()
-            await self._waiter
-
-    async def wait_answer(self) -> None:
-        while not self.finished():
-            self._waiter = self._loop.create_future()
-            await self._waiter
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, failure: UpstreamError) -> None:
-        if not self.done and self.failure is None:
-            self.failure = failure
-        self.close()
-        self._wake()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
-        self.closed = True
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.closed = True
-
-    # --- asyncio.Protocol -----------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # create_connection gives a stream transport
-
-    def data_received(self, data: bytes) -> None:
-        if not self.busy or self.finished():
-            self._fail(_unreachable())  # bytes nobody asked for: the connection is unusable
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail(_unreachable())
-            return
-        if self.done:
-            self._wake()
-
-    def eof_received(self) -> bool:
-        # An answer without Content-Length or chunked framing ends at EOF (llhttp has no
-        # finish call in httptools); any other EOF mid-answer means the answer is lost.
-        if self.busy and self._eof_body and not self.done and self.failure is None:
-            self.done, self.keep_alive = True, False
-        self._fail(_unreachable())
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.paused = False
-        if self.busy and not self.done:
-            if self._eof_body and exc is None and self.failure is None:
-                self.done, self.keep_alive = True, False
-            else:
-                self._fail(_unreachable())
-        self._wake()
-        self._pool._lost(self)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake()
-
-    # --- httptools callbacks -------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.headers, self._body, self._size = {}, [], 0
-        self._interim = self._eof_body = self._framed = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower in (b"content-length", b"transfer-encoding"):
-            self._framed = True
-        spelling = self._relayed.get(lower)
-        if spelling is not None and spelling not in self.headers:
-            self.headers[spelling] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        self._interim = 100 <= status < 200
-        if not self._interim:
-            self.status = status
-            self._eof_body = not self._framed and status not in (204, 304)
-
-    def on_body(self, body: bytes) -> None:
-        if self._interim or self.failure is not None:
-            return
-        self._size += len(body)
-        if self._size > self._max_answer:
-            self._fail(UpstreamError("upstream-answer-too-large", 502))
-            return
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._interim:  # 100 Continue and other 1xx: the real answer follows
-            self._interim = False
-            return
-        if self.failure is None:
-            self.done = True
-            self.keep_alive = self._parser.should_keep_alive()
 
 
 class UpstreamPool:
@@ -265,8 +81,8 @@ class UpstreamPool:
         self._max_connections = max_connections
         self._opening = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
-        self._open: set[_Connection] = set()
+        self._idle: dict[tuple[str, int, bool], list[UpstreamConnection]] = {}
+        self._open: set[UpstreamConnection] = set()
         self._targets: dict[URL, _Target] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
@@ -300,7 +116,7 @@ class UpstreamPool:
         else:
             framing = b"Content-Length: %d\r\n\r\n" % content_length
         head = target.head + lines.encode("utf-8", "surrogateescape") + framing
-        conn: _Connection | None = None
+        conn: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(timeout):
                 first = body if isinstance(body, bytes) else await anext(body, b"")
@@ -313,7 +129,7 @@ class UpstreamPool:
                 conn.abort()
             if conn is None or not conn.done or conn.failure is not None:
                 raise (
-                    UpstreamError("upstream-timeout", 504) if isinstance(exc, TimeoutError) else _unreachable()
+                    UpstreamError("upstream-timeout", 504) if isinstance(exc, TimeoutError) else unreachable()
                 ) from None
             complete = False  # answered (2xx), but the rest of the body could not follow
         except BaseException:
@@ -339,7 +155,7 @@ class UpstreamPool:
 
     async def _send(
         self,
-        conn: _Connection,
+        conn: UpstreamConnection,
         head: bytes,
         first: bytes,
         stream: AsyncIterator[bytes] | None,
@@ -366,7 +182,7 @@ class UpstreamPool:
         if conn.refused():
             return False
         if content_length is not None and sent != content_length:
-            raise _unreachable()  # the body did not match its declared length: never complete it
+            raise unreachable()  # the body did not match its declared length: never complete it
         if chunked:
             conn.write(_LAST_CHUNK)
         return True
@@ -387,7 +203,7 @@ class UpstreamPool:
             found = self._targets[url] = _Target((host, port, tls), head)
         return found
 
-    async def _acquire(self, key: tuple[str, int, bool]) -> _Connection:
+    async def _acquire(self, key: tuple[str, int, bool]) -> UpstreamConnection:
         """A pooled connection to ``key`` that is still open, else a new one; at the
         connection limit, the next one released (or an idle one of another origin closed)."""
         while True:
@@ -401,7 +217,7 @@ class UpstreamPool:
                     return conn
                 conn.close()
             if self._closing:
-                raise _unreachable()
+                raise unreachable()
             if self._opening + len(self._open) < self._max_connections:
                 return await self._connect(key)
             if not self._close_one_idle():
@@ -426,7 +242,7 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
-    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
+    async def _connect(self, key: tuple[str, int, bool]) -> UpstreamConnection:
         host, port, tls = key
         context = None
         if tls:
@@ -438,14 +254,18 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, key), host, port, ssl=context, server_hostname=host if tls else None
+                    lambda: UpstreamConnection(key, self._lost),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if tls else None,
                 )
         finally:
             self._opening -= 1
         self._open.add(conn)
         if self._closing:
             conn.abort()
-            raise _unreachable()
+            raise unreachable()
         return conn
 
     def _close_one_idle(self) -> bool:
@@ -455,7 +275,7 @@ class UpstreamPool:
                 return True
         return False
 
-    def _release(self, conn: _Connection, *, reusable: bool) -> None:
+    def _release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         conn.busy = False
         idle = self._idle.setdefault(conn.key, [])
         if not reusable or conn.closed or self._closing or len(idle) >= self.max_idle_per_origin:
@@ -479,7 +299,7 @@ class UpstreamPool:
         if remaining and not self._closing:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: UpstreamConnection) -> None:
         if conn in self._open:
             self._open.discard(conn)
             self._wake_one()
