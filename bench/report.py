@@ -178,9 +178,13 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
     base = gt["d 1"].rps
     for key, r in gt.items():
         lines.append(
-            f"| {int(key.split()[1]):,} | {r.rps:,.0f} | {r.rps / base:.2f} | {r.p99:.2f} | "
+            f"| {key.split()[1] if key.startswith('d ') else key} | {r.rps:,.0f} | {r.rps / base:.2f} | {r.p99:.2f} | "
             f"{r.cpu_per_1k:.3f} | {r.rss_mib:.0f} |"
         )
+    if "workers" in results:
+        lines += ["", "## Workers: 1 vs every usable CPU (20KB)", "", "| contender | req/s | p99 ms | CPU s/1k req |"]
+        lines += ["|---|---:|---:|---:|"]
+        lines += [f"| {n} | {r.rps:,.0f} | {r.p99:.2f} | {r.cpu_per_1k:.3f} |" for n, r in results["workers"].items()]
     if "grpc" in results:
         from bench.grpc_bench import grpc_lines
 

@@ -557,6 +557,19 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         for count in token_counts(args.max_tokens):
             path = token_file(f"{count}.tokens", tokens[:count])
             growth_tokens[f"d {count}"] = case(tg["d"], path, "20KB")
+        # Every token verified once first (a verification is an RSA check; the rows measure
+        # the cache), then one gc.freeze() period, so the cached identities are frozen.
+        # The same process without the freeze (TRACEGATE_GC_FREEZE_INTERVAL=0) runs alongside.
+        thawed = bench.tracegate(
+            "tracegate-nofreeze", sink.url, *extra, env_extra={"TRACEGATE_GC_FREEZE_INTERVAL": "0"}
+        )
+        await bench.wait_ready()
+        everyone = token_file("all.tokens", tokens)
+        for server in (tg["d"], thawed):
+            await bench.wrk(server, bodies["1KB"], everyone, duration=max(3, args.max_tokens / 2000))
+        await asyncio.sleep(11)
+        growth_tokens[f"no-freeze {args.max_tokens}"] = case(thawed, everyone, "20KB")
+        growth_tokens["no-freeze 1"] = case(thawed, one, "20KB")
         results["growth_tokens"] = await bench.interleaved(growth_tokens, args.rounds)
 
     if wanted("grpc"):
@@ -564,6 +577,36 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         from bench.grpc_bench import run_grpc
 
         results["grpc"] = await run_grpc(bench, work, args, tokens[0])
+
+    if wanted("workers"):
+        from proxy.cpus import usable_cpus
+
+        cores = usable_cpus()
+        print(f"workers: d with --workers 1 vs --workers {cores} (auto), 20KB, c alongside", flush=True)
+        many = bench.tracegate("tracegate-workers", sink.url, "--workers", str(cores))
+        many.with_children = True  # the workers are its children
+        await bench.wait_ready()
+        results["workers"] = await bench.interleaved(
+            {
+                "c aiohttp forwarder": case(forwarder, None, "20KB"),
+                "d --workers 1": case(tg["d"], one, "20KB"),
+                f"d --workers {cores}": case(many, one, "20KB"),
+            },
+            args.rounds,
+        )
+
+    if only is not None and "profile" in only:  # only when asked: py-spy needs ptrace rights
+        from bench.profile import profile
+
+        print("profile: py-spy on c and d under wrk, 1KB/20KB/1MB", flush=True)
+        profiles: dict[str, str] = {}
+        for body in ("1KB", "20KB", "1MB"):
+            for key in ("c aiohttp forwarder", "d tracegate"):
+                server, toks = contenders[key]
+                text, run = await profile(server.process.pid, args.duration, case(server, toks, body))
+                profiles[f"{key[0]} {body}"] = f"{run.rps:.0f} req/s, {run.cpu_per_1k:.3f} CPU s/1k req\n{text}"
+                print(f"--- {key} {body}: {profiles[f'{key[0]} {body}']}\n", flush=True)
+        results["profile"] = profiles
 
     if wanted("memory"):
         print("memory: 100 concurrent 4MB uploads through tracegate", flush=True)
@@ -573,7 +616,7 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         print(
             json.dumps(
                 {
-                    k: v if k == "memory" else {n: vars(r) for n, r in v.items()}
+                    k: v if k in ("memory", "profile") else {n: vars(r) for n, r in v.items()}
                     for k, v in results.items()
                     if k != "payload_bytes"
                 },
@@ -635,8 +678,8 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory: run those and "
-        "print figures without writing a report (for profiling work)",
+        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory,workers,profile: run those "
+        "and print figures without writing a report (for profiling work; profile runs py-spy on c and d)",
     )
     return parser.parse_args()
 

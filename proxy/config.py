@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy import cpus
 from proxy.errors import ConfigError
 from proxy.forward import DEFAULT_PATHS
 from proxy.secrets import SecretRef
@@ -259,8 +260,10 @@ OPTIONS: tuple[Option, ...] = (
         "workers",
         "TRACEGATE_WORKERS",
         "1",
-        positive(int),
-        "Processes sharing the ports (SO_REUSEPORT); /metrics on the admin port sums all workers.",
+        cpus.workers,
+        "Processes sharing the ports (SO_REUSEPORT); /metrics on the admin port sums all workers. "
+        "`auto`: the CPUs this process may use (affinity mask and cgroup quota, rounded up); "
+        "the container image and the Helm chart default to `auto`.",
         flag=True,
     ),
     Option(
@@ -351,6 +354,14 @@ OPTIONS: tuple[Option, ...] = (
         non_negative,
         "How often policy, secret and TLS files are checked for changes (reload like SIGHUP); 0: never.",
     ),
+    Option(
+        "gc_freeze_interval",
+        "TRACEGATE_GC_FREEZE_INTERVAL",
+        "10",
+        non_negative,
+        "Seconds between `gc.freeze()` calls that take long-lived objects (cached identities) out of "
+        "Python's full garbage collections; 0: never (see proxy/gcfreeze.py).",
+    ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )
 
@@ -395,6 +406,7 @@ class Settings:
     grpc_upstream: str
     outbox_pool_size: int
     watch_interval: float
+    gc_freeze_interval: float
     log_level: str
 
     @property

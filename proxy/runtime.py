@@ -27,6 +27,7 @@ from proxy.identify import Identity, TokenVerifier
 from proxy.keys import KeySource
 from proxy.metrics import Metrics
 from proxy.policy import Decision, Policy, decide, load_policy
+from proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("tracegate")
 
@@ -68,6 +69,7 @@ class Runtime:
         self._key_session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self._upstream_session: aiohttp.ClientSession | None = None
+        self._upstream_pool: UpstreamPool | None = None
         self._sources: dict[str, KeySource] = {}
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
@@ -97,6 +99,7 @@ class Runtime:
         self.started_at = self.monotonic()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
         upstream = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        pool = UpstreamPool(connect_timeout=min(self.settings.upstream_timeout, 10.0))
         self.forwarder = Forwarder(
             upstream,
             self.header_policy,
@@ -106,8 +109,10 @@ class Runtime:
             timeout=self.settings.upstream_timeout,
             max_body=self.settings.max_body,
             body_timeout=self.settings.body_timeout,
+            pool=pool,
         )
         self._upstream_session = upstream
+        self._upstream_pool = pool
         self._key_session = aiohttp.ClientSession()
         self._install(policy)
         self._loaded()
@@ -128,6 +133,8 @@ class Runtime:
             await self._key_session.close()
         if self._upstream_session is not None:
             await self._upstream_session.close()
+        if self._upstream_pool is not None:
+            await self._upstream_pool.close()
 
     def _install(self, policy: Policy) -> None:
         if self._key_session is None:

@@ -27,6 +27,7 @@ from proxy.audit import AuditLog
 from proxy.authz import build_authz_app
 from proxy.config import Settings
 from proxy.errors import ConfigError, PolicyLoadError
+from proxy.gcfreeze import freeze_periodically
 from proxy.ingest import RUNTIME, add_ingest_routes
 from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
@@ -62,7 +63,12 @@ def build_ingest_app(runtime: Runtime, policy: Policy) -> web.Application:
         await runtime.start(policy)
         interval = runtime.settings.watch_interval
         watch = asyncio.get_running_loop().create_task(FileWatch(runtime, interval).run()) if interval > 0 else None
+        freeze = runtime.settings.gc_freeze_interval
+        freezer = asyncio.get_running_loop().create_task(freeze_periodically(freeze)) if freeze > 0 else None
         yield
+        if freezer is not None:
+            freezer.cancel()
+            await asyncio.gather(freezer, return_exceptions=True)
         if watch is not None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)

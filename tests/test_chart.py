@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from proxy.config import OPTIONS, Settings, host_port
+from proxy.cpus import usable_cpus
 from proxy.standins import StandInIssuer
 from tests.conftest import policy_yaml
 
@@ -135,7 +136,7 @@ async def test_rendered_probes_ports_and_drain_agree_with_tracegate(
     with (CHART / "values.yaml").open() as f:
         chart_defaults = yaml.safe_load(f)
     assert str(chart_defaults["drainSeconds"]) == defaults["TRACEGATE_DRAIN_SECONDS"]
-    assert str(chart_defaults["workers"]) == defaults["TRACEGATE_WORKERS"]
+    assert chart_defaults["workers"] == "auto" and defaults["TRACEGATE_WORKERS"] == "1"  # one per CPU in a pod
     assert str(chart_defaults["watchIntervalSeconds"]) == defaults["TRACEGATE_WATCH_INTERVAL_SECONDS"]
     for values in VALUE_SETS.values():
         docs = render(values)
@@ -156,7 +157,7 @@ async def test_rendered_probes_ports_and_drain_agree_with_tracegate(
             plain["TRACEGATE_OUTBOX"] = "postgresql://tracegate:pw@db:5432/tracegate"
         settings = Settings.load({}, plain)
         assert settings.admin_listen == ("0.0.0.0", ports["admin"])
-        assert settings.workers == values.get("workers", 1)
+        assert settings.workers == values.get("workers", usable_cpus())
         drain = float(env["TRACEGATE_DRAIN_SECONDS"])
         assert settings.drain_seconds == drain
         pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]

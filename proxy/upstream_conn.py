@@ -1,0 +1,206 @@
+"""One upstream HTTP/1.1 connection of :mod:`proxy.upstream_pool`: an asyncio protocol whose
+answers httptools (llhttp) parses, with the state of the one exchange in flight.
+
+It keeps only the answer headers it is told to relay (first value of each), the status and
+the body up to a limit; ``1xx`` interim answers are skipped; an answer without
+Content-Length or chunked framing ends at EOF; bytes nobody asked for, a parse error or an
+EOF mid-answer fail the exchange as ``upstream-unreachable`` (502). Writing stops while the
+transport is over its high-water mark (``pause_writing``) until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from proxy.errors import UpstreamError
+
+#: Answer headers kept (lower-cased name → the spelling relayed).
+Relayed = Mapping[bytes, str]
+
+
+def unreachable() -> UpstreamError:
+    return UpstreamError("upstream-unreachable", 502)
+
+
+@dataclass(frozen=True)
+class PoolAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One upstream connection: a transport, an llhttp response parser, and the state of
+    the one exchange in flight (HTTP/1.1 without pipelining)."""
+
+    def __init__(self, key: tuple[str, int, bool], on_lost: Callable[[UpstreamConnection], None]) -> None:
+        self._on_lost = on_lost
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self.paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._relayed: Relayed = {}
+        self._max_answer = 0
+        # The exchange in flight.
+        self.busy = False
+        self.done = False
+        self.failure: UpstreamError | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+        self._interim = False
+        self._eof_body = False
+        self._framed = False
+        self.keep_alive = False
+
+    # --- the exchange ---------------------------------------------------------------
+
+    def begin(self, relayed: Relayed, max_answer: int) -> None:
+        self.busy, self.done, self.failure = True, False, None
+        self.status, self.headers, self._body, self._size = 0, {}, [], 0
+        self._relayed, self._max_answer = relayed, max_answer
+
+    def answer(self) -> PoolAnswer:
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return PoolAnswer(self.status, self.headers, body)
+
+    def finished(self) -> bool:
+        return self.done or self.failure is not None
+
+    def refused(self) -> bool:
+        """Stop sending the body: the exchange failed, or the upstream answered before the
+        body ended with an error or with the connection closing (RFC 9112 §9.3). An early
+        2xx on a kept-alive connection (nginx's ``return 200`` discards the body) gets the
+        rest of the body, so the connection stays usable."""
+        if self.failure is not None or self.closed:
+            return True
+        return self.done and not (self.keep_alive and 200 <= self.status < 300)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise ConnectionResetError("upstream connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the send buffer is over its high-water mark, unless the answer came
+        or the connection ended meanwhile (the caller checks which)."""
+        while self.paused and not self.closed and not self.refused():
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    async def wait_answer(self) -> None:
+        while not self.finished():
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, failure: UpstreamError) -> None:
+        if not self.done and self.failure is None:
+            self.failure = failure
+        self.close()
+        self._wake()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # create_connection gives a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy or self.finished():
+            self._fail(unreachable())  # bytes nobody asked for: the connection is unusable
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(unreachable())
+            return
+        if self.done:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        # An answer without Content-Length or chunked framing ends at EOF (llhttp has no
+        # finish call in httptools); any other EOF mid-answer means the answer is lost.
+        if self.busy and self._eof_body and not self.done and self.failure is None:
+            self.done, self.keep_alive = True, False
+        self._fail(unreachable())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.paused = False
+        if self.busy and not self.done:
+            if self._eof_body and exc is None and self.failure is None:
+                self.done, self.keep_alive = True, False
+            else:
+                self._fail(unreachable())
+        self._wake()
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    # --- httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers, self._body, self._size = {}, [], 0
+        self._interim = self._eof_body = self._framed = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+        spelling = self._relayed.get(lower)
+        if spelling is not None and spelling not in self.headers:
+            self.headers[spelling] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._interim = 100 <= status < 200
+        if not self._interim:
+            self.status = status
+            self._eof_body = not self._framed and status not in (204, 304)
+
+    def on_body(self, body: bytes) -> None:
+        if self._interim or self.failure is not None:
+            return
+        self._size += len(body)
+        if self._size > self._max_answer:
+            self._fail(UpstreamError("upstream-answer-too-large", 502))
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:  # 100 Continue and other 1xx: the real answer follows
+            self._interim = False
+            return
+        if self.failure is None:
+            self.done = True
+            self.keep_alive = self._parser.should_keep_alive()
