@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import gc
 import logging
@@ -51,6 +52,8 @@ MAX_HEADERS = 100
 READ_BUFSIZE = 64 * 1024
 
 
+#: Linux prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 #: What a gRPC/HTTP/2 client on the OTLP/HTTP port is told.
 GRPC_HINT = "send OTLP/gRPC to the gRPC listener (TRACEGATE_GRPC_LISTEN, port 4317 by default)"
 
@@ -222,12 +225,23 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
         multiproc.cleanup(directory, made)
 
 
+def _die_with(parent: int) -> None:
+    """Ask the kernel for SIGTERM (a drain) when the parent dies, however it dies: a parent
+    SIGKILLed by an orchestrator or a test must not leave workers serving on its ports."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Path) -> int:
+    parent = os.getpid()
     pids = []
     for k in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with(parent)
             try:
                 code = run_one(settings, environ, Metrics(multiprocess_dir=directory))
             except ConfigError as exc:

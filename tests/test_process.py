@@ -212,3 +212,42 @@ async def test_sigkill_with_events_pending_then_restart_delivers_each_exactly_on
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 15)
     assert process.returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+async def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, issuer: StandInIssuer, sink: Sink) -> None:
+    """A supervisor SIGKILLed (an orchestrator's last resort, a test's cleanup) must not leave
+    its workers serving on the shared ports."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "main.yaml").write_text(policy_yaml(issuer.url))
+    env = {"LS_TOKEN_PAYMENTS": PAYMENTS_KEY, "LS_TOKEN_DOCS": "d", "TRACEGATE_DATA_DIR": str(tmp_path / "data")}
+    process, _, _ = await spawn(policies, env, sink.url, "--workers", "2")
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    await process.wait()
+    for _ in range(200):  # each drains (SIGTERM from the kernel) and exits
+        if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}") / "status").read_text().split("State:", 1)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return "zombie"
