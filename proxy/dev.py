@@ -191,7 +191,7 @@ def _is_loopback(host: str) -> bool:
 def _check_free(flag: str, address: str) -> None:
     """Fail before anything starts when a listener's port is taken (the usual cause: a
     ``tracegate dev`` or ``serve`` already running)."""
-    from proxy.config import host_port
+    from proxy.setting_values import host_port
 
     try:
         host, port = host_port(address)

@@ -10,7 +10,8 @@ import sys
 import urllib.request
 from collections.abc import Mapping
 
-from proxy.config import OPTIONS, host_port
+from proxy.config import OPTIONS
+from proxy.setting_values import host_port
 
 _WILDCARDS = {"", "0.0.0.0", "::"}  # noqa: S104 - names of the wildcard address, not a bind
 

@@ -14,8 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.config import OPTIONS, Settings, host_port
+from proxy.config import OPTIONS, Settings
 from proxy.cpus import usable_cpus
+from proxy.setting_values import host_port
 from proxy.standins import StandInIssuer
 from tests.conftest import policy_yaml
 
