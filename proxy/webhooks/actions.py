@@ -13,7 +13,6 @@ created_at``, its steps span events. Unset times are Go's zero time
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from proxy.policy.model import WebhookSource
@@ -168,10 +167,7 @@ async def receive(
     span = spans_for(event, payload)
     if isinstance(span, Skip):
         return 202, "ignored", span.reason, {}
-    try:
-        [outcome] = await store_spans(outbox, [span], source=source, hook=hook)
-    except (sqlite3.Error, OSError, RuntimeError):
-        return 503, "failed", "outbox-unavailable", {}
+    [outcome] = await store_spans(outbox, [span], source=source, hook=hook)  # routes.outbox_unavailable: 503
     if outcome != "stored":
         return 202, "ignored", outcome, {"duplicate": True}
     return 202, "accepted", "stored", {}

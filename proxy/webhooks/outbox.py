@@ -71,6 +71,9 @@ class Outbox:
         self.wake = asyncio.Event()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:  # closed (its thread pool too): nothing can be stored
+            raise OutboxUnavailable("outbox-closed")
+
         def call() -> T:
             if self._db is None:
                 raise OutboxUnavailable("outbox-closed")
