@@ -3,21 +3,16 @@ logs) with the bytes they send, a raw grpc.aio caller, and a throwaway CA for TL
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc import aio
 
 from proxy.grpc_door import METHODS
+from tests.certs import TestCA
 
 METHOD = {signal: method for method, signal in METHODS.items()}
 
@@ -134,77 +129,31 @@ async def call(
         return Outcome(grpc.StatusCode.OK, "", (), response)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @dataclass
 class ThrowawayCA:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files;
-    :meth:`client_pair` issues client certificates (mTLS) from the same CA."""
+    """tests.certs.TestCA with a server certificate for 127.0.0.1/localhost issued, in the
+    shape grpcio's credentials take (PEM bytes); :meth:`client_pair` issues client
+    certificates (mTLS) from the same CA."""
 
-    ca_pem: bytes
+    ca: TestCA
     cert: Path
     key: Path
-    ca_file: Path
-    ca_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def ca_file(self) -> Path:
+        return self.ca.cert
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca.cert.read_bytes()
 
     def client_pair(self, name: str = "ci-runner") -> tuple[bytes, bytes]:
         """(key PEM, certificate PEM) of a client certificate signed by this CA."""
-        now = datetime.datetime.now(datetime.UTC)
-        ca = x509.load_pem_x509_certificate(self.ca_pem)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .sign(self.ca_key, hashes.SHA256())
-        )
-        return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+        client = self.ca.issue(name, server=False)
+        return client.key.read_bytes(), client.cert.read_bytes()
 
     @classmethod
     def create(cls, directory: Path) -> ThrowawayCA:
-        now = datetime.datetime.now(datetime.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tracegate test CA")])
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        cert_path, key_path = directory / "server.pem", directory / "server.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(_pem_key(key))
-        ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-        ca_file = directory / "ca.pem"
-        ca_file.write_bytes(ca_pem)
-        return cls(ca_pem, cert_path, key_path, ca_file, ca_key)
+        ca = TestCA(directory)
+        server = ca.issue("server")
+        return cls(ca, server.cert, server.key)

@@ -23,6 +23,7 @@ from proxy.answers import status_protobuf
 from proxy.config import Settings
 from proxy.errors import ConfigError
 from proxy.standins import StandInIssuer
+from tests.certs import TestCA
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 
 TRACES_GRPC = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -255,71 +256,16 @@ async def test_bad_authz_settings_stop_tracegate_with_the_setting_named(
             Settings.load({field: value}, {})
 
 
-def _certificates(directory: Any) -> dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def issue(name: str, signer: Any, issuer_name: x509.Name | None, *, ca: bool = False, server: bool = False) -> Any:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer_name or subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        elif not ca:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        cert = builder.sign(signer or key, hashes.SHA256())
-        return key, cert
-
-    ca_key, ca_cert = issue("test CA", None, None, ca=True)
-    files = {}
-    for name, (key, cert) in {
-        "ca": (ca_key, ca_cert),
-        "server": issue("tracegate", ca_key, ca_cert.subject, server=True),
-        "client": issue("gateway", ca_key, ca_cert.subject),
-    }.items():
-        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{name}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        files[name] = str(directory / f"{name}.pem")
-        files[name + "_key"] = str(directory / f"{name}.key")
-    return files
-
-
 async def test_the_authz_listener_requires_the_gateways_client_certificate_under_mtls(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, tmp_path: Any
 ) -> None:
     import ssl
 
-    certs = _certificates(tmp_path)
+    ca = TestCA(tmp_path)
+    server, client = ca.issue("tracegate"), ca.issue("gateway", server=False)
+    certs = {"ca": str(ca.cert), "client": str(client.cert), "client_key": str(client.key)}
     tg, url = await start_authz(
-        start_tracegate,
-        issuer,
-        "nginx",
-        tls_cert=certs["server"],
-        tls_key=certs["server_key"],
-        tls_client_ca=certs["ca"],
+        start_tracegate, issuer, "nginx", tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=certs["ca"]
     )
     await tg.keys_ready()
     url = url.replace("http://", "https://")
