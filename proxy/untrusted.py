@@ -37,15 +37,18 @@ def _escape(char: str) -> str:
 
 def loads(data: str | bytes | bytearray) -> Any:
     """``json.loads`` that refuses NaN, ±Infinity and lone surrogates. Raises ValueError
-    (or RecursionError for absurd nesting; callers catch both)."""
-    value = json.loads(data, parse_constant=_no_constant)
-    raw = data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")
-    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the document
+    (or RecursionError for absurd nesting; callers catch both). Bytes are decoded once, as
+    ``json.loads`` would (its encoding detection, ``surrogatepass``), and the text is then
+    both parsed and searched."""
+    text = data if isinstance(data, str) else bytes(data).decode(json.detect_encoding(data), "surrogatepass")
+    value = json.loads(text, parse_constant=_no_constant)
+    if _MAY_HOLD_SURROGATE.search(text):  # rare: only then walk the document
         _check_text(value)
     return value
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+#: A ``\uD800``–``\uDFFF`` escape, or a surrogate written raw (UTF-8 bytes ED A0–BF xx).
+_MAY_HOLD_SURROGATE = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 def _check_text(value: Any) -> None:

@@ -147,6 +147,20 @@ async def test_time_claims_that_are_not_finite_numbers_are_malformed_claims(
     assert sink.received == []
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"a": "\\udcff"}',  # an escaped lone surrogate
+        b'{"a": "\xed\xb3\xbf"}',  # the same, written raw in UTF-8 (json.loads accepts it)
+        '{"a": "\\udcff"}'.encode("utf-16"),  # escaped, in UTF-16 (json.loads detects it)
+    ],
+)
+def test_untrusted_json_refuses_lone_surrogates_however_written(document: bytes) -> None:
+    with pytest.raises(ValueError):
+        loads(document)
+    assert loads(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a pair is a character
+
+
 def test_untrusted_json_refuses_non_finite_constants() -> None:
     for text in ("NaN", '{"exp": Infinity}', "[-Infinity]"):
         with pytest.raises(ValueError):
