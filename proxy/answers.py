@@ -9,6 +9,8 @@ The protobuf encoding is written out here (two fields) rather than pulling in pr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -51,17 +53,43 @@ def wants_json(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() == "application/json"
 
 
-def refusal(status: int, request_content_type: str | None, *, retry_after: int | None = None) -> web.Response:
-    """A refusal answer. 401 carries ``WWW-Authenticate: Bearer error="invalid_token"``."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer to an OTLP/HTTP client, whichever server writes it: ``headers`` carries the
+    Content-Type; ``close`` asks that the connection be closed after it."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+    close: bool = False
+
+
+def refusal_answer(
+    status: int, request_content_type: str | None, *, retry_after: int | None = None, close: bool = False
+) -> Answer:
+    """A refusal. 401 carries ``WWW-Authenticate: Bearer error="invalid_token"``."""
     code, message = _BY_STATUS[status]
-    headers = {}
+    if wants_json(request_content_type):
+        headers = {"Content-Type": "application/json"}
+        body = json.dumps({"code": code, "message": message}).encode()
+    else:
+        headers = {"Content-Type": "application/x-protobuf"}
+        body = status_protobuf(code, message)
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    if wants_json(request_content_type):
-        body = json.dumps({"code": code, "message": message}).encode()
-        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-    return web.Response(
-        status=status, body=status_protobuf(code, message), content_type="application/x-protobuf", headers=headers
-    )
+    return Answer(status, body, headers, close)
+
+
+def response(answer: Answer) -> web.Response:
+    """``answer`` as an aiohttp response."""
+    out = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    if answer.close:
+        out.force_close()
+    return out
+
+
+def refusal(status: int, request_content_type: str | None, *, retry_after: int | None = None) -> web.Response:
+    """:func:`refusal_answer` as an aiohttp response."""
+    return response(refusal_answer(status, request_content_type, retry_after=retry_after))

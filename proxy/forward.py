@@ -13,10 +13,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import BodyError, ConfigError, UpstreamError
@@ -44,6 +46,20 @@ _RELAYED_LOWER = {name.lower().encode(): name for name in RELAYED}
 READ_CHUNK = 1 << 20
 
 
+class Upload(Protocol):
+    """What forwarding needs of a client's request: aiohttp's requests have it, and so have
+    the exports ``ingest_conn`` parses itself."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def content(self) -> aiohttp.StreamReader: ...
+
+
 @dataclass(frozen=True)
 class UpstreamAnswer:
     status: int
@@ -69,7 +85,7 @@ BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def declared_length(request: web.BaseRequest, limit: int) -> None:
+def declared_length(request: Upload, limit: int) -> None:
     """Refuse (413) a declared Content-Length over ``limit`` before reading anything."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyError("body-too-large", 413)
@@ -136,7 +152,7 @@ class Forwarder:
             found = self._urls[key] = URL(key[0].rstrip("/") + self._paths[signal])
         return found
 
-    async def _stream(self, request: web.BaseRequest, state: _BodyState, size: int = CHUNK) -> AsyncIterator[bytes]:
+    async def _stream(self, request: Upload, state: _BodyState, size: int = CHUNK) -> AsyncIterator[bytes]:
         content = request.content
         while True:
             try:
@@ -196,7 +212,7 @@ class Forwarder:
         except (aiohttp.ClientError, OSError):
             raise UpstreamError("upstream-unreachable", 502) from None
 
-    async def read(self, request: web.BaseRequest) -> bytes:
+    async def read(self, request: Upload) -> bytes:
         """The whole request body, under the same limit and body timeout as streaming; for
         a body that must change before it is sent (stamping). Raises BodyError."""
         declared_length(request, self.max_body)
@@ -204,7 +220,7 @@ class Forwarder:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def forward(
-        self, request: web.BaseRequest, signal: str, account: ServiceAccount, *, body: bytes | None = None
+        self, request: Upload, signal: str, account: ServiceAccount, *, body: bytes | None = None
     ) -> UpstreamAnswer:
         """Send the request upstream as ``account``: its body streamed byte for byte, or
         ``body`` instead (read and changed by the caller; sent with its own length).

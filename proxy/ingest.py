@@ -18,9 +18,9 @@ from functools import partial
 from aiohttp import web
 
 from proxy.admission import Admitted, Refused, admit
-from proxy.answers import refusal
+from proxy.answers import Answer, refusal_answer, response
 from proxy.errors import BodyError, UpstreamError
-from proxy.forward import Forwarder
+from proxy.forward import Forwarder, Upload
 from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 from proxy.stamp import media_type, stamp_for, stamp_http_body
@@ -59,17 +59,23 @@ def expect_admitted(
     return expect_refusal(refuses, limit)
 
 
-def _refused(request: web.Request, refused: Refused) -> web.StreamResponse:
-    return refusal(refused.status, request.headers.get("Content-Type"), retry_after=refused.retry_after)
+def refused_answer(refused: Refused, content_type: str | None, *, close: bool = False) -> Answer:
+    return refusal_answer(refused.status, content_type, retry_after=refused.retry_after, close=close)
 
 
 async def handle_signal(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
     signal = request.match_info["signal"]
-    content_type = request.headers.get("Content-Type")
     admitted = await admit_http(request, signal=signal)
     if isinstance(admitted, Refused):
-        return _refused(request, admitted)
+        return response(refused_answer(admitted, request.headers.get("Content-Type")))
+    return response(await export(request.app[RUNTIME], request, signal, admitted))
+
+
+async def export(runtime: Runtime, request: Upload, signal: str, admitted: Admitted) -> Answer:
+    """Forward an admitted export and say how to answer it: the upstream's own status, body
+    and content type, or tracegate's refusal when the body or the upstream failed. Shared
+    by both servers of the OTLP/HTTP door (aiohttp's, and ``ingest_conn``'s)."""
+    content_type = request.headers.get("Content-Type")
     try:
         forwarder = runtime.forwarder
         if forwarder is None:
@@ -78,17 +84,14 @@ async def handle_signal(request: web.Request) -> web.StreamResponse:
         answer = await forwarder.forward(request, signal, admitted.account, body=body)
     except (BodyError, UpstreamError) as exc:
         admitted.record("failed", exc.reason)
-        response = refusal(exc.status, content_type)
-        if isinstance(exc, BodyError):
-            response.force_close()  # the rest of the body is unread: do not keep the connection
-        return response
-
+        # After a body error the rest of the body is unread: do not keep the connection.
+        return refusal_answer(exc.status, content_type, close=isinstance(exc, BodyError))
     reason = "forwarded" if 200 <= answer.status < 300 else f"upstream-{answer.status}"
     admitted.record("allowed", reason, bytes_in=answer.body_bytes, upstream_status=answer.status)
-    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    return Answer(answer.status, answer.body, answer.headers)
 
 
-async def stamped_body(request: web.Request, forwarder: Forwarder, admitted: Admitted) -> bytes:
+async def stamped_body(request: Upload, forwarder: Forwarder, admitted: Admitted) -> bytes:
     """The request body with the account's verified attributes stamped on (see stamp.py).
     The protobuf splice costs about one copy of the body and runs here; decompressing,
     recompressing or re-encoding JSON past STAMP_INLINE_BYTES runs in a thread so the

@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -33,6 +35,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.typedefs import Middleware
 
+from proxy.answers import Answer, response
 from proxy.metrics import Metrics
 
 log = logging.getLogger("tracegate")
@@ -109,30 +112,69 @@ class EdgeRequestHandler(web.RequestHandler):
         return response
 
 
+class Lane(Protocol):
+    """A connection served outside aiohttp (``ingest_conn``): drained with the listener."""
+
+    def close(self) -> None: ...
+
+    async def shutdown(self, timeout: float) -> None: ...
+
+
+#: Makes a listener's connections instead of aiohttp: given the server, whose ``handler()``
+#: makes the aiohttp connection a lane hands a request off to, and whose ``lanes`` it joins.
+LaneFactory = Callable[["EdgeServer"], asyncio.Protocol]
+
+
 class EdgeServer(web.Server):
     metrics: Metrics
     grpc_hint: str
+    lane: LaneFactory | None
+    lanes: set[Lane]
 
-    def __call__(self) -> web.RequestHandler:
+    def handler(self) -> EdgeRequestHandler:
         handler = EdgeRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.metrics = self.metrics
         handler.grpc_hint = self.grpc_hint
         return handler
 
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        return self.handler() if self.lane is None else self.lane(self)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for lane in list(self.lanes):
+            lane.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        lanes = [lane.shutdown(timeout if timeout is not None else 60.0) for lane in list(self.lanes)]
+        await asyncio.gather(super().shutdown(timeout), *lanes)
+
 
 class EdgeRunner(web.AppRunner):
-    """An AppRunner whose server makes :class:`EdgeRequestHandler` connections."""
+    """An AppRunner whose server makes :class:`EdgeRequestHandler` connections, or the
+    ``lane``'s, which hand to those what they do not serve."""
 
-    def __init__(self, app: web.Application, *, metrics: Metrics, grpc_hint: str, **kwargs: object) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        metrics: Metrics,
+        grpc_hint: str,
+        lane: LaneFactory | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(app, **kwargs)  # type: ignore[arg-type]
         self._metrics = metrics
         self._grpc_hint = grpc_hint
+        self._lane = lane
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = EdgeServer  # same object and state; only how it makes handlers changes
         server.metrics = self._metrics  # type: ignore[attr-defined]
         server.grpc_hint = self._grpc_hint  # type: ignore[attr-defined]
+        server.lane = self._lane  # type: ignore[attr-defined]
+        server.lanes = set()  # type: ignore[attr-defined]
         return server
 
 
@@ -154,13 +196,16 @@ def guard(metrics: Metrics) -> Middleware:
             metrics.child(metrics.protocol_errors, "client-disconnected").inc()
             return _closing(400)
         except Exception as exc:  # noqa: BLE001 - the one place that catches what nothing else expected
-            metrics.unhandled_errors.inc()
-            log.error("unhandled error", extra={"error_type": type(exc).__name__, "path": request.path})
-            response = web.json_response({"accepted": False, "reason": "internal-error"}, status=500)
-            response.force_close()
-            return response
+            return response(internal_error(metrics, exc, request.path))
 
     return middleware
+
+
+def internal_error(metrics: Metrics, exc: BaseException, path: str) -> Answer:
+    """What the guard answers for an exception nothing expected: logged by type only, counted."""
+    metrics.unhandled_errors.inc()
+    log.error("unhandled error", extra={"error_type": type(exc).__name__, "path": path})
+    return Answer(500, b'{"accepted": false, "reason": "internal-error"}', {"Content-Type": "application/json"}, True)
 
 
 def expect_refusal(

@@ -30,10 +30,11 @@ from proxy.config import Settings
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.gcfreeze import freeze_periodically
 from proxy.ingest import RUNTIME, add_ingest_routes
+from proxy.ingest_conn import IngestConnection, Limits
 from proxy.logs import redact_aiohttp
 from proxy.metrics import Metrics
 from proxy.policy import Policy
-from proxy.protocol import EdgeRunner, guard
+from proxy.protocol import EdgeRunner, LaneFactory, guard
 from proxy.runtime import Runtime
 from proxy.tls import server_context
 from proxy.traceparent import add_traceparent_route
@@ -113,6 +114,7 @@ async def start(
             _edge(
                 build_ingest_app(runtime, policy),
                 runtime,
+                lane=ingest_lane(runtime),
                 http_limits=True,
                 auto_decompress=False,
                 shutdown_timeout=settings.drain_seconds,
@@ -140,6 +142,12 @@ async def start(
             await started.cleanup()
         raise
     return runtime, runners
+
+
+def ingest_lane(runtime: Runtime) -> LaneFactory:
+    """The ingest listener's connections: exports served by ``ingest_conn``, the rest by aiohttp."""
+    limits = Limits(MAX_LINE_SIZE, MAX_FIELD_SIZE, MAX_HEADERS, runtime.settings.idle_timeout)
+    return lambda server: IngestConnection(runtime, limits, server.handler, server.lanes)
 
 
 def _edge(app: web.Application, runtime: Runtime, *, http_limits: bool = False, **options: Any) -> EdgeRunner:
