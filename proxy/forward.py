@@ -232,10 +232,15 @@ class Forwarder:
         # The pool writes the framing: the client's Content-Length when it declared one
         # (and did not name it in Connection), else chunked; ``body``'s own length.
         length = request.content_length if headers.popall("Content-Length", None) else None
-        data: AsyncIterator[bytes] | bytes = self._stream(request, state, STREAM_CHUNK)
+        content = request.content
+        if body is None and length is not None and content.is_eof() and content.exception() is None:
+            body = content.read_nowait(-1)  # all of it is here already (most exports): one piece
+        data: AsyncIterator[bytes] | bytes
         if body is not None:
             state.received = len(body)
             data, length = body, None
+        else:
+            data = self._stream(request, state, STREAM_CHUNK)
         started = time.perf_counter()
         status_label = "error"
         try:

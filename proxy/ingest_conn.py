@@ -123,6 +123,9 @@ class IngestConnection(asyncio.Protocol):
         self._closing = False  # answer what is queued, then close
         self._dead = False  # the parser stopped: read nothing more
         self._reading_paused = False
+        # Idle since (loop time), while no request is being answered and no head is complete;
+        # one timer per connection checks it, so a request costs no timer of its own.
+        self._idle_since: float | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._lingered = 0
@@ -203,9 +206,7 @@ class IngestConnection(asyncio.Protocol):
             self._escape_now("hand-off")
 
     def on_headers_complete(self) -> None:
-        if self._idle is not None:  # armed while idle: it also bounds how long a head may take
-            self._idle.cancel()
-            self._idle = None
+        self._idle_since = None  # the idle time also bounds how long a head may take
         parser = self._parser
         signal = EXPORTS.get(self._url)
         version = parser.get_http_version()
@@ -383,8 +384,22 @@ class IngestConnection(asyncio.Protocol):
             self.transport.close()
 
     def _arm_idle(self) -> None:
-        if self.transport is not None and self._idle is None:
-            self._idle = self._loop.call_later(self._limits.idle_timeout, self.transport.close)
+        now = self._loop.time()
+        self._idle_since = now
+        if self._idle is None and self.transport is not None:
+            self._idle = self._loop.call_at(now + self._limits.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        transport, since = self.transport, self._idle_since
+        if transport is None:
+            return
+        if since is not None and self._loop.time() >= since + self._limits.idle_timeout:
+            transport.close()
+            return
+        # Busy, or idle for less than the timeout since: look again when it could expire.
+        after = since if since is not None else self._loop.time()
+        self._idle = self._loop.call_at(after + self._limits.idle_timeout, self._check_idle)
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle, self._linger):
