@@ -201,6 +201,8 @@ class IngestConnection(asyncio.Protocol):
             self._escape_now("hand-off")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._parsing is not None:
+            return  # a chunked body's trailer fields: dropped, as aiohttp's server does
         self._fields.append((name, value))
         if len(name) + len(value) + 2 > self._limits.max_field or len(self._fields) > self._limits.max_headers:
             self._escape_now("hand-off")
@@ -261,6 +263,9 @@ class IngestConnection(asyncio.Protocol):
         """The parser is done with this connection: hand it off, or answer what is owed and
         close it (counting ``kind`` in tracegate_protocol_errors_total)."""
         self._dead = True
+        if self._parsing is not None:  # its body will not end now
+            self._parsing.content.set_exception(ConnectionResetError("the request was cut off"))
+            self._parsing = None
         if why == "hand-off" and self._raw is not None:
             self._handoff, self._raw = self._raw, None
             self.pause_reading()

@@ -314,3 +314,25 @@ async def test_drain_answers_the_export_in_flight_then_closes(
     assert await conn.closed()
     await stopping
     assert [r.body for r in sink.received] == [b"in-flight"]
+
+
+async def test_chunk_extensions_and_trailer_fields_are_dropped_not_counted_as_headers(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, connect: Any
+) -> None:
+    """Trailer fields come through the parser's header callback after the head: more of
+    them than the head may have must not cut the export off."""
+    tg = await start(start_tracegate, issuer)
+    conn = await connect(tg.url)
+    trailers = "".join(f"X-Trailer-{i}: {i}\r\n" for i in range(150))
+    await conn.send(
+        (
+            f"POST /v1/traces HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {issuer.mint()}\r\n"
+            "Content-Type: application/x-protobuf\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"4;ext=1\r\nspan\r\n0\r\n{trailers}\r\n"
+        ).encode()
+    )
+    answer = await conn.answer()
+    assert answer.status == 200
+    assert "connection" not in answer.headers  # kept alive
+    assert [r.body for r in sink.received] == [b"span"]
+    assert not any(name.startswith("X-Trailer") for name in sink.received[0].headers)
