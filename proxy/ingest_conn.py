@@ -58,6 +58,9 @@ EXPORTS = {b"/v1/traces": "traces", b"/v1/metrics": "metrics", b"/v1/logs": "log
 BODY_BUFFER = 64 * 1024
 #: Exports parsed ahead of the one being answered (pipelining) before reading pauses.
 MAX_QUEUED = 8
+#: Bytes a head may take here; a longer one is handed to aiohttp, whose parser applies the
+#: listener's per-line limits as the bytes come (httptools would gather a field first).
+HEAD_LIMIT = 64 * 1024
 #: After an answer given before the body ended: how long, and how much, is read and dropped
 #: before the connection closes (closing with unread input would reset it under the answer).
 LINGER_SECONDS = 2.0
@@ -113,16 +116,19 @@ class IngestConnection(asyncio.Protocol):
         # first byte when that was the first byte of a read (None for a pipelined head).
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
+        self._head_bytes = 0  # read since the head being parsed began
         self._raw: list[bytes] | None = None
         self._between = True  # no request is being parsed
         self._fresh = False  # the read being parsed began between requests
         self._read: bytes = b""
         self._escape: str | None = None  # "hand-off" or "close"
         self._handoff: list[bytes] | None = None
-        self._closing = False  # answer what is queued, then close
+        self._closing = False  # take no more requests: answer what is queued, then close
         self._dead = False  # the parser stopped: read nothing more
+        self._tls = False
         self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
         # Idle since (loop time), while no request is being answered and no head is complete;
         # one timer per connection checks it, so a request costs no timer of its own.
         self._idle_since: float | None = None
@@ -134,6 +140,7 @@ class IngestConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self._lanes.add(self)
         self._arm_idle()
 
@@ -141,18 +148,23 @@ class IngestConnection(asyncio.Protocol):
         self.transport = None
         self._lanes.discard(self)
         self._cancel_timers()
+        self._raw = self._handoff = None
+        self._read = b""
         for request in self._queue:
             if not request.complete:
                 request.content.set_exception(ConnectionResetError("the client closed the connection"))
+        self._wake_writer()
 
     def eof_received(self) -> bool | None:
         if self._parsing is not None and not self._parsing.complete:
             self._parsing.content.set_exception(ConnectionResetError("the client ended the request early"))
+            self._parsing = None
+        self._dead = self._closing = True
         if self._worker is None and self.transport is not None:
             self.transport.close()
-        else:
-            self._closing = True
-        return True  # keep the transport open for the answers still owed
+        # Over TCP the answers still owed can go out on the half-open connection; TLS closes
+        # it whatever this returns (and warns when it is True).
+        return None if self._tls else True
 
     def data_received(self, data: bytes) -> None:
         if self._linger is not None or self._dead:
@@ -161,6 +173,11 @@ class IngestConnection(asyncio.Protocol):
         self._read, self._fresh = data, self._between
         if self._raw is not None:
             self._raw.append(data)
+        if not self._between and self._parsing is None:  # a head is being parsed
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_LIMIT:
+                self._stop("hand-off" if self._raw is not None else "close", "pipelined-not-export")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -184,16 +201,38 @@ class IngestConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
-        if self._reading_paused and self.transport is not None and self._handoff is None:
+        """Read again, unless something else still holds reading: a hand-off waiting for the
+        answers owed, a client not reading its answers, or a full pipeline."""
+        if (
+            self._reading_paused
+            and self.transport is not None
+            and self._handoff is None
+            and not self._writing_paused
+            and len(self._queue) <= MAX_QUEUED
+        ):
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+        self.resume_reading()
+
+    def _wake_writer(self) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._raw = [self._read] if self._fresh else None
         self._fresh = self._between = False
-        self._url, self._fields, self._head_size = b"", [], 0
+        self._url, self._fields, self._head_bytes = b"", [], len(self._read)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -283,7 +322,7 @@ class IngestConnection(asyncio.Protocol):
         transport, raw = self.transport, self._handoff or []
         self._lanes.discard(self)
         self._cancel_timers()
-        self.transport = None
+        self.transport, self._handoff, self._read = None, None, b""
         if transport is None or transport.is_closing():
             return
         handler = self._make_handler()
@@ -304,7 +343,9 @@ class IngestConnection(asyncio.Protocol):
                 answer = await self._answer(request)
                 self._queue.popleft()
                 keep = self._write(request, answer)
-                if keep and len(self._queue) <= MAX_QUEUED and not self._dead:
+                if keep and self._writing_paused:
+                    await self._drain()  # the client reads its answers slower than it sends
+                if keep and not self._dead:
                     self.resume_reading()
         finally:
             self._worker = None
@@ -315,6 +356,11 @@ class IngestConnection(asyncio.Protocol):
             self._hand_off()
         else:
             self._arm_idle()
+
+    async def _drain(self) -> None:
+        while self._writing_paused and self.transport is not None:
+            self._drained = self._loop.create_future()
+            await self._drained
 
     async def _answer(self, request: _Export) -> Answer:
         """Admit, then forward: ``ingest.export``, as aiohttp's route does."""
@@ -342,11 +388,13 @@ class IngestConnection(asyncio.Protocol):
             return internal_error(runtime.metrics, exc, "/v1/" + request.signal)
 
     def _write(self, request: _Export, answer: Answer) -> bool:
-        """Write ``answer``; whether the connection stays open for the next request."""
+        """Write ``answer``; whether the connection stays open for the next request (when
+        closing, the last one owed says ``Connection: close``)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        keep = request.keep_alive and not answer.close and request.complete and not self._closing
+        last = self._closing and not self._queue
+        keep = request.keep_alive and not answer.close and request.complete and not last
         head = [
             b"HTTP/1.0 " if request.http10 else b"HTTP/1.1 ",
             b"%d %s\r\n" % (answer.status, _REASONS.get(answer.status, b"")),

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 
 from proxy.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
+from tests.certs import TestCA
 from tests.conftest import Tracegate, policy_yaml
 from tests.test_webhooks import OLD_SECRET, WEBHOOKS, hook_env
 
@@ -177,14 +181,16 @@ async def test_a_request_pipelined_behind_an_export_that_is_not_one_closes_the_c
     client retries it on a new connection), and the webhook is not stored."""
     tg = await start(start_tracegate, issuer)
     conn = await connect(tg.url)
-    await conn.send(export(issuer.mint(), b"first") + gitea_push())
-    first = await conn.answer()
-    assert first.status == 200
-    assert first.headers["connection"] == "close"
+    token = issuer.mint()
+    await conn.send(export(token, b"first") + export(token, b"second") + gitea_push())
+    first, second = await conn.answer(), await conn.answer()  # every export parsed before it
+    assert (first.status, second.status) == (200, 200)
+    assert "connection" not in first.headers
+    assert second.headers["connection"] == "close"
     assert await conn.closed()
     assert tg.metric("tracegate_protocol_errors_total", kind="pipelined-not-export") == 1
     await asyncio.sleep(0.5)
-    assert [r.body for r in sink.received] == [b"first"]  # no marker: the webhook was not taken
+    assert [r.body for r in sink.received] == [b"first", b"second"]  # no marker: the webhook was not taken
     # The retry, on a connection of its own, is served.
     retry = await connect(tg.url)
     await retry.send(gitea_push())
@@ -336,3 +342,73 @@ async def test_chunk_extensions_and_trailer_fields_are_dropped_not_counted_as_he
     assert "connection" not in answer.headers  # kept alive
     assert [r.body for r in sink.received] == [b"span"]
     assert not any(name.startswith("X-Trailer") for name in sink.received[0].headers)
+
+
+async def test_a_huge_header_field_is_refused_as_it_comes_not_gathered(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, connect: Any
+) -> None:
+    """httptools gathers a field before its callback: a head past 64 KiB goes to aiohttp,
+    whose parser refuses a line over the limit while it is still arriving."""
+    tg = await start(start_tracegate, issuer)
+    conn = await connect(tg.url)
+    await conn.send(b"POST /v1/traces HTTP/1.1\r\nHost: t\r\nX-Big: ")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(4):  # 256 KiB of one field, no end of line
+            await conn.send(b"a" * 65536)
+    refused = await conn.answer()  # before the field (or the head) ended
+    assert refused.status in (400, 431)
+    assert await conn.closed()
+    assert tg.metric("tracegate_protocol_errors_total", kind="line-too-long") == 1
+    assert sink.received == []
+
+
+async def test_a_client_that_does_not_read_its_answers_stops_being_read(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink
+) -> None:
+    """Pipelined requests whose answers the client never reads: tracegate stops reading
+    (its answers wait in bounded buffers) instead of answering all of them into memory."""
+    tg = await start(start_tracegate, issuer)
+    host, port = tg.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    batch = b"POST /v1/traces HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" * 1000
+    sent, stalled = 0, False
+    try:
+        while sent < 400_000:
+            writer.write(batch)
+            try:
+                await asyncio.wait_for(writer.drain(), 2)
+            except TimeoutError:
+                stalled = True
+                break
+            sent += 1000
+        answered = len(tg.audit())
+        assert stalled, "tracegate read 400,000 requests whose answers were never read"
+        assert answered < 100_000
+    finally:
+        writer.transport.abort()
+    assert sink.received == []
+
+
+async def test_a_tls_client_closing_cleanly_logs_nothing(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, tmp_path: Any, caplog: Any
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("tracegate")
+    tg = await start(start_tracegate, issuer, tls_cert=str(server.cert), tls_key=str(server.key))
+    host, port = tg.url.removeprefix("http://").split(":")
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+        writer.write(export(issuer.mint(), b"tls"))
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+        writer.close()  # close_notify: the server sees the end of the stream
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    assert [r.body for r in sink.received] == [b"tls"] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
