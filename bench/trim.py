@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import json
 import os
@@ -198,6 +199,12 @@ async def identities(args: argparse.Namespace) -> dict[str, Any]:
             await admit_one(mint(-1))  # keys fetched, first-use allocations made
             gc.collect()
             rss0, objects0 = _rss_kib(), len(gc.get_objects())
+            empty = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                gc.collect()
+                empty.append((time.perf_counter() - t0) * 1e3)
+            kinds0 = collections.Counter(type(o).__name__ for o in gc.get_objects())
             started = time.perf_counter()
             for start in range(0, args.identities, 1000):
                 for token in [mint(n) for n in range(start, min(start + 1000, args.identities))]:
@@ -211,12 +218,17 @@ async def identities(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 gc.collect()
                 pauses.append((time.perf_counter() - t0) * 1e3)
+            kinds = collections.Counter(type(o).__name__ for o in gc.get_objects())
+            kinds.subtract(kinds0)
+            print("tracked growth by type:", kinds.most_common(5), file=sys.stderr)
             return {
                 "identities": args.identities,
+                "gc_objects": objects1,
                 "rss_growth_mib": (rss1 - rss0) / 1024,
                 "bytes_per_identity": (rss1 - rss0) * 1024 / args.identities,
                 "gc_objects_growth": objects1 - objects0,
                 "gc_objects_per_identity": (objects1 - objects0) / args.identities,
+                "full_collect_ms_before_identities": statistics.median(empty),
                 "full_collect_ms": statistics.median(pauses),
                 "mint_and_admit_s": elapsed,
             }
