@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jwt
 from cachetools import TTLCache
-from multidict import MultiMapping
+from multidict import MultiMapping, istr
 
 from proxy import untrusted
 from proxy.audit import claims_fields
@@ -40,6 +40,8 @@ from proxy.token_cache import ExpiringCache
 #: line limit, 8190 bytes, refuses anything much longer before it gets here).
 MAX_TOKEN_BYTES = 6144
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_AUTHORIZATION = istr("Authorization")
+_ACCESS_TOKEN = istr("lightstep-access-token")
 _QUERY_TOKEN_NAMES = frozenset(
     {"access_token", "token", "id_token", "jwt", "lightstep-access-token", "lightstep_access_token"}
 )
@@ -76,22 +78,28 @@ class Identity(NamedTuple):
 def extract_token(headers: MultiMapping[str], query: Mapping[str, str] | MultiMapping[str]) -> str:
     """The one bearer token of a request. Raises AuthError: ``missing-token``,
     ``conflicting-tokens`` (two different ones), ``token-in-query``, ``unsupported-auth-scheme``."""
-    for name, value in query.items():
-        if name.lower() in _QUERY_TOKEN_NAMES or _JWT_SHAPE.match(value):
-            raise AuthError("token-in-query")
-    found: set[str] = set()
-    for value in headers.getall("Authorization", ()):
+    if query:
+        for name, value in query.items():
+            if name.lower() in _QUERY_TOKEN_NAMES or _JWT_SHAPE.match(value):
+                raise AuthError("token-in-query")
+    found: str | None = None
+    conflicting = False
+    for value in headers.getall(_AUTHORIZATION, ()):
         scheme, _, credential = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
             raise AuthError("unsupported-auth-scheme")
-        found.add(credential.strip())
-    for value in headers.getall("lightstep-access-token", ()):
-        found.add(value.strip())
-    if not found:
+        conflicting = conflicting or (found is not None and found != credential)
+        found = credential
+    for value in headers.getall(_ACCESS_TOKEN, ()):
+        credential = value.strip()
+        conflicting = conflicting or (found is not None and found != credential)
+        found = credential
+    if found is None:
         raise AuthError("missing-token")
-    if len(found) > 1:
+    if conflicting:
         raise AuthError("conflicting-tokens")
-    return found.pop()
+    return found
 
 
 #: Refusals that no retry of the same token can turn into a success (under one policy).
