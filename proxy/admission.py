@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 KEYS_RETRY_AFTER = 5
 #: The doors' names: the ``transport`` audit field and metric label.
 TRANSPORTS = ("http", "grpc", "authz")
+#: The audit fields of a request refused before it had an identity: every claim null.
+_NO_CLAIMS = claims_fields(None)
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,6 @@ def _record(
         identity.audit if identity is not None else _NO_CLAIMS,
         transport,
     )
-
-
-_NO_CLAIMS = claims_fields(None)
 
 
 async def admit(
