@@ -159,15 +159,15 @@ class TokenVerifier:
         self._clock = clock
         self._leeway = leeway
         self._decisions = decisions
-        #: Digest → the fields of an :class:`Identity`, until its ``expires_at``.
+        #: Hex digest → the fields of an :class:`Identity`, until its ``expires_at``.
         self.cache = ExpiringCache(cache_size, clock)
-        self._refused: TTLCache[bytes, AuthError] = TTLCache(maxsize=10_000, ttl=refusal_ttl, timer=clock)
+        self._refused: TTLCache[str, AuthError] = TTLCache(maxsize=10_000, ttl=refusal_ttl, timer=clock)
         self._hits = metrics.token_cache.labels("hit")
         self._misses = metrics.token_cache.labels("miss")
         self._refused_hits = metrics.token_cache.labels("refused-hit")
 
     async def verify(self, token: str) -> Identity:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         cached = self.cache.get(digest)
         if cached is not None:
             self._hits.inc()

@@ -148,33 +148,45 @@ async def test_expired_entries_leave_when_others_arrive(verifying: Verifying) ->
     assert len(verifying.verifier.cache) == 2  # the five expired ones left without being asked for
 
 
-async def test_size_is_bounded_least_recently_used_out(small: Verifying) -> None:
-    tokens = [small.mint(job_id=str(n)) for n in range(5)]
-    for token in tokens[:3]:
-        await small.verifier.verify(token)
-    await small.verifier.verify(tokens[0])  # now the most recently used
-    await small.verifier.verify(tokens[3])  # drops tokens[1], the least recently used
-    assert len(small.verifier.cache) == 3
-    misses = small.count("miss")
-    await small.verifier.verify(tokens[0])
-    await small.verifier.verify(tokens[2])
-    assert small.count("miss") == misses
-    await small.verifier.verify(tokens[1])
-    assert small.count("miss") == misses + 1
-    for token in tokens:
-        await small.verifier.verify(token)
-    assert len(small.verifier.cache) == 3
+async def test_size_is_bounded_and_a_token_in_use_stays(small: Verifying) -> None:
+    hot = small.mint(job_id="hot")
+    await small.verifier.verify(hot)
+    for n in range(10):  # a new token between each use of the hot one: never dropped
+        await small.verifier.verify(small.mint(job_id=str(n)))
+        await small.verifier.verify(hot)
+        assert len(small.verifier.cache) <= 3
+    assert (small.count("miss"), small.count("hit")) == (11, 10)
+
+
+def test_expiring_cache_drops_the_oldest_unused_entry() -> None:
+    cache = ExpiringCache(4, lambda: 0.0)
+    for key in "abcd":
+        cache.put(key, (1.0, key))
+    assert cache.get("a") is not None  # used since the rotation: kept
+    cache.put("e", (1.0, "e"))
+    cache.put("f", (1.0, "f"))
+    assert [key for key in "abcdef" if cache.get(key) is not None] == ["a", "d", "e", "f"]
+    for n in range(1000):
+        cache.put(str(n), (1.0, n))
+        assert len(cache) <= 4
+    one = ExpiringCache(1, lambda: 0.0)
+    one.put("x", (1.0,))
+    one.put("y", (1.0,))
+    assert (one.get("x"), one.get("y"), len(one)) == (None, (1.0,), 1)
 
 
 def test_expiring_cache_heap_stays_bounded() -> None:
     now = [0.0]
     cache = ExpiringCache(10, lambda: now[0])
     for n in range(10_000):  # far more insertions than room: evicted entries' heap items are pruned
-        cache.put(n.to_bytes(4, "big"), (1e9 + n, "x"))
+        cache.put(str(n), (1e9 + n, "x"))
     assert len(cache) == 10
     assert len(cache._expiries) <= 2 * 10 + 16
-    cache.put(b"late", (-1.0, "already expired"))
-    assert cache.get(b"late") is None and len(cache) == 10
+    cache.put("late", (-1.0, "already expired"))
+    assert cache.get("late") is None and len(cache) == 10
+    now[0] = 2e9  # all expired: the next insertion clears them
+    cache.put("new", (3e9, "x"))
+    assert len(cache) == 1 and cache.values() == [(3e9, "x")]
     with pytest.raises(ValueError):
         ExpiringCache(0, lambda: 0.0)
 
