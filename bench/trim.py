@@ -12,7 +12,8 @@ Not part of the test suite. Two sections, each in a process of its own:
     ``--identities`` distinct ES256 tokens (minted in batches and dropped, so that only
     tracegate's own memory grows) each admitted and recorded once, then: RSS growth, the
     growth of ``gc.get_objects()`` (containers the cycle collector walks), and the time
-    of a full ``gc.collect()`` (median of 5; ``gc.freeze()`` not used).
+    of a full ``gc.collect()`` (median of 5, each after one more identity was admitted;
+    ``gc.freeze()`` not used), and the same before the identities were admitted.
 
 ``--tree DIR`` runs the sections against another checkout of tracegate (for before/after
 figures from the same machine, interleaved: ``--tree`` and this checkout alternate).
@@ -214,10 +215,12 @@ async def identities(args: argparse.Namespace) -> dict[str, Any]:
             gc.collect()
             rss1, objects1 = _rss_kib(), len(gc.get_objects())
             pauses = []
-            for _ in range(5):
+            for n in range(5):  # each after one more identity: as in a live process, whose cache grows
+                await admit_one(mint(args.identities + n))
                 t0 = time.perf_counter()
                 gc.collect()
                 pauses.append((time.perf_counter() - t0) * 1e3)
+            print("pauses", [round(p, 1) for p in pauses], file=sys.stderr)
             kinds = collections.Counter(type(o).__name__ for o in gc.get_objects())
             kinds.subtract(kinds0)
             print("tracked growth by type:", kinds.most_common(5), file=sys.stderr)

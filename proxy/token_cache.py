@@ -13,33 +13,40 @@ the values of such a dict, and stops tracking the dict itself once all its value
 untracked) and one heap list.
 
 Values are tuples whose **first item is the time they expire** (the clock's units): a value
-is never returned at or after that time, and expired entries leave in order of expiry (a
-heap of ``(expires, key)`` tuples, pruned on every insertion), so no memory is held for
-tokens nobody can use any more.
+is never returned at or after that time, and an insertion drops every entry whose expiry
+is more than :data:`BUCKET_SECONDS` past (keys are filed by expiry in buckets of that
+width), so no memory is held for long by tokens nobody can use any more.
 
 At ``maxsize`` an insertion drops the oldest entry not used since the last *rotation*:
 entries go into ``young``; when ``young`` holds half of ``maxsize`` and ``old`` is empty,
-``young`` becomes ``old`` (and its keys, oldest first, a list); a hit in ``old`` moves the
-entry back to ``young``; room is made by dropping the next key of that list still in
-``old``. So an entry used at least once in every ``maxsize / 2`` insertions is never
-dropped — least-recently-used, approximately, without an ordered dict (whose links the
-collector also walks) or a move per hit. (Dropping a dict's first key over and over is
-not O(1) — the iteration skips the holes left in front — hence the list.)
+``young`` becomes ``old``; a hit in ``old`` moves the entry back to ``young``; room is made
+by dropping ``old``'s oldest key. So an entry used at least once in every ``maxsize / 2``
+insertions is never dropped — least-recently-used, approximately, without an ordered dict
+(whose links the collector also walks) or a move per hit.
+
+The orders (of ``young``, of ``old``, and the expiry buckets) are kept as the keys' bytes in
+``bytearray`` s, not as lists of key objects: a list of 100,000 keys is a container the
+collector walks, ~5 ms per list at 100,000 here; a bytearray holds no references at all.
+(And not as dict iteration order: dropping a dict's first key over and over is not O(1) —
+the iteration skips the holes left in front.)
 """
 
 from __future__ import annotations
 
-import heapq
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-#: The heap is rebuilt from the live entries when it holds this many times as many items
-#: (entries dropped for room, or replaced, leave their heap items behind).
-_HEAP_SLACK = 2
+#: Width (seconds) of the expiry buckets: an expired entry is dropped at most this long
+#: after its expiry by the next insertion (a lookup never returns it after its expiry).
+BUCKET_SECONDS = 30.0
+#: Key length: hex SHA-256 digests.
+KEY_LENGTH = 64
 
 
 class ExpiringCache:
-    """``str`` keys (hex digests) to tuples of atoms whose first item is their expiry time."""
+    """``str`` keys (hex SHA-256 digests, :data:`KEY_LENGTH` ASCII characters) to tuples of
+    atoms whose first item is their expiry time."""
 
     def __init__(self, maxsize: int, clock: Callable[[], float]) -> None:
         if maxsize < 1:
@@ -49,9 +56,15 @@ class ExpiringCache:
         self._clock = clock
         self._young: dict[str, tuple[Any, ...]] = {}
         self._old: dict[str, tuple[Any, ...]] = {}
-        self._old_order: list[str] = []
+        #: Keys in the order they entered ``young`` (some since gone), and ``old``'s
+        #: from ``_next_out`` on (every key still in ``old`` is there).
+        self._young_order = bytearray()
+        self._old_order = bytearray()
         self._next_out = 0
-        self._expiries: list[tuple[float, str]] = []
+        #: Expiry bucket (expiry // BUCKET_SECONDS) → the keys stored with an expiry in it.
+        self._buckets: dict[int, bytearray] = {}
+        self._bucketed = 0
+        self._earliest = math.inf
 
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
@@ -63,7 +76,7 @@ class ExpiringCache:
             entry = self._old.pop(key, None)
             if entry is None:
                 return None
-            self._young[key] = entry  # used since the rotation: it stays through the next
+            self._enter_young(key, entry)  # used since the rotation: it stays through the next
         if not self._clock() < entry[0]:
             del self._young[key]
             return None
@@ -72,48 +85,77 @@ class ExpiringCache:
     def put(self, key: str, entry: tuple[Any, ...]) -> None:
         """Remember ``entry`` (its first item: when it expires). An entry already expired is
         not stored (and replaces nothing it would have to outlive)."""
+        if len(key) != KEY_LENGTH or not key.isascii():
+            raise ValueError("keys are hex SHA-256 digests")
         now = self._clock()
         self._expire(now)
         self._old.pop(key, None)
-        expires = entry[0]
+        expires = float(entry[0])
         if not now < expires:
             self._young.pop(key, None)
             return
-        if key not in self._young:
+        if key in self._young:
+            self._young[key] = entry
+        else:
             if len(self._young) >= self._half and not self._old:
                 self._rotate()
             while len(self) >= self.maxsize:
                 self._drop_oldest()
+            self._enter_young(key, entry)
+        self._file(key, expires)
+        if self._bucketed > 2 * len(self) + 16:  # replaced and dropped entries' keys
+            self._buckets, self._bucketed, self._earliest = {}, 0, math.inf
+            for k, e in self._items():
+                self._file(k, float(e[0]))
+
+    def _enter_young(self, key: str, entry: tuple[Any, ...]) -> None:
         self._young[key] = entry
-        heapq.heappush(self._expiries, (float(expires), key))
-        if len(self._expiries) > _HEAP_SLACK * len(self) + 16:
-            self._expiries = [(float(e[0]), k) for k, e in self._items()]
-            heapq.heapify(self._expiries)
+        self._young_order += key.encode("ascii")
+        if len(self._young_order) > KEY_LENGTH * (2 * len(self._young) + 16):  # keys since gone
+            self._young_order = bytearray("".join(self._young).encode("ascii"))
+
+    def _file(self, key: str, expires: float) -> None:
+        bucket = int(expires // BUCKET_SECONDS)
+        keys = self._buckets.get(bucket)
+        if keys is None:
+            keys = self._buckets[bucket] = bytearray()
+        keys += key.encode("ascii")
+        self._bucketed += 1
+        self._earliest = min(self._earliest, bucket)
 
     def _rotate(self) -> None:
         self._old, self._young = self._young, {}
-        self._old_order, self._next_out = list(self._old), 0
+        self._old_order, self._young_order, self._next_out = self._young_order, bytearray(), 0
 
     def _drop_oldest(self) -> None:
         if not self._old:
             self._rotate()
         old, order = self._old, self._old_order
-        while True:  # every key still in old is in order[next_out:]
-            key = order[self._next_out]
-            self._next_out += 1
+        while self._next_out < len(order):  # every key still in old is in order[next_out:]
+            key = order[self._next_out : self._next_out + KEY_LENGTH].decode("ascii")
+            self._next_out += KEY_LENGTH
             if old.pop(key, None) is not None:
                 break
+        else:  # not reached while that holds; make room all the same
+            old.popitem()
         if not old:
-            self._old_order, self._next_out = [], 0
+            self._old_order, self._next_out = bytearray(), 0
 
     def _expire(self, now: float) -> None:
-        heap = self._expiries
-        while heap and not now < heap[0][0]:
-            _, key = heapq.heappop(heap)
-            for generation in (self._young, self._old):
-                entry = generation.get(key)
-                if entry is not None and not now < entry[0]:
-                    del generation[key]
+        """Drop the entries of every bucket wholly in the past."""
+        limit = now // BUCKET_SECONDS
+        if not self._earliest < limit:
+            return
+        for bucket in [b for b in self._buckets if b < limit]:
+            keys = self._buckets.pop(bucket)
+            self._bucketed -= len(keys) // KEY_LENGTH
+            for start in range(0, len(keys), KEY_LENGTH):
+                key = keys[start : start + KEY_LENGTH].decode("ascii")
+                for generation in (self._young, self._old):
+                    entry = generation.get(key)
+                    if entry is not None and not now < entry[0]:
+                        del generation[key]
+        self._earliest = min(self._buckets, default=math.inf)
 
     def _items(self) -> Iterator[tuple[str, tuple[Any, ...]]]:
         yield from self._young.items()

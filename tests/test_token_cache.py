@@ -8,6 +8,7 @@ injected. No timings here: bench/trim.py measures the speed and the memory."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from proxy.policy import Policy, decide, load_policy
 from proxy.policy.memo import SLOTS, DecisionBook
 from proxy.runtime import Gate
 from proxy.standins import StandInIssuer, gitlab_claims
-from proxy.token_cache import ExpiringCache
+from proxy.token_cache import BUCKET_SECONDS, KEY_LENGTH, ExpiringCache
 from tests.conftest import policy_yaml
 
 LEEWAY = 60.0
@@ -143,7 +144,7 @@ async def test_expired_entries_leave_when_others_arrive(verifying: Verifying) ->
     for token in [*short, long]:
         await verifying.verifier.verify(token)
     assert len(verifying.verifier.cache) == 6
-    verifying.now[0] += 100 + LEEWAY
+    verifying.now[0] += 100 + LEEWAY + BUCKET_SECONDS
     await verifying.verifier.verify(verifying.mint(exp_in=300, job_id="new"))
     assert len(verifying.verifier.cache) == 2  # the five expired ones left without being asked for
 
@@ -158,37 +159,55 @@ async def test_size_is_bounded_and_a_token_in_use_stays(small: Verifying) -> Non
     assert (small.count("miss"), small.count("hit")) == (11, 10)
 
 
+def _k(name: object) -> str:
+    """A cache key: 64 hex characters, as a SHA-256 hex digest."""
+    return hashlib.sha256(str(name).encode()).hexdigest()
+
+
 def test_expiring_cache_drops_the_oldest_unused_entry() -> None:
     cache = ExpiringCache(4, lambda: 0.0)
     for key in "abcd":
-        cache.put(key, (1.0, key))
-    assert cache.get("a") is not None  # used since the rotation: kept
-    cache.put("e", (1.0, "e"))
-    cache.put("f", (1.0, "f"))
-    assert [key for key in "abcdef" if cache.get(key) is not None] == ["a", "d", "e", "f"]
+        cache.put(_k(key), (1.0, key))
+    assert cache.get(_k("a")) is not None  # used since the rotation: kept
+    cache.put(_k("e"), (1.0, "e"))
+    cache.put(_k("f"), (1.0, "f"))
+    assert [key for key in "abcdef" if cache.get(_k(key)) is not None] == ["a", "d", "e", "f"]
     for n in range(1000):
-        cache.put(str(n), (1.0, n))
+        cache.put(_k(n), (1.0, n))
         assert len(cache) <= 4
     one = ExpiringCache(1, lambda: 0.0)
-    one.put("x", (1.0,))
-    one.put("y", (1.0,))
-    assert (one.get("x"), one.get("y"), len(one)) == (None, (1.0,), 1)
-
-
-def test_expiring_cache_heap_stays_bounded() -> None:
-    now = [0.0]
-    cache = ExpiringCache(10, lambda: now[0])
-    for n in range(10_000):  # far more insertions than room: evicted entries' heap items are pruned
-        cache.put(str(n), (1e9 + n, "x"))
-    assert len(cache) == 10
-    assert len(cache._expiries) <= 2 * 10 + 16
-    cache.put("late", (-1.0, "already expired"))
-    assert cache.get("late") is None and len(cache) == 10
-    now[0] = 2e9  # all expired: the next insertion clears them
-    cache.put("new", (3e9, "x"))
-    assert len(cache) == 1 and cache.values() == [(3e9, "x")]
+    one.put(_k("x"), (1.0,))
+    one.put(_k("y"), (1.0,))
+    assert (one.get(_k("x")), one.get(_k("y")), len(one)) == (None, (1.0,), 1)
+    with pytest.raises(ValueError):
+        one.put("short", (1.0,))
     with pytest.raises(ValueError):
         ExpiringCache(0, lambda: 0.0)
+
+
+def test_expiring_cache_bookkeeping_stays_bounded() -> None:
+    now = [0.0]
+    cache = ExpiringCache(10, lambda: now[0])
+    for n in range(10_000):  # far more insertions than room, and the same keys again and again
+        cache.put(_k(n % 37), (1e9 + n, n))
+        cache.get(_k((n * 7) % 37))
+        assert len(cache) <= 10
+    assert cache._bucketed <= 2 * 10 + 16
+    assert len(cache._young_order) <= KEY_LENGTH * (2 * 10 + 16)
+    cache.put(_k("late"), (-1.0, "already expired"))
+    assert cache.get(_k("late")) is None and len(cache) == 10
+
+
+def test_expired_entries_leave_within_a_bucket() -> None:
+    now = [1000.0]
+    cache = ExpiringCache(100, lambda: now[0])
+    for n in range(50):
+        cache.put(_k(n), (1100.0 + n, n))
+    cache.put(_k("long"), (1e6, "long"))
+    now[0] = 1100.0 + 50 + BUCKET_SECONDS  # every short one expired, and its bucket is past
+    cache.put(_k("new"), (now[0] + 300, "new"))
+    assert sorted(e[1] for e in cache.values()) == ["long", "new"]
+    assert cache._bucketed == 2
 
 
 async def test_gate_decisions_are_the_policy_decisions(verifying: Verifying) -> None:
