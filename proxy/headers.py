@@ -13,7 +13,8 @@ request then carries exactly one ``lightstep-access-token``: the service account
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from functools import lru_cache
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -51,6 +52,13 @@ _ACCEPT_ENCODING = istr("Accept-Encoding")
 _ACCESS_TOKEN = istr("lightstep-access-token")
 
 
+@lru_cache(maxsize=256)
+def _named(connection: str) -> frozenset[str]:
+    """The header names one ``Connection`` value lists, lower case. Clients send the same
+    few values (``keep-alive``, ``close``) on every request: split once."""
+    return frozenset(name.strip().lower() for name in connection.split(","))
+
+
 class HeaderPolicy:
     def __init__(self, extra: Iterable[str] = ()) -> None:
         extra_names = {name.strip().lower() for name in extra if name.strip()}
@@ -62,9 +70,11 @@ class HeaderPolicy:
     def upstream(self, incoming: CIMultiDictProxy[str], access_token: Secret) -> CIMultiDict[str]:
         """The upstream request's headers. ``access_token`` is the service account's key."""
         connection = incoming.getall(_CONNECTION, ())
-        named_by_connection = (
-            {name.strip().lower() for value in connection for name in value.split(",")} if connection else ()
-        )
+        named_by_connection: Collection[str] = ()
+        if connection:
+            named_by_connection = (
+                _named(connection[0]) if len(connection) == 1 else frozenset().union(*map(_named, connection))
+            )
         forwarded = self.forwarded
         out: CIMultiDict[str] = CIMultiDict()
         add = out.add
