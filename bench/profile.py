@@ -23,7 +23,9 @@ RATE = 250  # samples per second
 #: (bucket, substring of the innermost frame's "function (file:line)"), first match wins.
 BUCKETS = (
     ("upstream pool (ours)", "proxy/upstream_pool.py"),
+    ("upstream pool (ours)", "proxy/upstream_conn.py"),
     ("our code", "/proxy/"),
+    ("our code", "(proxy/"),  # py-spy writes paths under the working directory relative
     ("aiohttp client", "aiohttp/client"),
     ("aiohttp client", "aiohttp/connector"),
     ("aiohttp server", "aiohttp/"),
@@ -64,6 +66,14 @@ def summarise(raw: str, requests: int, rate: int = RATE) -> str:
     lines.append(f"{'where (innermost frame)':34s} {'µs/req':>7s} {'share':>6s}")
     for name, count in by_bucket.most_common():
         lines.append(f"{name:34s} {count * per:7.1f} {count / max(total, 1):6.1%}")
+    modules: collections.Counter[str] = collections.Counter()
+    for leaf, count in by_leaf.items():
+        file = leaf.rpartition("(")[2].partition(":")[0]
+        if bucket(leaf) in ("our code", "upstream pool (ours)"):
+            modules["proxy/" + file.rpartition("proxy/")[2]] += count
+    lines += ["", "our modules (self time):"]
+    for module, count in modules.most_common(12):
+        lines.append(f"  {count * per:6.1f} µs  {module}")
     lines += ["", "hottest functions (self time):"]
     for leaf, count in by_leaf.most_common(30):
         lines.append(f"  {count * per:6.1f} µs  {leaf[:110]}")

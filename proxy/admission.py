@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from multidict import MultiMapping
 
+from proxy.audit import claims_fields
 from proxy.errors import AuthError
 from proxy.identify import Identity, extract_token
 from proxy.policy.evaluate import Decision
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 KEYS_RETRY_AFTER = 5
 #: The doors' names: the ``transport`` audit field and metric label.
 TRANSPORTS = ("http", "grpc", "authz")
+#: The audit fields of a request refused before it had an identity: every claim null.
+_NO_CLAIMS = claims_fields(None)
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,11 @@ class Refused:
     retry_after: int | None = None
 
 
-@dataclass(frozen=True)
-class Admitted:
+class Admitted(NamedTuple):
     """The request may pass as ``account``. Call :meth:`record` once, when the door knows
-    how the request ended (forwarded, failed upstream, or simply authorized)."""
+    how the request ended (forwarded, failed upstream, or simply authorized). (A named
+    tuple, not a frozen dataclass: one is made per request, and a frozen dataclass's
+    ``__init__`` cost 0.75 µs to the tuple's 0.2 µs.)"""
 
     runtime: Runtime
     policy: Policy  # the policy that decided (a reload may have replaced it since)
@@ -89,18 +93,18 @@ def _record(
 ) -> None:
     account = decision.account.name if decision is not None and decision.account is not None else ""
     runtime.metrics.count_request(signal, account, outcome, reason, transport)
-    runtime.audit(
-        kind=mode,
-        decision=outcome,
-        reason=reason,
-        issuer=identity.issuer if identity is not None else issuer,
-        claims=identity.claims if identity is not None else None,
-        service_account=account or None,
-        rule=decision.rule.name if decision is not None and decision.rule is not None else None,
-        signal=signal,
-        bytes_in=bytes_in,
-        upstream_status=upstream_status,
-        transport=transport,
+    runtime.audit.decision(
+        mode,
+        outcome,
+        reason,
+        identity.issuer if identity is not None else issuer,
+        signal,
+        account or None,
+        decision.rule.name if decision is not None and decision.rule is not None else None,
+        bytes_in,
+        upstream_status,
+        identity.audit if identity is not None else _NO_CLAIMS,
+        transport,
     )
 
 

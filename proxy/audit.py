@@ -6,6 +6,13 @@ repository name from an unsigned webhook, a delivery id) is cut to
 :data:`proxy.untrusted.MAX_LOGGED_CHARS` with control characters escaped, whichever code
 path writes it, so that no request can fill the log or forge a line.
 
+The request path writes its lines through :meth:`AuditLog.decision`, which yields exactly
+the line ``__call__`` would (same fields, order, bounds and escaping) without building a
+dict and encoding it per request: the audited claims of a verified token are bounded,
+escaped and encoded once (:func:`claims_fields`, kept in the token cache with the identity),
+and the fields a door's decision shares with its other requests (kind, outcome, reason,
+issuer, signal, account, rule, transport) once per distinct combination.
+
 Lines are buffered and written in batches (at most ``flush_interval`` seconds, or 64 KiB,
 apart) rather than one write per request: per-request writes through ``logging`` were
 ~15% of tracegate's CPU per forwarded request in the benchmark profile. The batch is
@@ -25,6 +32,10 @@ from proxy.untrusted import log_text
 #: GitLab CI ID token claims that go into each audit line.
 AUDITED_CLAIMS = ("project_path", "pipeline_id", "job_id", "ref", "user_login", "jti")
 _MAX_BUFFER = 64 * 1024
+#: Distinct (kind, outcome, reason, issuer, signal, account, rule, transport) heads kept by
+#: :meth:`AuditLog.decision`; the values are policy names and reason codes, so a policy has
+#: far fewer — the bound only caps what unexpected values could make it hold.
+_MAX_HEADS = 4096
 
 
 def _field(value: Any) -> str | int | float | bool | None:
@@ -35,6 +46,25 @@ def _field(value: Any) -> str | int | float | bool | None:
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else None
     return log_text(value if isinstance(value, str) else type(value).__name__)
+
+
+def _json(value: Any) -> str:
+    """One audit field's value as ``json.dumps(record)`` writes it inside the line."""
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return int.__repr__(value)
+    if not isinstance(value, (bool, int)):
+        value = _field(value)
+    return json.dumps(value, ensure_ascii=True)
+
+
+def claims_fields(claims: Mapping[str, Any] | None) -> str:
+    """The audited claims as the members of an audit line's JSON object
+    (``"project_path":"…","pipeline_id":"…",…``), bounded and escaped as ``AuditLog``
+    writes them. A verified token's are made once and reused by each of its requests."""
+    claims = claims or {}
+    return ",".join(f'"{name}":{_json(claims.get(name))}' for name in AUDITED_CLAIMS)
 
 
 def _stdout(text: str) -> None:
@@ -51,6 +81,7 @@ class AuditLog:
         self._lines: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._heads: dict[tuple[str | None, ...], tuple[str, str]] = {}
 
     def __call__(
         self,
@@ -85,7 +116,39 @@ class AuditLog:
         for name, value in record.items():
             if value is not None and not isinstance(value, (bool, int)):
                 record[name] = _field(value)
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"
+        self._emit(json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n")
+
+    def decision(
+        self,
+        kind: str,
+        decision: str,
+        reason: str,
+        issuer: str | None,
+        signal: str | None,
+        service_account: str | None,
+        rule: str | None,
+        bytes_in: int,
+        upstream_status: int | str | None,
+        claims: str,
+        transport: str,
+    ) -> None:
+        """The line ``self(kind=…, …, claims=…, transport=transport)`` writes, with the
+        claims given as :func:`claims_fields` made of them."""
+        key = (kind, decision, reason, issuer, signal, service_account, rule, transport)
+        parts = self._heads.get(key)
+        if parts is None:
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            head = (
+                f'{{"event":{_json(kind)},"decision":{_json(decision)},"reason":{_json(reason)},'
+                f'"issuer":{_json(issuer)},"signal":{_json(signal)},"service_account":{_json(service_account)},'
+                f'"rule":{_json(rule)},"bytes":'
+            )
+            parts = self._heads[key] = (head, f',"transport":{_json(transport)}}}\n')
+        status = "null" if upstream_status is None else _json(upstream_status)
+        self._emit(f'{parts[0]}{_json(bytes_in)},"upstream_status":{status},{claims}{parts[1]}')
+
+    def _emit(self, line: str) -> None:
         if self._interval <= 0:
             self._write(line)
             return

@@ -168,8 +168,7 @@ class AuthzDoor:
         if key is None:  # a policy loaded without secrets never serves; refuse rather than answer keyless
             admitted.record("denied", "account-without-key")
             return self._deny(Refused(403, "account-without-key"), None)
-        exp = admitted.identity.claims.get("exp")
-        remaining = float(exp) - self.runtime.clock() if isinstance(exp, (int, float)) else 0.0
+        remaining = admitted.identity.exp - self.runtime.clock()
         # A signed ``exp`` of Infinity or NaN (JSON allows neither, Python's parser both) is not cacheable.
         seconds = max(0, min(self.max_age, math.floor(remaining))) if math.isfinite(remaining) else 0
         rule = admitted.decision.rule

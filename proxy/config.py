@@ -277,8 +277,8 @@ OPTIONS: tuple[Option, ...] = (
         "TRACEGATE_GC_FREEZE_INTERVAL",
         "10",
         non_negative,
-        "Seconds between `gc.freeze()` calls that take long-lived objects (cached identities) out of "
-        "Python's full garbage collections; 0: never (see proxy/gcfreeze.py).",
+        "Seconds between `gc.freeze()` calls that take long-lived objects (modules, the policy, key sets) "
+        "out of Python's full garbage collections; 0: never (see proxy/gcfreeze.py).",
     ),
     Option("log_level", "TRACEGATE_LOG_LEVEL", "INFO", str.upper, "Log level."),
 )

@@ -1,15 +1,16 @@
-"""Keep Python's full garbage collections short while 100,000 identities are cached.
+"""Keep Python's full garbage collections short.
 
-Each cached verified token holds a few container objects (its Identity, claims mapping and
-decision memo, the cache's own entry). CPython's cycle collector walks every tracked
-container on a full (generation 2) collection: with 100,000 identities those walks took
-100–230 ms, the p99 of the benchmark. None of those objects is ever part of a reference
-cycle — they are freed by reference counting when the cache drops them — so walking them
-finds nothing.
+CPython's cycle collector walks every tracked container on a full (generation 2)
+collection. The verified-token cache once held five such containers per identity (with
+100,000 identities a full collection took 100–400 ms, the p99 of the benchmark); its
+entries are now tuples of atoms the collector stops tracking (:mod:`proxy.token_cache`),
+but the process still holds some 50,000 long-lived containers of its own (modules,
+functions, the policy, the key sets, the libraries') whose walk costs ~20 ms on this
+machine, and none of them is ever part of a reference cycle that becomes garbage.
 
 ``gc.freeze()`` moves every object tracked so far into the permanent generation, which
-collections skip: done every ``interval`` seconds, the long-lived cache entries (and the
-modules, the policy, the key sets) leave the collector's work, and a full collection only
+collections skip: done every ``interval`` seconds, the modules, the policy, the key sets
+and whatever else lives long leave the collector's work, and a full collection only
 walks what was created since the last freeze. Frozen objects are still freed by reference
 counting; only a *cycle* that became garbage after being frozen stays until it is thawed.
 So every 10 minutes the permanent generation is thawed and collected once (one

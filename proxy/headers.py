@@ -13,9 +13,10 @@ request then carries exactly one ``lightstep-access-token``: the service account
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from functools import lru_cache
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.secrets import Secret
 
@@ -45,6 +46,18 @@ NEVER = frozenset(
     }
 )
 
+#: Names looked up per request, made case-insensitive once (a plain str is folded per lookup).
+_CONNECTION = istr("Connection")
+_ACCEPT_ENCODING = istr("Accept-Encoding")
+_ACCESS_TOKEN = istr("lightstep-access-token")
+
+
+@lru_cache(maxsize=256)
+def _named(connection: str) -> frozenset[str]:
+    """The header names one ``Connection`` value lists, lower case. Clients send the same
+    few values (``keep-alive``, ``close``) on every request: split once."""
+    return frozenset(name.strip().lower() for name in connection.split(","))
+
 
 class HeaderPolicy:
     def __init__(self, extra: Iterable[str] = ()) -> None:
@@ -56,18 +69,23 @@ class HeaderPolicy:
 
     def upstream(self, incoming: CIMultiDictProxy[str], access_token: Secret) -> CIMultiDict[str]:
         """The upstream request's headers. ``access_token`` is the service account's key."""
-        named_by_connection = {
-            name.strip().lower() for value in incoming.getall("Connection", ()) for name in value.split(",")
-        }
+        connection = incoming.getall(_CONNECTION, ())
+        named_by_connection: Collection[str] = ()
+        if connection:
+            named_by_connection = (
+                _named(connection[0]) if len(connection) == 1 else frozenset().union(*map(_named, connection))
+            )
+        forwarded = self.forwarded
         out: CIMultiDict[str] = CIMultiDict()
+        add = out.add
         for name, value in incoming.items():
             lower = name.lower()
-            if lower in self.forwarded and lower not in named_by_connection:
-                out.add(name, value)
-        if "Accept-Encoding" not in out:
+            if lower in forwarded and lower not in named_by_connection:
+                add(name, value)
+        if _ACCEPT_ENCODING not in out:
             # The client asked for no compression; say so, or the HTTP client underneath
             # would offer its own (aiohttp: gzip, deflate) and the answer could come back in
             # an encoding this client never said it reads.
-            out["Accept-Encoding"] = "identity"
-        out["lightstep-access-token"] = access_token.reveal()
+            add(_ACCEPT_ENCODING, "identity")
+        add(_ACCESS_TOKEN, access_token.reveal())  # never forwarded (NEVER), so never there yet
         return out

@@ -8,70 +8,98 @@ the signature is checked with PyJWT's implementation of that algorithm;
 ``exp``/``nbf``/``iat`` are checked against the injected clock with a leeway.
 
 A verified token is cached by its SHA-256 until its ``exp`` so that a pipeline's repeated
-requests cost a hash and a dict lookup, not an RSA verification.
+requests cost a hash and a dict lookup, not an RSA verification. The cache holds each
+identity as a plain tuple of atoms (:mod:`proxy.token_cache`): its claims as the JSON text
+that was signed, its audit fields escaped once, and its policy decisions as numbers — so
+that 100,000 cached identities add nothing for the cycle collector to walk.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
-from cachetools import TLRUCache, TTLCache
-from multidict import MultiMapping
+from cachetools import TTLCache
+from multidict import MultiMapping, istr
 
 from proxy import untrusted
+from proxy.audit import claims_fields
 from proxy.errors import AuthError
 from proxy.keys import KeySource
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy
+from proxy.token_cache import ExpiringCache
 
 #: Tokens longer than this are refused unparsed (GitLab ID tokens are ~1 KB; the header
 #: line limit, 8190 bytes, refuses anything much longer before it gets here).
 MAX_TOKEN_BYTES = 6144
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_AUTHORIZATION = istr("Authorization")
+_ACCESS_TOKEN = istr("lightstep-access-token")
 _QUERY_TOKEN_NAMES = frozenset(
     {"access_token", "token", "id_token", "jwt", "lightstep-access-token", "lightstep_access_token"}
 )
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A verified token: the policy's name for its issuer, and its claims (read-only).
+class Identity(NamedTuple):
+    """A verified token. Every field is an atom, so the cache can keep the fields as a plain
+    tuple (which the cycle collector stops tracking) and hand out an Identity per request."""
 
-    ``decisions`` memoises the policy's decision per signal: an identity lives in one
-    verifier, which serves one policy, so a cached token's decision never goes stale."""
-
-    issuer: str
-    claims: Mapping[str, Any]
+    #: When the cache lets go of it: ``exp`` plus the leeway (seconds since the epoch).
     expires_at: float
-    decisions: dict[str | None, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: The policy's name for its issuer.
+    issuer: str
+    #: The token's ``exp`` claim (seconds since the epoch).
+    exp: float
+    #: The verified claims: the JSON text that was signed (see :attr:`claims`).
+    payload: str
+    #: The audited claims as audit-line members, bounded and escaped once
+    #: (:func:`proxy.audit.claims_fields`).
+    audit: str = claims_fields(None)
+    #: The policy's decisions for this token, numbered (:mod:`proxy.policy.memo`); empty when
+    #: the verifier was built without a decision book.
+    decisions: tuple[int, ...] = ()
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The claims, read-only. Decoded from :attr:`payload` on every access: a caller that
+        reads several keeps the mapping (the request path reads none: its decisions and audit
+        fields were made at verification)."""
+        claims: dict[str, Any] = json.loads(self.payload)
+        return MappingProxyType(claims)
 
 
 def extract_token(headers: MultiMapping[str], query: Mapping[str, str] | MultiMapping[str]) -> str:
     """The one bearer token of a request. Raises AuthError: ``missing-token``,
     ``conflicting-tokens`` (two different ones), ``token-in-query``, ``unsupported-auth-scheme``."""
-    for name, value in query.items():
-        if name.lower() in _QUERY_TOKEN_NAMES or _JWT_SHAPE.match(value):
-            raise AuthError("token-in-query")
-    found: set[str] = set()
-    for value in headers.getall("Authorization", ()):
+    if query:
+        for name, value in query.items():
+            if name.lower() in _QUERY_TOKEN_NAMES or _JWT_SHAPE.match(value):
+                raise AuthError("token-in-query")
+    found: str | None = None
+    conflicting = False
+    for value in headers.getall(_AUTHORIZATION, ()):
         scheme, _, credential = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
             raise AuthError("unsupported-auth-scheme")
-        found.add(credential.strip())
-    for value in headers.getall("lightstep-access-token", ()):
-        found.add(value.strip())
-    if not found:
+        conflicting = conflicting or (found is not None and found != credential)
+        found = credential
+    for value in headers.getall(_ACCESS_TOKEN, ()):
+        credential = value.strip()
+        conflicting = conflicting or (found is not None and found != credential)
+        found = credential
+    if found is None:
         raise AuthError("missing-token")
-    if len(found) > 1:
+    if conflicting:
         raise AuthError("conflicting-tokens")
-    return found.pop()
+    return found
 
 
 #: Refusals that no retry of the same token can turn into a success (under one policy).
@@ -121,26 +149,29 @@ class TokenVerifier:
         leeway: float = 60.0,
         cache_size: int = 100_000,
         refusal_ttl: float = 60.0,
+        decisions: Callable[[str, Mapping[str, Any]], tuple[int, ...]] | None = None,
     ) -> None:
+        """``decisions`` numbers a verified token's policy decisions (issuer name and claims
+        in), kept with it in the cache: :meth:`proxy.policy.memo.DecisionBook.numbers`."""
         self._issuers = {i.issuer: i for i in policy.issuers.values()}
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
         self._leeway = leeway
-        self._cache: TLRUCache[bytes, Identity] = TLRUCache(
-            maxsize=cache_size, ttu=lambda _k, ident, _now: ident.expires_at, timer=clock
-        )
-        self._refused: TTLCache[bytes, AuthError] = TTLCache(maxsize=10_000, ttl=refusal_ttl, timer=clock)
+        self._decisions = decisions
+        #: Hex digest → the fields of an :class:`Identity`, until its ``expires_at``.
+        self.cache = ExpiringCache(cache_size, clock)
+        self._refused: TTLCache[str, AuthError] = TTLCache(maxsize=10_000, ttl=refusal_ttl, timer=clock)
         self._hits = metrics.token_cache.labels("hit")
         self._misses = metrics.token_cache.labels("miss")
         self._refused_hits = metrics.token_cache.labels("refused-hit")
 
     async def verify(self, token: str) -> Identity:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        cached = self._cache.get(digest)
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        cached = self.cache.get(digest)
         if cached is not None:
             self._hits.inc()
-            return cached
+            return Identity(*cached)
         refused = self._refused.get(digest)
         if refused is not None:
             self._refused_hits.inc()
@@ -152,7 +183,7 @@ class TokenVerifier:
             if exc.reason in PERMANENT_REFUSALS:
                 self._refused[digest] = exc
             raise
-        self._cache[digest] = identity
+        self.cache.put(digest, tuple(identity))
         return identity
 
     async def _verify(self, token: str) -> Identity:
@@ -163,7 +194,8 @@ class TokenVerifier:
         head_b64, payload_b64, signature_b64 = token.split(".")
         try:
             header = untrusted.loads(_b64(head_b64))
-            claims = untrusted.loads(_b64(payload_b64))
+            payload = untrusted.decode(_b64(payload_b64))
+            claims = untrusted.loads(payload)
             signature = _b64(signature_b64)
         except untrusted.NonFiniteNumber:
             raise AuthError("malformed-claims") from None
@@ -196,13 +228,15 @@ class TokenVerifier:
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(isinstance(a, str) and a in issuer.audiences for a in audiences):
             raise AuthError("audience-mismatch", issuer=issuer.name)
-        expires_at = self._check_times(claims, issuer.name)
-        return Identity(issuer.name, MappingProxyType(claims), expires_at)
+        exp = self._check_times(claims, issuer.name)
+        decisions = self._decisions(issuer.name, claims) if self._decisions is not None else ()
+        return Identity(exp + self._leeway, issuer.name, exp, payload, claims_fields(claims), decisions)
 
     def _check_times(self, claims: dict[str, Any], issuer: str) -> float:
-        """``exp``/``iat`` (required) and ``nbf`` against the clock. Each present time claim
-        must be a finite JSON number (not a bool, not null) in [0, MAX_TIME); anything else
-        is ``malformed-claims``: a time that cannot be compared must not pass a comparison."""
+        """``exp``/``iat`` (required) and ``nbf`` against the clock; returns ``exp``. Each
+        present time claim must be a finite JSON number (not a bool, not null) in
+        [0, MAX_TIME); anything else is ``malformed-claims``: a time that cannot be compared
+        must not pass a comparison."""
         times: dict[str, float] = {}
         for name in TIME_CLAIMS:
             if name not in claims:
@@ -218,4 +252,4 @@ class TokenVerifier:
             raise AuthError("token-not-yet-valid", issuer=issuer)
         if times["iat"] > now + self._leeway:
             raise AuthError("token-issued-in-future", issuer=issuer)
-        return times["exp"] + self._leeway
+        return times["exp"]

@@ -89,20 +89,27 @@ class Metrics:
             registry=r,
         )
 
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        #: Bound children by metric, then label tuple (one dict per metric: no key tuple
+        #: of the metric and its labels to build and hash per lookup).
+        self._children: dict[Any, dict[tuple[str, ...], Any]] = {}
+        self._request_children: dict[tuple[str, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set: the label validation
         in ``labels()`` showed in the per-request profile. Label sets are bounded by the
         policy (names, signals, reasons), so this map is too."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+        try:
+            return self._children[metric][labels]
+        except KeyError:
+            found = self._children.setdefault(metric, {})[labels] = metric.labels(*labels)
+            return found
 
     def count_request(self, signal: str, account: str, decision: str, reason: str, transport: str = "http") -> None:
-        self.child(self.requests, signal, account, decision, reason, transport).inc()
+        labels = (signal, account, decision, reason, transport)
+        found = self._request_children.get(labels)
+        if found is None:
+            found = self._request_children[labels] = self.requests.labels(*labels)
+        found.inc()
 
     def render(self) -> bytes:
         if self.multiprocess_dir is not None:

@@ -27,6 +27,7 @@ from proxy.identify import Identity, TokenVerifier
 from proxy.keys import KeySource
 from proxy.metrics import Metrics
 from proxy.policy import Decision, Policy, decide, load_policy
+from proxy.policy.memo import DecisionBook
 from proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("tracegate")
@@ -36,13 +37,17 @@ log = logging.getLogger("tracegate")
 class Gate:
     policy: Policy
     verifier: TokenVerifier
+    #: The verifier numbers each token's decisions in this book (None: decided per request).
+    book: DecisionBook | None = None
 
     def decide(self, identity: Identity, signal: str | None) -> Decision:
-        """The policy's decision for a verified identity, computed once per token and signal."""
-        decision: Decision | None = identity.decisions.get(signal)
-        if decision is None:
-            decision = identity.decisions[signal] = decide(self.policy, identity.issuer, identity.claims, signal)
-        return decision
+        """The policy's decision for a verified identity: made once, when its token was
+        verified (proxy/policy/memo.py); a signal without a slot is decided now."""
+        if self.book is not None:
+            found = self.book.decision(identity.decisions, signal)
+            if found is not None:
+                return found
+        return decide(self.policy, identity.issuer, identity.claims, signal)
 
 
 class Runtime:
@@ -154,6 +159,7 @@ class Runtime:
                 )
                 self._sources[name] = source
                 self._source_tasks[name] = asyncio.get_running_loop().create_task(source.run())
+        book = DecisionBook(policy)
         verifier = TokenVerifier(
             policy,
             dict(self._sources),
@@ -161,8 +167,9 @@ class Runtime:
             clock=self.clock,
             leeway=self.settings.leeway,
             cache_size=self.settings.token_cache_size,
+            decisions=book.numbers,
         )
-        self._gate = Gate(policy, verifier)
+        self._gate = Gate(policy, verifier, book)
 
     def _reload_tls(self) -> None:
         files = self.settings.tls

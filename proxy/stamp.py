@@ -57,14 +57,18 @@ GZIP_LEVEL = 1
 
 
 def stamp_for(account: ServiceAccount, identity: Identity) -> Stamp:
-    """What ``account`` stamps for ``identity``, memoised on the identity like its policy
-    decisions (an identity lives in one verifier, which serves one policy): one token's
-    requests share one stamp. Empty for an account without ``stamp:``."""
-    memo, key = identity.decisions, "stamp:" + account.name
-    stamp: Stamp | None = memo.get(key)
-    if stamp is None:
-        stamp = memo[key] = stamp_values(account.stamp, identity.claims)
-    return stamp
+    """What ``account`` stamps for ``identity``. Empty for an account without ``stamp:``;
+    otherwise kept for the last few thousand (spec, claims) pairs, so one token's requests
+    share one stamp (the claims text is the cache entry's own string, whose hash Python
+    keeps: a repeated lookup costs no decoding and no rehashing)."""
+    if not account.stamp:
+        return ()
+    return _stamp_of_payload(account.stamp, identity.payload)
+
+
+@lru_cache(maxsize=4096)
+def _stamp_of_payload(spec: tuple[tuple[str, tuple[str, ...]], ...], payload: str) -> Stamp:
+    return stamp_values(spec, json.loads(payload))
 
 
 def stamp_values(spec: Iterable[tuple[str, Sequence[str]]], claims: Mapping[str, Any]) -> Stamp:

@@ -35,12 +35,17 @@ def _escape(char: str) -> str:
     return _CONTROL.get(code) or (f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
 
 
+def decode(data: bytes | bytearray) -> str:
+    """JSON bytes as the text ``json.loads`` would parse (its encoding detection,
+    ``surrogatepass``). Raises ValueError (UnicodeDecodeError)."""
+    return bytes(data).decode(json.detect_encoding(data), "surrogatepass")
+
+
 def loads(data: str | bytes | bytearray) -> Any:
     """``json.loads`` that refuses NaN, ±Infinity and lone surrogates. Raises ValueError
     (or RecursionError for absurd nesting; callers catch both). Bytes are decoded once, as
-    ``json.loads`` would (its encoding detection, ``surrogatepass``), and the text is then
-    both parsed and searched."""
-    text = data if isinstance(data, str) else bytes(data).decode(json.detect_encoding(data), "surrogatepass")
+    ``json.loads`` would (:func:`decode`), and the text is then both parsed and searched."""
+    text = data if isinstance(data, str) else decode(data)
     value = json.loads(text, parse_constant=_no_constant)
     if _MAY_HOLD_SURROGATE.search(text):  # rare: only then walk the document
         _check_text(value)
