@@ -116,7 +116,8 @@ class IngestConnection(asyncio.Protocol):
         # first byte when that was the first byte of a read (None for a pipelined head).
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0  # read since the head being parsed began
+        self._head_bytes = 0  # reads given whole to the head being parsed (all but its first)
+        self._heads = 0  # heads begun on this connection
         self._raw: list[bytes] | None = None
         self._between = True  # no request is being parsed
         self._fresh = False  # the read being parsed began between requests
@@ -173,21 +174,25 @@ class IngestConnection(asyncio.Protocol):
         self._read, self._fresh = data, self._between
         if self._raw is not None:
             self._raw.append(data)
-        if not self._between and self._parsing is None:  # a head is being parsed
-            self._head_bytes += len(data)
-            if self._head_bytes > HEAD_LIMIT:
-                self._stop("hand-off" if self._raw is not None else "close", "pipelined-not-export")
-                return
+        in_head, heads = not self._between and self._parsing is None, self._heads
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._stop("hand-off", "upgrade")  # not reached: on_headers_complete hands Upgrade off
+            return
         except httptools.HttpParserCallbackError as exc:
             if self._escape is None:  # a callback of ours raised: a bug, guarded as on aiohttp's server
                 internal_error(self._runtime.metrics, exc.__context__ or exc, "/v1/*")
             self._stop(self._escape, "pipelined-not-export")
+            return
         except httptools.HttpParserError:
             self._malformed()
+            return
+        if in_head and heads == self._heads and not self._between and self._parsing is None:
+            # All of this read went to a head begun before it and still not ended: count it.
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_LIMIT:
+                self._stop("hand-off" if self._raw is not None else "close", "pipelined-not-export")
 
     # -- flow control, as aiohttp.StreamReader expects of its protocol ----------------------
 
@@ -232,7 +237,8 @@ class IngestConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._raw = [self._read] if self._fresh else None
         self._fresh = self._between = False
-        self._url, self._fields, self._head_bytes = b"", [], len(self._read)
+        self._url, self._fields, self._head_bytes = b"", [], 0
+        self._heads += 1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
