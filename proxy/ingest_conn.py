@@ -172,6 +172,12 @@ class IngestConnection(asyncio.Protocol):
             self._drop(len(data))
             return
         self._read, self._fresh = data, self._between
+        try:
+            self._feed(data)
+        finally:
+            self._read = b""  # only on_message_begin needs it: holding a 256 KiB read per connection costs
+
+    def _feed(self, data: bytes) -> None:
         if self._raw is not None:
             self._raw.append(data)
         in_head, heads = not self._between and self._parsing is None, self._heads
