@@ -21,6 +21,7 @@ from proxy.admission import Admitted, Refused, admit
 from proxy.answers import Answer, refusal_answer, response
 from proxy.errors import BodyError, UpstreamError
 from proxy.forward import Forwarder, Upload
+from proxy.policy.model import SIGNALS
 from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 from proxy.stamp import media_type, stamp_for, stamp_http_body
@@ -29,7 +30,6 @@ log = logging.getLogger("tracegate")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 ADMISSION = web.RequestKey("admission", object)
-SIGNALS = ("traces", "metrics", "logs")
 #: Compressed or JSON bodies larger than this are stamped in a thread.
 STAMP_INLINE_BYTES = 256 * 1024
 

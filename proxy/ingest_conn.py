@@ -47,13 +47,14 @@ from proxy.answers import Answer
 from proxy.errors import BodyError
 from proxy.forward import declared_length
 from proxy.ingest import export, refused_answer
+from proxy.policy.model import SIGNALS
 from proxy.protocol import Lane, internal_error
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 #: The export paths this server takes, by their exact bytes; the signal each names.
-EXPORTS = {b"/v1/traces": "traces", b"/v1/metrics": "metrics", b"/v1/logs": "logs"}
+EXPORTS = {f"/v1/{signal}".encode(): signal for signal in SIGNALS}
 #: A body's buffered bytes past which the transport pauses (aiohttp's StreamReader doubles it).
 BODY_BUFFER = 64 * 1024
 #: Exports parsed ahead of the one being answered (pipelining) before reading pauses.
@@ -263,9 +264,7 @@ class IngestConnection(asyncio.Protocol):
         parser = self._parser
         signal = EXPORTS.get(self._url)
         version = parser.get_http_version()
-        if signal is None or parser.get_method() != b"POST" or version not in ("1.1", "1.0"):
-            self._escape_now("hand-off")
-        if parser.should_upgrade():
+        if signal is None or parser.get_method() != b"POST" or version not in ("1.1", "1.0") or parser.should_upgrade():
             self._escape_now("hand-off")
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in self._fields:

@@ -92,7 +92,6 @@ class Metrics:
         #: Bound children by metric, then label tuple (one dict per metric: no key tuple
         #: of the metric and its labels to build and hash per lookup).
         self._children: dict[Any, dict[tuple[str, ...], Any]] = {}
-        self._request_children: dict[tuple[str, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set: the label validation
@@ -105,11 +104,7 @@ class Metrics:
             return found
 
     def count_request(self, signal: str, account: str, decision: str, reason: str, transport: str = "http") -> None:
-        labels = (signal, account, decision, reason, transport)
-        found = self._request_children.get(labels)
-        if found is None:
-            found = self._request_children[labels] = self.requests.labels(*labels)
-        found.inc()
+        self.child(self.requests, signal, account, decision, reason, transport).inc()
 
     def render(self) -> bytes:
         if self.multiprocess_dir is not None:

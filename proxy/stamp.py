@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any
 
 from proxy.errors import StampError
-from proxy.identify import Identity
+from proxy.identify import Identity, decode_claims
 from proxy.policy.matchers import claim_text
 from proxy.policy.model import ServiceAccount
 
@@ -68,7 +68,7 @@ def stamp_for(account: ServiceAccount, identity: Identity) -> Stamp:
 
 @lru_cache(maxsize=4096)
 def _stamp_of_payload(spec: tuple[tuple[str, tuple[str, ...]], ...], payload: str) -> Stamp:
-    return stamp_values(spec, json.loads(payload))
+    return stamp_values(spec, decode_claims(payload))
 
 
 def stamp_values(spec: Iterable[tuple[str, Sequence[str]]], claims: Mapping[str, Any]) -> Stamp:
