@@ -34,6 +34,24 @@ class Checker:
         self.add(line, f"{what} must be a mapping (key: value), not {_kind(value)}")
         return None
 
+    def named_entries(self, section: Any, line: int, kind: str, not_a_list: str) -> list[tuple[LDict, str, str]]:
+        """The entries of a list section (``rules:``, ``webhooks:``), each a mapping with its
+        name (``<kind at line N>`` when it has none) and the words messages call it by
+        (``kind 'name'``). A section that is not a list (``not_a_list`` says so) or an item
+        that is not a mapping is a problem; an absent section has no entries."""
+        if section is None:
+            return []
+        if not isinstance(section, LList):
+            self.add(line, not_a_list)
+            return []
+        out = []
+        for raw, item_line in zip(section, section.item_lines, strict=True):
+            entry = self.mapping(raw, item_line, f"a {kind}")
+            if entry is not None:
+                name = self.string(entry, "name", kind) or f"<{kind} at line {item_line}>"
+                out.append((entry, name, f"{kind} {name!r}"))
+        return out
+
     def keys(
         self, entry: LDict, allowed: tuple[str, ...], required: tuple[str, ...], what: str, line: int | None = None
     ) -> None:

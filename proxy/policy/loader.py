@@ -25,7 +25,7 @@ from proxy.policy.model import (
     Signal,
     Where,
 )
-from proxy.policy.source import LDict, LList, read_document
+from proxy.policy.source import LDict, read_document
 from proxy.policy.stamps import parse_stamp
 from proxy.policy.webhooks import parse_webhooks
 from proxy.secrets import SecretUnavailable, resolve
@@ -203,19 +203,11 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
 
 
 def _rules(check: Checker, top: LDict) -> list[Rule]:
-    section = top.get("rules")
-    if section is None:
-        return []
-    if not isinstance(section, LList):
-        check.add(top.line_of("rules"), "rules must be a list of rules (- name: …)")
-        return []
     rules = []
-    for entry, line in zip(section, section.item_lines, strict=True):
-        entry = check.mapping(entry, line, "a rule")
-        if entry is None:
-            continue
-        name = check.string(entry, "name", "rule") or f"<rule at line {line}>"
-        what = f"rule {name!r}"
+    entries = check.named_entries(
+        top.get("rules"), top.line_of("rules"), "rule", "rules must be a list of rules (- name: …)"
+    )
+    for entry, name, what in entries:
         check.keys(
             entry,
             ("name", "issuer", "effect", "when", "service_account", "allow_any", "services"),

@@ -8,7 +8,6 @@ from typing import Any, Literal, cast
 from proxy.policy.checker import Checker
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import WebhookSource
-from proxy.policy.source import LList
 from proxy.secrets import SecretUnavailable, resolve
 
 EVENTS = ("push", "tag", "release")
@@ -35,18 +34,10 @@ KEYS = (
 
 
 def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str, str] | None) -> list[WebhookSource]:
-    if section is None:
-        return []
-    if not isinstance(section, LList):
-        check.add(line, "webhooks must be a list of entries (- name: …)")
-        return []
     out = []
-    for raw, item_line in zip(section, section.item_lines, strict=True):
-        entry = check.mapping(raw, item_line, "a webhook")
-        if entry is None:
-            continue
-        name = check.string(entry, "name", "webhook") or f"<webhook at line {item_line}>"
-        what = f"webhook {name!r}"
+    for entry, name, what in check.named_entries(
+        section, line, "webhook", "webhooks must be a list of entries (- name: …)"
+    ):
         check.keys(entry, KEYS, ("name", "source", "secret", "service_account"), what)
         raw_source = entry.get("source")
         source = raw_source if isinstance(raw_source, str) else ""
