@@ -204,6 +204,8 @@ class Forwarder:
             async with self._session.post(
                 self.url(account, signal), data=body, headers=headers, timeout=limit, allow_redirects=False
             ) as resp:
+                if not 100 <= resp.status <= 599:  # aiohttp takes any three digits (RFC 9110 §15)
+                    raise UpstreamError("upstream-unreachable", 502)
                 answer = await _read_answer(resp)
                 relayed = {h: resp.headers[h] for h in RELAYED if h in resp.headers}
                 return UpstreamAnswer(resp.status, answer, relayed, len(body))

@@ -24,13 +24,17 @@ What it guarantees:
   Continue``) are skipped. An answer that arrives before the request body ended is relayed:
   an error (or a closing connection) stops the body and the connection is closed; an early
   2xx on a kept-alive connection still gets the rest of the body (RFC 9112 §9.3).
-* A connection returns to the pool only after its answer was read to its end and the
-  request was written whole; anything else closes it.
+* A connection returns to the pool only after its answer was read to its end with clean
+  framing, nothing followed it, and the request was written whole; anything else closes it.
+  A pooled connection is written to again only when nothing (no byte, no EOF) waits on its
+  socket (``UpstreamConnection.stale``): an answer can only ever be read after its own
+  request, so one client's answer never reaches another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
@@ -48,9 +52,6 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 _BREAKS: Final = frozenset("\r\n")
 #: A first body piece up to this size goes out in the same write as the head (one send).
 _COALESCE: Final = 64 * 1024
-#: A pooled connection idle for longer than this gets one turn of the event loop before it
-#: is reused, so that a FIN or reset already in the kernel is seen before a byte is written.
-_RECHECK_IDLE_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,28 @@ class _Target:
 
     key: tuple[str, int, bool]
     head: bytes
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected TCP socket to the first of ``host``'s addresses that answers. The pool
+    opens it itself (``create_connection`` would too) to keep the socket object: a pooled
+    connection peeks at it before reuse (``UpstreamConnection.stale``), and asyncio's
+    transport only lends a wrapper without ``recv``."""
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise failure
 
 
 class UpstreamPool:
@@ -210,10 +233,7 @@ class UpstreamPool:
             idle = self._idle.get(key)
             while idle:
                 conn = idle.pop()
-                age = time.monotonic() - conn.idle_since
-                if age > _RECHECK_IDLE_S and not conn.closed:
-                    await asyncio.sleep(0)  # a FIN or reset already in the kernel is seen now
-                if not conn.closed and age < self.idle_timeout:
+                if time.monotonic() - conn.idle_since < self.idle_timeout and not conn.stale():
                     return conn
                 conn.close()
             if self._closing:
@@ -253,13 +273,17 @@ class UpstreamPool:
         self._opening += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(key, self._lost),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if tls else None,
-                )
+                sock = await _open_socket(loop, host, port)
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(key, self._lost, sock),
+                        sock=sock,
+                        ssl=context,
+                        server_hostname=host if tls else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         finally:
             self._opening -= 1
         self._open.add(conn)

@@ -6,8 +6,10 @@ the request body ended, garbage, TLS with verification and SNI, timeouts and poo
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,11 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.errors import UpstreamError
+from proxy.forward import Forwarder
+from proxy.headers import HeaderPolicy
+from proxy.metrics import Metrics
+from proxy.policy.model import ServiceAccount, Where
+from proxy.secrets import Secret, SecretRef
 from proxy.standins import StandInIssuer
 from proxy.upstream_pool import UpstreamPool
 from tests.certs import TestCA
@@ -435,4 +442,192 @@ async def test_garbage_through_tracegate_is_502_with_nothing_unhandled(
         assert resp.status == 502
         assert PAYMENTS_KEY not in await resp.text()
     assert upstream.requests[0].headers["lightstep-access-token"] == PAYMENTS_KEY
+    assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="unreachable") == 1
+
+
+def tagged(seen: Seen) -> bytes:
+    """An answer that names its own request (its body), so a test sees whose answer it got."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(seen.body), bytes(seen.body))
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        b"HTTP/1.1 299 Stale\r\nContent-Length: 5\r\n\r\nstale",  # a second answer appended
+        b"EXTRA",  # a body longer than its Content-Length
+        b"HTTP/1.1 0 \r\n\r\n",  # a malformed second answer
+    ],
+)
+async def test_bytes_after_an_answer_never_reach_the_next_request(
+    upstreams: Any, pool: UpstreamPool, after: bytes
+) -> None:
+    """Issue 18 item 1: leftover bytes in the same read as an answer made the connection go
+    back to the pool, and the next export (another client) got the earlier exchange's answer."""
+
+    async def leftover(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(tagged(seen) + after)
+
+    upstream = await upstreams(leftover)
+    for n in range(4):
+        answer = await post(pool, upstream.url, b"client-%d" % n)
+        assert (answer.status, answer.body) == (200, b"client-%d" % n)
+    assert upstream.connections == 4  # never reused
+
+
+async def test_a_204_with_a_body_is_relayed_alone_and_the_connection_closed(upstreams: Any, pool: UpstreamPool) -> None:
+    async def no_content_with_body(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" + tagged(seen))
+
+    upstream = await upstreams(no_content_with_body)
+    for _ in range(3):
+        answer = await post(pool, upstream.url, b"mine")
+        assert (answer.status, answer.body) == (204, b"")
+    assert upstream.connections == 3
+
+
+async def test_an_answer_sent_late_after_the_first_never_answers_the_next_request(
+    upstreams: Any, pool: UpstreamPool
+) -> None:
+    """Bytes that arrive between two exchanges, in a read of their own, while the connection
+    sits idle or just before it is reused: never parsed as the next request's answer."""
+
+    async def late_extra(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(tagged(seen))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 299 Stale\r\nContent-Length: 5\r\n\r\nstale")
+
+    upstream = await upstreams(late_extra)
+    assert (await post(pool, upstream.url, b"first")).body == b"first"
+    await asyncio.sleep(0.2)
+    assert (await post(pool, upstream.url, b"second")).body == b"second"
+    assert upstream.connections == 2
+
+
+async def test_an_idle_connection_with_bytes_waiting_is_not_reused(upstreams: Any, pool: UpstreamPool) -> None:
+    """The same, with no turn of the event loop between the stale bytes reaching the kernel
+    and the reuse: the pool's look at the socket catches them."""
+    sent = asyncio.Event()
+
+    async def late_extra(seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(tagged(seen))
+        await writer.drain()
+        if len(upstream.requests) == 1:
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 299 Stale\r\nContent-Length: 5\r\n\r\nstale")
+            await writer.drain()
+            sent.set()
+
+    upstream = await upstreams(late_extra)
+    assert (await post(pool, upstream.url, b"first")).body == b"first"
+    await sent.wait()
+    time.sleep(0.05)  # the bytes are in the kernel; the loop has not read them
+    assert (await post(pool, upstream.url, b"second")).body == b"second"
+    assert upstream.connections == 2
+
+
+@pytest.mark.parametrize(
+    "status_line", [b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 999 X"]
+)
+async def test_a_status_outside_100_to_599_is_502(upstreams: Any, pool: UpstreamPool, status_line: bytes) -> None:
+    async def bad_status(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await upstreams(bad_status)
+    with pytest.raises(UpstreamError) as caught:
+        await post(pool, upstream.url)
+    assert (caught.value.reason, caught.value.status) == ("upstream-unreachable", 502)
+    assert pool.idle_connections() == 0
+
+
+async def test_an_unasked_101_is_502_and_nothing_escapes_the_protocol(
+    upstreams: Any, pool: UpstreamPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def upgrade(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n\x00\x00\x12")
+
+    upstream = await upstreams(upgrade)
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        with pytest.raises(UpstreamError) as caught:
+            await post(pool, upstream.url)
+        await asyncio.sleep(0.05)
+    assert caught.value.status == 502
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok",  # one huge field
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: b\r\n" * 200 + b"Content-Length: 2\r\n\r\nok",  # too many fields
+        b"HTTP/1.1 200 OK\r\n" + b"X-Long: %s\r\n" % (b"c" * 8200) + b"Content-Length: 2\r\n\r\nok",  # one long line
+        b"HTTP/1.1 200 " + b"d" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok",  # a long status line
+    ],
+)
+async def test_an_answer_head_over_its_bounds_is_502(upstreams: Any, pool: UpstreamPool, head: bytes) -> None:
+    """Issue 18 item 3: a 48 MiB answer header was relayed as 200."""
+
+    async def big_head(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(head)
+
+    upstream = await upstreams(big_head)
+    with pytest.raises(UpstreamError) as caught:
+        await post(pool, upstream.url)
+    assert (caught.value.reason, caught.value.status) == ("upstream-answer-too-large", 502)
+
+
+async def test_a_head_that_never_ends_is_cut_off_at_its_bound_not_at_the_timeout(
+    upstreams: Any, pool: UpstreamPool
+) -> None:
+    """A field that never ends: httptools would gather it without bound; the pool stops it
+    once the head's reads pass the limit, long before the exchange's timeout."""
+
+    async def endless(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(64):
+            writer.write(b"e" * 16384)
+            await writer.drain()
+            await asyncio.sleep(0)
+        await asyncio.sleep(30)
+
+    upstream = await upstreams(endless)
+    with pytest.raises(UpstreamError) as caught:
+        await post(pool, upstream.url, timeout=20.0)
+    assert caught.value.reason == "upstream-answer-too-large"
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 000 Zero", b"HTTP/1.1 600 High", b"HTTP/1.1 999 X"])
+async def test_markers_and_bridge_exchanges_refuse_a_status_outside_100_to_599(
+    upstreams: Any, status_line: bytes
+) -> None:
+    """The other place an upstream status becomes an answer (aiohttp's client, for markers
+    and bridge mode): aiohttp's parser takes any three digits."""
+
+    async def bad_status(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await upstreams(bad_status)
+    account = ServiceAccount(
+        "payments", SecretRef("env", "K"), frozenset({"traces"}), None, Where("p.yaml", 1), access_token=Secret("k")
+    )
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, HeaderPolicy(), Metrics(), upstream=upstream.url.rsplit("/v1", 1)[0])
+        with pytest.raises(UpstreamError) as caught:
+            await forwarder.exchange(account, "traces", b"x", "application/x-protobuf")
+    assert (caught.value.reason, caught.value.status) == ("upstream-unreachable", 502)
+
+
+async def test_a_bad_upstream_status_through_tracegate_is_502(
+    start_tracegate: Any, issuer: StandInIssuer, upstreams: Any, client: aiohttp.ClientSession
+) -> None:
+    async def bad_status(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await upstreams(bad_status)
+    tg = await start_tracegate(policy_yaml(issuer.url), upstream=upstream.url.rsplit("/v1", 1)[0])
+    await tg.keys_ready()
+    async with client.post(
+        tg.url + "/v1/traces", data=b"x" * 30, headers={"Authorization": f"Bearer {issuer.mint()}"}
+    ) as resp:
+        assert resp.status == 502
     assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="unreachable") == 1
