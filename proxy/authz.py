@@ -19,9 +19,12 @@ The path names the signal (OTLP/HTTP, OTLP/gRPC service paths, the configured up
 paths); then :func:`proxy.admission.admit` decides, exactly as for the ingest: same token
 rules, token cache, policy, audit line (``event: authz``) and metrics (``transport=authz``).
 An unknown path, a method other than POST, or a check without its original request is
-denied. An allow is answered 200 with the account's key in a header; every answer carries
-cache hints so that no gateway honours an allow past the token's ``exp`` or past
-``TRACEGATE_AUTHZ_MAX_AGE_SECONDS`` (the bound on how long a rotated key takes to arrive).
+denied, and so is an account with ``stamp:`` (``stamp-needs-proxy``): the gateway forwards
+the body untouched, so an answer with its key would let the client's own identity
+attributes through unstamped. An allow is answered 200 with the account's key in a
+header; every answer carries cache hints so that no gateway honours an allow past the
+token's ``exp`` or past ``TRACEGATE_AUTHZ_MAX_AGE_SECONDS`` (the bound on how long a
+rotated key takes to arrive).
 
 Security: the answers carry account keys. The listener is meant for loopback or a
 pod-local address; it can require mTLS (the shared ``TRACEGATE_TLS_*`` settings) and/or a
@@ -57,6 +60,10 @@ GRPC_PATHS = {
 }
 #: The signal label of a check whose path names none.
 NO_SIGNAL = "unknown"
+#: The refusal of an account with ``stamp:``. 403, as every policy refusal of this door:
+#: nginx's ``auth_request`` takes 2xx, 401 and 403 as answers and turns any other status
+#: into a 500, and a 4xx other than 401 is "denied" to Envoy and Traefik alike.
+STAMP_NEEDS_PROXY = "stamp-needs-proxy"
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
 
@@ -158,6 +165,11 @@ class AuthzDoor:
         decided = await admit(runtime, request.headers, query, signal=signal, transport="authz", mode="authz")
         if isinstance(decided, Refused):
             return self._deny(decided, content_type)
+        if decided.account.stamp:
+            # The gateway sends the client's body as it came, forged identity attributes and
+            # all: a stamping account is served only where the stamp is applied, by the proxy.
+            decided.record("denied", STAMP_NEEDS_PROXY)
+            return self._deny(Refused(403, STAMP_NEEDS_PROXY), content_type)
         return self._allow(decided)
 
     def _refuse(self, signal: str, reason: str) -> Refused:

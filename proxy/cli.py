@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
     check.add_argument("directory")
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too (rules binding weakly)")
+    check.add_argument(
+        "--gateway",
+        choices=("yes", "no"),
+        help="whether the gateway door (TRACEGATE_AUTHZ_LISTEN) serves this policy: yes makes a rule that "
+        "reaches a stamping account an error (default: yes if TRACEGATE_AUTHZ_LISTEN is set, else a note)",
+    )
     explain = sub.add_parser("explain", help="show which rule and service account a claim set gets")
     explain.add_argument("directory")
     what = explain.add_mutually_exclusive_group(required=True)
@@ -62,7 +68,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "serve":
             return _serve(args, env)
         if args.command == "check":
-            return _check(Path(args.directory), strict=args.strict)
+            gateway = {"yes": True, "no": False}.get(args.gateway or "", "TRACEGATE_AUTHZ_LISTEN" in env or None)
+            return _check(Path(args.directory), strict=args.strict, gateway=gateway)
         if args.command == "explain" and args.payload and is_ci(args.source, args.event):
             return _explain_ci(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain" and args.payload:
@@ -103,8 +110,9 @@ def _load_unresolved(directory: Path) -> Policy | None:
         return None
 
 
-def _check(directory: Path, *, strict: bool = False) -> int:
-    from proxy.policy.lint import warnings
+def _check(directory: Path, *, strict: bool = False, gateway: bool | None = None) -> int:
+    """``gateway``: whether the gateway door serves this policy (None: not known)."""
+    from proxy.policy.lint import gateway_refusals, warnings
 
     policy = _load_unresolved(directory)
     if policy is None:
@@ -117,7 +125,13 @@ def _check(directory: Path, *, strict: bool = False) -> int:
     found = warnings(policy)
     for warning in found:
         print(warning)
-    return 1 if strict and found else 0
+    refused = gateway_refusals(policy, known=True) if gateway else []
+    for error in refused:
+        print(error)
+    if gateway is None:
+        for note in gateway_refusals(policy, known=False):
+            print(note)
+    return 1 if refused or (strict and found) else 0
 
 
 def _read_object(path: Path, what: str) -> dict[str, Any]:

@@ -300,11 +300,26 @@ def _no_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
 
 
+def _is_attribute(value: object) -> bool:
+    """A ``KeyValue`` object whose key is a string (or null, the proto3 JSON default)."""
+    return isinstance(value, dict) and isinstance(value.get("key", ""), (str, type(None)))
+
+
 def stamp_json(body: bytes, stamp: Stamp) -> bytes:
-    """Stamp an OTLP/JSON export. Raises StampError(``stamp-bad-json``)."""
+    """Stamp an OTLP/JSON export. Raises StampError(``stamp-bad-json``) for whatever the
+    client sent that is not a JSON text of the export's shape, at either end:
+
+    * reading: invalid UTF-8, malformed JSON, ``NaN``/``Infinity`` or a number that
+      overflows a double, an integer past Python's digit limit (4300), nesting past the
+      recursion limit (about 990 levels), a top level, entry list, entry, resource or
+      attribute list of the wrong type, an attribute key that is not a string;
+    * writing: a ``\\ud800``-style escape that leaves a lone surrogate parses into a
+      ``str``, but it is no character and cannot be encoded as UTF-8 (that was a 500), and
+      nesting the encoder cannot follow as deep as the parser did.
+    """
     try:
         doc = json.loads(body.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise StampError(BAD_JSON) from None
     if not isinstance(doc, dict):
         raise StampError(BAD_JSON)
@@ -327,11 +342,14 @@ def stamp_json(body: bytes, stamp: Stamp) -> bytes:
             attributes = resource.get("attributes")
             if attributes is None:
                 attributes = []
-            if not isinstance(attributes, list) or not all(isinstance(a, dict) for a in attributes):
+            if not isinstance(attributes, list) or not all(_is_attribute(a) for a in attributes):
                 raise StampError(BAD_JSON)
             kept = [a for a in attributes if a.get("key") not in keys]
             resource["attributes"] = kept + added
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (ValueError, RecursionError):  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        raise StampError(BAD_JSON) from None
 
 
 # --- HTTP bodies ---------------------------------------------------------------------

@@ -18,11 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from proxy.answers import status_protobuf
 from proxy.config import Settings
 from proxy.errors import ConfigError
-from proxy.standins import StandInIssuer
+from proxy.standins import Sink, StandInIssuer
 from tests.certs import TestCA
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 
@@ -301,3 +303,58 @@ async def test_a_non_utf8_shared_secret_header_is_refused_not_a_500(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
     assert tg.metric("tracegate_unhandled_errors_total") == 0
+
+
+def stamping_policy(issuer_url: str) -> str:
+    """The shared policy with payments-ci stamping verified identity (docs-ci does not)."""
+    plain = "access_token: {env: LS_TOKEN_PAYMENTS}\n"
+    policy = policy_yaml(issuer_url)
+    assert plain in policy
+    return policy.replace(plain, plain + "    stamp: default\n")
+
+
+@pytest.mark.parametrize("path", ["/v1/traces", TRACES_GRPC])
+async def test_a_stamping_account_is_refused_at_the_gateway_door_never_given_its_key(
+    start_tracegate: Callable[..., Any],
+    issuer: StandInIssuer,
+    sink: Sink,
+    client: aiohttp.ClientSession,
+    caplog: Any,
+    path: str,
+) -> None:
+    """Issue 18 (9): the gateway sends the client's body as it came, so an account whose
+    exports must carry tracegate's stamp cannot be served by an authz answer; its key would
+    let the client's forged identity attributes through unstamped. 403, as the door's
+    other policy refusals (nginx's auth_request takes only 2xx, 401 and 403 as answers)."""
+    tg: Tracegate = await start_tracegate(
+        stamping_policy(issuer.url), authz_listen="127.0.0.1:0", authz_dialect="nginx"
+    )
+    url = f"http://127.0.0.1:{tg.runners[2].addresses[0][1]}"
+    await tg.keys_ready()
+    token = issuer.mint()
+    check = {"Authorization": f"Bearer {token}", "X-Original-URI": path, "X-Original-Method": "POST"}
+    async with client.post(url + "/check", headers=check) as resp:
+        assert resp.status == 403
+        assert "lightstep-access-token" not in resp.headers
+        assert resp.headers["Cache-Control"] == "private, max-age=5"
+        answer = await resp.read()
+        assert answer[:2] == status_protobuf(7, "")[:2]
+        assert_no_secrets(answer.decode(errors="replace") + str(resp.headers), token)
+    [line] = authz_lines(tg)
+    assert (line["decision"], line["reason"], line["service_account"]) == ("denied", "stamp-needs-proxy", "payments-ci")
+    labels = {"signal": "traces", "service_account": "payments-ci", "transport": "authz"}
+    assert tg.metric("tracegate_requests_total", **labels, decision="denied", reason="stamp-needs-proxy") == 1
+    # An account without stamp: is still answered with its key...
+    docs = {**check, "Authorization": f"Bearer {issuer.mint(project_path='docs/site')}"}
+    async with client.post(url + "/check", headers=docs) as resp:
+        assert resp.status == 200
+        assert resp.headers["lightstep-access-token"] == DOCS_KEY
+    # ...and the stamping one is served where the stamp is applied: through the proxy.
+    export = ExportTraceServiceRequest(resource_spans=[ResourceSpans()]).SerializeToString()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
+    async with client.post(tg.url + "/v1/traces", data=export, headers=headers) as resp:
+        assert resp.status == 200
+    (got,) = sink.received
+    assert got.headers["lightstep-access-token"] == PAYMENTS_KEY
+    assert ExportTraceServiceRequest.FromString(got.body).resource_spans[0].resource.attributes
+    assert_no_secrets(caplog.text + "".join(tg.audit_lines), token)

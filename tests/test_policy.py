@@ -344,3 +344,39 @@ def test_a_webhook_account_must_allow_traces(tmp_path: Path) -> None:
     assert any("01.yaml:6: webhook 'g' sends its markers (trace spans) as service account 'm'" in p for p in found), (
         found
     )
+
+
+def test_check_says_that_the_gateway_door_refuses_a_stamping_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 18 (9): the gateway door refuses an account with stamp: (stamp-needs-proxy).
+    Told the door is in use (``--gateway yes`` or TRACEGATE_AUTHZ_LISTEN set), ``tracegate
+    check`` fails naming the rule that reaches such an account; told it is not, it says
+    nothing; not told, it prints a note, which ``--strict`` does not count."""
+    from proxy.cli import main
+
+    head = HEAD.replace("    access_token: {env: LS_PAY}\n", "    access_token: {env: LS_PAY}\n    stamp: default\n")
+    rules = """\
+    rules:
+      - {name: forks, issuer: gitlab, effect: deny, when: {project_id: 7}}
+      - {name: docs, issuer: gitlab, when: {project_id: 8}, service_account: docs-ci}
+      - {name: pay, issuer: gitlab, when: {project_id: 9}, service_account: payments-ci}
+    """
+    root = write(tmp_path, head, rules)
+    assert main(["check", "--strict", str(root)], environ={}) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok: ")
+    assert len(lines) == 2, lines  # a deny rule, and a rule for an account without stamp:, say nothing
+    assert lines[1].startswith(f"{root}/01.yaml:4: note: if this policy serves the gateway door")
+    assert f"'pay' gives service account 'payments-ci' ({root}/00.yaml:6), which has stamp:" in lines[1]
+    assert "stamp-needs-proxy" in lines[1]
+    for argv, environ in ((["--gateway", "yes"], {}), ([], {"TRACEGATE_AUTHZ_LISTEN": "127.0.0.1:9191"})):
+        assert main(["check", *argv, str(root)], environ=environ) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 2 and lines[1].startswith(f"{root}/01.yaml:4: error: with the gateway door in use")
+    assert main(["check", "--gateway", "no", "--strict", str(root)], environ={"TRACEGATE_AUTHZ_LISTEN": "x"}) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == []
+
+    from proxy.policy.lint import gateway_refusals
+
+    assert gateway_refusals(load_policy(write(tmp_path, HEAD, rules), environ={}, resolve_secrets=False)) == []

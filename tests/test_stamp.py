@@ -43,9 +43,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from proxy.errors import StampError
 from proxy.policy.stamps import DEFAULT_STAMP
-from proxy.stamp import Stamp, gunzip, stamp_json, stamp_protobuf, stamp_values
+from proxy.stamp import Stamp, gunzip, stamp_http_body, stamp_json, stamp_protobuf, stamp_values
 from proxy.standins import Sink, StandInIssuer, gitlab_claims
-from tests.conftest import DOCS_KEY, PAYMENTS_KEY
+from tests.conftest import DOCS_KEY, PAYMENTS_KEY, assert_no_secrets
 
 #: What the client claims about itself; every key but service.name is stamped by default.
 CLIENT_RESOURCE = {
@@ -244,6 +244,14 @@ async def test_unstamped_account_gets_the_clients_bytes(
 BOMB = gzip.compress(b"\x00" * (4 << 20))
 
 
+def _attributes(*attributes: bytes) -> bytes:
+    """An OTLP/JSON export whose one resource has these attributes (JSON text each)."""
+    return b'{"resourceSpans": [{"resource": {"attributes": [' + b", ".join(attributes) + b"]}}]}"
+
+
+LONE_SURROGATE_VALUE = _attributes(b'{"key": "service.name", "value": {"stringValue": "\\ud800"}}')
+
+
 @pytest.mark.parametrize(
     ("content_type", "encoding", "body", "status", "reason"),
     [
@@ -257,6 +265,16 @@ BOMB = gzip.compress(b"\x00" * (4 << 20))
         ("application/json", "", b'{"x": NaN}', 400, "stamp-bad-json"),
         ("application/json", "", b'{"x": 1e999}', 400, "stamp-bad-json"),
         ("application/json", "", '{"x": "é"}'.encode("utf-16"), 400, "stamp-bad-json"),
+        # Parsed, but not text: a lone surrogate cannot be encoded again (was a 500).
+        ("application/json", "", LONE_SURROGATE_VALUE, 400, "stamp-bad-json"),
+        ("application/json", "", b'{"\\udfff": 1}', 400, "stamp-bad-json"),
+        ("application/json", "gzip", gzip.compress(LONE_SURROGATE_VALUE), 400, "stamp-bad-json"),
+        # An attribute key that is not a string (a list could not even be compared: was a 500).
+        ("application/json", "", _attributes(b'{"key": ["tracegate.actor"]}'), 400, "stamp-bad-json"),
+        ("application/json", "", _attributes(b'{"key": 7, "value": {}}'), 400, "stamp-bad-json"),
+        ("application/json", "", b'{"x": ' + b"9" * 5000 + b"}", 400, "stamp-bad-json"),  # past int's digit limit
+        ("application/json", "", b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "stamp-bad-json"),
+        ("application/json", "", _attributes(b'{"key": "x", "value": "\xed\xa0\x80"}'), 400, "stamp-bad-json"),
         ("application/x-protobuf", "gzip", b"\x1f\x8b\x08\x00garbage", 400, "stamp-bad-gzip"),
         ("application/x-protobuf", "gzip", gzip.compress(b"\x0a\x00")[:-6], 400, "stamp-bad-gzip"),
         ("application/x-protobuf", "gzip", BOMB, 413, "body-too-large"),
@@ -274,6 +292,7 @@ async def test_unstampable_bodies_are_refused_and_never_forwarded(
     body: bytes,
     status: int,
     reason: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     tg = await start_tracegate(stamp_policy(issuer.url), max_body=str(1 << 20))
     await tg.keys_ready()
@@ -282,10 +301,12 @@ async def test_unstampable_bodies_are_refused_and_never_forwarded(
         headers["Content-Encoding"] = encoding
     async with client.post(tg.url + "/v1/traces", data=body, headers=headers) as resp:
         assert resp.status == status
-        await resp.read()
+        assert_no_secrets(await resp.text(errors="replace") + str(resp.headers), headers["Authorization"][7:])
     assert sink.received == []
     last = tg.audit()[-1]
     assert (last["decision"], last["reason"]) == ("failed", reason)
+    assert tg.metric("tracegate_unhandled_errors_total") == 0
+    assert_no_secrets(caplog.text + "".join(tg.audit_lines), headers["Authorization"][7:])
 
 
 # --- the splice against full decode-modify-encode -----------------------------------
@@ -418,6 +439,99 @@ def test_arbitrary_bytes_stamp_or_raise_stamp_error(body: bytes, kind: str) -> N
             gunzip(body, 1000)
     except StampError:
         pass
+
+
+#: Strings as a JSON parser can hand them over: any character, lone surrogates included.
+_json_text = st.text(st.one_of(st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)), max_size=6)
+_json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), _json_text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_json_text, inner, max_size=3)),
+    max_leaves=12,
+)
+#: Raw JSON text that no json.dumps of a Python value writes: huge, overflowing or odd numbers.
+_raw_numbers = st.sampled_from(
+    ["9" * 5000, "-" + "9" * 4301, "1e999", "-1e400", "1" + "0" * 400 + ".5", "1e-999", "-0"]
+)
+#: Bytes that make a document invalid UTF-8 (a raw surrogate, an over-long form, a stray tail).
+_bad_utf8 = st.sampled_from([b"\x80", b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82"])
+_HOLE = "@hole@"  # a placeholder string, replaced in the JSON text by a raw number or deep nesting
+
+
+@st.composite
+def _json_ish(draw: st.DrawFn) -> bytes:
+    """OTLP/JSON-shaped documents whose every level may be the wrong type, holding lone
+    surrogates, huge numbers, deep nesting and invalid UTF-8: what a client can send."""
+    attribute = st.one_of(
+        st.fixed_dictionaries({"key": st.one_of(_keys, _json_values), "value": _json_values}),
+        st.fixed_dictionaries({"key": _keys, "value": st.fixed_dictionaries({"stringValue": _json_text})}),
+        _json_values,
+        st.just(_HOLE),
+    )
+    resource = st.one_of(st.fixed_dictionaries({"attributes": st.lists(attribute, max_size=4)}), _json_values)
+    entry = st.one_of(st.fixed_dictionaries({"resource": resource}), _json_values)
+    doc = draw(
+        st.one_of(
+            st.dictionaries(st.sampled_from(["resourceSpans", "resource_logs", "x"]), st.lists(entry, max_size=3)),
+            _json_values,
+        )
+    )
+    text = json.dumps(doc, ensure_ascii=draw(st.booleans()))  # False: raw surrogates, encoded below
+    while f'"{_HOLE}"' in text:
+        depth = draw(st.integers(0, 3000))
+        text = text.replace(f'"{_HOLE}"', "[" * depth + draw(_raw_numbers) + "]" * depth, 1)
+    body = text.encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(_bad_utf8) + body[at:]
+    return body
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_json_ish(), st.booleans())
+def test_json_ish_bodies_are_stamped_or_refused_never_an_error(body: bytes, gzip_body: bool) -> None:
+    """Issue 18 (8): a lone surrogate made the JSON encoder raise, and the door answer 500.
+    Whatever a client sends, stamping returns valid UTF-8 JSON with each verified
+    attribute once, or raises StampError (the door's 400/413) — nothing else."""
+    try:
+        if gzip_body:
+            out = gunzip(
+                stamp_http_body(
+                    gzip.compress(body), STAMP, content_type="application/json", content_encoding="gzip", limit=1 << 20
+                ),
+                1 << 20,
+            )
+        else:
+            out = stamp_json(body, STAMP)
+    except StampError as refused:
+        assert (refused.reason, refused.status) in {("stamp-bad-json", 400), ("body-too-large", 413)}
+        return
+    doc = json.loads(out.decode("utf-8"))  # strict: no lone surrogate, no invalid byte
+    wanted = [{"key": k, "value": {"stringValue": v}} for k, v in STAMP if v is not None]
+    for name in ("resourceSpans", "resource_logs"):
+        for entry in doc.get(name) or ():
+            stamped = [a for a in entry["resource"]["attributes"] if a.get("key") in dict(STAMP)]
+            assert stamped == wanted
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_requests, st.data())
+def test_damaged_exports_are_stamped_or_refused_never_an_error(
+    request: ExportTraceServiceRequest, data: st.DataObject
+) -> None:
+    """The protobuf walk (OTLP/HTTP and every gRPC message) on a real export with one byte
+    changed, inserted or cut off: arbitrary bytes seldom reach the nested fields."""
+    raw = request.SerializeToString()
+    at = data.draw(st.integers(0, len(raw)))
+    how = data.draw(st.sampled_from(["set", "insert", "cut"]))
+    byte = bytes([data.draw(st.integers(0, 255))])
+    body = {"set": raw[:at] + byte + raw[at + 1 :], "insert": raw[:at] + byte + raw[at:], "cut": raw[:at]}[how]
+    try:
+        out = stamp_protobuf(body, STAMP)
+    except StampError as refused:
+        assert (refused.reason, refused.status) == ("stamp-bad-protobuf", 400)
+        return
+    if _decodes(body):
+        ExportTraceServiceRequest.FromString(out)
 
 
 def _decodes(body: bytes) -> bool:

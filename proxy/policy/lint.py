@@ -9,6 +9,12 @@ makes them fail the check).
 * A deny rule that matches a path case-sensitively. GitLab and GitHub resolve paths
   without regard to case, so ``*/forks/*`` would miss ``Payments/Forks/api``; write
   ``{match: …, case: insensitive}``.
+* An allow rule that gives a service account with ``stamp:``. The gateway door
+  (``TRACEGATE_AUTHZ_LISTEN``) refuses such an account (``stamp-needs-proxy``): the
+  gateway forwards the client's body as it came, so only the proxy can stamp it. Whether
+  the gateway door is in use is a setting of ``tracegate serve``, which the policy files do
+  not hold and ``tracegate check`` is not given, so this is a warning that says so
+  (:func:`gateway_refusals` words it as an error for a caller that knows).
 """
 
 from __future__ import annotations
@@ -46,6 +52,31 @@ def _binds_on_id(rule: Rule) -> bool:
         if claim == "sub" and all(_IMMUTABLE_SUB.match(p) for p in matcher.patterns):
             return True
     return False
+
+
+def _gateway_refusal(policy: Policy, rule: Rule, *, known: bool) -> PolicyProblem | None:
+    account = policy.service_accounts.get(rule.service_account or "")
+    if rule.effect != "allow" or account is None or not account.stamp:
+        return None
+    if known:
+        lead = "error: with the gateway door in use (TRACEGATE_AUTHZ_LISTEN)"
+    else:
+        lead = "note: if this policy serves the gateway door (TRACEGATE_AUTHZ_LISTEN; say so with --gateway yes|no)"
+    return PolicyProblem(
+        rule.where.file,
+        rule.where.line,
+        f"{lead}, allow rule {rule.name!r} gives service account {account.name!r} ({account.where}), which has "
+        "stamp:; the door refuses its checks 403 stamp-needs-proxy, as the gateway would forward the client's "
+        "identity attributes unstamped: send its clients to tracegate's own OTLP port, or drop its stamp:",
+    )
+
+
+def gateway_refusals(policy: Policy, *, known: bool = True) -> list[PolicyProblem]:
+    """Every allow rule whose service account stamps: with the gateway door in use (``known``)
+    each is a rule that can only ever be refused (``stamp-needs-proxy``), an ``error``; when
+    ``tracegate check`` was not told, a ``note`` (not a warning: ``--strict`` would otherwise
+    fail every stamping policy served only by tracegate's own ports)."""
+    return [p for rule in policy.rules if (p := _gateway_refusal(policy, rule, known=known)) is not None]
 
 
 def warnings(policy: Policy) -> list[PolicyProblem]:
