@@ -194,7 +194,7 @@ def _explain_webhook(directory: Path, payload_file: Path, event: str, source: st
     hooks = [h for h in policy.webhooks if h.source == source and repository and h.repository.match_text(repository)]
     print(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")
     if not hooks:
-        print("refused (unknown-repository): no webhooks entry names it → 403")
+        print("refused (unknown-repository): no webhooks entry names it → 401, answered as a wrong signature")
         return 1
     hook = hooks[0]
     print(f"  entry {hook.name!r} at {hook.where}; secrets: {', '.join(str(r) for r in hook.secret_refs)}")

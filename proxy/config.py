@@ -259,6 +259,14 @@ OPTIONS: tuple[Option, ...] = (
         "Default gRPC upstream: HOST:PORT or https://HOST[:PORT] (TLS), http://HOST:PORT (loopback only).",
     ),
     Option(
+        "grpc_upstream_ca",
+        "TRACEGATE_GRPC_UPSTREAM_CA",
+        "",
+        str,
+        "PEM CA bundle that TLS gRPC upstreams' certificates are verified against, instead of grpcio's roots "
+        "(a private CA; read at start).",
+    ),
+    Option(
         "outbox_pool_size",
         "TRACEGATE_OUTBOX_POOL_SIZE",
         "8",
@@ -322,6 +330,7 @@ class Settings:
     authz_secret: SecretRef | None
     grpc_listen: tuple[str, int] | None
     grpc_upstream: str
+    grpc_upstream_ca: str
     outbox_pool_size: int
     watch_interval: float
     gc_freeze_interval: float

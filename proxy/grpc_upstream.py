@@ -6,6 +6,10 @@ no protobuf is parsed or re-encoded. The upstream call carries exactly one
 names the operator listed in ``TRACEGATE_FORWARD_HEADERS``; the client's ``authorization``,
 its ``lightstep-access-token`` and everything else stay behind.
 
+TLS upstreams are verified against grpcio's root bundle (or
+``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``), or, with ``TRACEGATE_GRPC_UPSTREAM_CA``, against that
+PEM bundle only (:func:`read_roots`, read once at start: a private CA).
+
 The call's deadline is the client's remaining deadline, bounded by
 ``TRACEGATE_UPSTREAM_TIMEOUT``; when the client gives up (deadline or cancel) the handler is
 cancelled and so is the upstream call. The upstream's status, message, retry trailers and
@@ -17,12 +21,15 @@ generic: it would name the upstream's address.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import grpc
 from grpc import aio
 
+from proxy.errors import ConfigError
 from proxy.forward import MAX_ANSWER_BYTES
 from proxy.grpc_status import RETRY_TRAILERS, GrpcAnswer, Trailers, refusal
 from proxy.metrics import Metrics
@@ -50,6 +57,29 @@ def _reason(code: grpc.StatusCode) -> str:
     return "upstream-" + code.name.lower().replace("_", "-")
 
 
+def read_roots(path: str) -> bytes | None:
+    """The PEM certificates of ``TRACEGATE_GRPC_UPSTREAM_CA`` (None when it is empty: grpcio's
+    own roots). Read once, at start (not on the event loop while serving); a file that
+    cannot be read or holds no usable certificate is a ConfigError naming the setting, so
+    that a typo is not a silent fall back to public roots."""
+    if not path:
+        return None
+    setting = f"TRACEGATE_GRPC_UPSTREAM_CA={path}"
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}: cannot read it ({type(exc).__name__}); give a PEM CA bundle tracegate's user can read"
+        ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ValueError, ssl.SSLError):  # UnicodeDecodeError is a ValueError
+        raise ConfigError(
+            f"{setting}: holds no usable PEM certificate; give the CA's certificates (-----BEGIN CERTIFICATE----- …)"
+        ) from None
+    return pem
+
+
 class GrpcUpstream:
     def __init__(
         self,
@@ -59,8 +89,12 @@ class GrpcUpstream:
         timeout: float,
         max_message: int,
         forward_metadata: Iterable[str] = (),
+        root_certificates: bytes | None = None,
     ) -> None:
+        """``root_certificates``: PEM CAs every TLS upstream is verified against (None:
+        grpcio's roots)."""
         self._metrics = metrics
+        self._roots = root_certificates
         self._default = default_target
         self._timeout = timeout
         self._max_message = max_message
@@ -84,7 +118,8 @@ class GrpcUpstream:
             ]
             where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
             if tls:
-                channel = aio.secure_channel(where, grpc.ssl_channel_credentials(), options=options)
+                credentials = grpc.ssl_channel_credentials(root_certificates=self._roots)
+                channel = aio.secure_channel(where, credentials, options=options)
             else:
                 channel = aio.insecure_channel(where, options=options)
             self._channels[address] = channel

@@ -119,3 +119,24 @@ def test_no_payload_breaks_the_span_builders(payload: dict[str, object]) -> None
             [encoded] = json.loads(otlp_json([span], "ci/x", "gitlab"))["resourceSpans"][0]["scopeSpans"][0]["spans"]
             assert 0 < int(encoded["startTimeUnixNano"]) <= int(encoded["endTimeUnixNano"])
             span.outbox_key("gitlab")
+
+
+def test_the_outbox_key_is_the_spans_ids_and_final_state_not_its_times() -> None:
+    from dataclasses import replace
+
+    from proxy.webhooks.pipeline import CiSpan, RunId
+
+    span = CiSpan(
+        RunId("https://g.example", "1", "2"), "job x", 10, 50, "success", {}, job_id="3", final_state="success"
+    )
+    key = span.outbox_key("gitlab")
+    assert replace(span, start_ns=20, end_ns=90, name="job y").outbox_key("gitlab") == key
+    others = [
+        replace(span, final_state="skipped"),
+        replace(span, attempt="2"),
+        replace(span, job_id="4"),
+        replace(span, job_id=None),
+        replace(span, run=RunId("https://g.example", "1", "3")),
+        replace(span, run=RunId("https://h.example", "1", "2")),
+    ]
+    assert len({key, *(s.outbox_key("gitlab") for s in others)}) == 1 + len(others)

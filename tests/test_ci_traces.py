@@ -230,7 +230,8 @@ async def test_gitlab_token_and_project_refusals_store_nothing(
     stranger = c.gitlab_job(880010, project_id=5151)
     stranger["project"]["path_with_namespace"] = "other/app"
     status, answer = await post_gitlab(client, url, "Job Hook", stranger, instance=instance)
-    assert (status, answer["reason"]) == (403, "unknown-project")
+    assert (status, answer["reason"]) == (401, "bad-token")  # as a wrong token: no oracle
+    assert tg.audit()[-1]["reason"] == "unknown-project"
     status, answer = await post_gitlab(client, url, "Job Hook", b"[1, 2]", instance=instance)
     assert (status, answer["reason"]) == (400, "bad-json")
     nan = json.dumps({**job, "build_queued_duration": "@"}).replace('"@"', "NaN").encode()
@@ -267,8 +268,11 @@ async def test_a_jobs_traceparent_is_the_parent_of_its_job_span_and_its_own_span
         resource_text = (await resp.text()).strip()
     assert "cicd.pipeline.task.run.id=880013" in resource_text.split(",")
     assert "cicd.pipeline.run.id=99001" in resource_text.split(",")
-    # The webhook side: GitLab names the instance the token's issuer names.
-    status, _ = await post_gitlab(client, tg.url, "Job Hook", c.gitlab_job(880013), instance=issuer.url)
+    # The webhook side: GitLab names the instance the token's issuer names (in its header
+    # and in its URLs alike).
+    job = c.gitlab_job(880013)
+    job["project"]["web_url"] = job["repository"]["homepage"] = f"{issuer.url}/payments/api"
+    status, _ = await post_gitlab(client, tg.url, "Job Hook", job, instance=issuer.url)
     assert status == 202
     [(_, job_span)] = await settle(sink, 1)
     assert "880013" in attrs(job_span)["cicd.pipeline.task.run.url.full"]
@@ -504,6 +508,154 @@ async def test_without_job_events_the_pipeline_hook_gives_the_latest_attempts(
 
 
 INSTANCE = "https://gitlab.example.com"
+
+
+async def test_an_unknown_project_is_answered_exactly_like_a_wrong_token(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    """A sender without the token cannot learn which projects have an entry (by id or by
+    path); the audit line and the metric keep the exact reason."""
+    known = c.gitlab_job(880010)  # project 4242: an entry binds it
+    by_path = c.gitlab_job(880010, project_id=777)
+    by_path["project"]["path_with_namespace"] = "docs/site"  # the docs entry's path glob
+    unknown = c.gitlab_job(880010, project_id=5151)
+    unknown["project"]["path_with_namespace"] = "other/app"
+    no_project = {k: v for k, v in c.gitlab_job(880010).items() if k not in ("project", "project_id")}
+    answers = []
+    for body in (known, by_path, unknown, no_project):
+        sent = c.gitlab_headers("Job Hook", "not-the-token", instance=INSTANCE)
+        async with client.post(tg.url + "/webhooks/gitlab", data=json.dumps(body).encode(), headers=sent) as resp:
+            answers.append(
+                (resp.status, resp.headers["Content-Type"], resp.headers["Content-Length"], await resp.read())
+            )
+    assert answers[0][0] == 401
+    assert answers[1:] == [answers[0]] * 3
+    recorded = [a["reason"] for a in tg.audit() if a["event"] == "webhook"]
+    assert recorded == ["bad-token", "bad-token", "unknown-project", "unknown-project"]
+    assert tg.metric("tracegate_webhooks_total", source="gitlab", decision="refused", reason="unknown-project") == 2
+    await asyncio.sleep(0.2)
+    assert sink.received == []
+
+
+async def test_a_final_event_sent_again_with_another_end_time_is_the_same_span(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    """Dedupe is keyed on the span's stable ids and its final state, not on its end time:
+    a re-sent job or pipeline hook whose finish moved stores nothing more; a new final state
+    of the same span (a skipped job that runs after a retry) is a new event."""
+    job = c.gitlab_job(880010)
+    assert (await post_gitlab(client, tg.url, "Job Hook", job, instance=INSTANCE))[1]["reason"] == "stored"
+    later = c.gitlab_job(880010)
+    later["build_finished_at"] = later["build_finished_at_iso"] = "2026-11-21T08:01:31.000Z"
+    status, answer = await post_gitlab(client, tg.url, "Job Hook", later, instance=INSTANCE)
+    assert (status, answer["reason"]) == (202, "duplicate-delivery")
+    pipeline = c.gitlab_pipeline("failed", project_id=5252)
+    assert (await post_gitlab(client, tg.url, "Pipeline Hook", pipeline, instance=INSTANCE))[1]["spans"] == 4
+    pipeline["object_attributes"]["finished_at"] = "2026-11-21 08:07:00 UTC"
+    for build in pipeline["builds"]:
+        build["finished_at"] = "2026-11-21 08:07:00 UTC"
+    status, answer = await post_gitlab(client, tg.url, "Pipeline Hook", pipeline, instance=INSTANCE)
+    assert (status, answer["reason"]) == (202, "duplicate-delivery")
+    skipped = c.gitlab_job(880012, "skipped")  # the same job id, later in another final state
+    ran = c.gitlab_job(880012)
+    assert (await post_gitlab(client, tg.url, "Job Hook", skipped, instance=INSTANCE))[1]["reason"] == "stored"
+    assert (await post_gitlab(client, tg.url, "Job Hook", ran, instance=INSTANCE))[1]["reason"] == "stored"
+    run = c.gitea_run()
+    assert await post_gitea(client, tg.url, "workflow_run", run) == (202, "stored")
+    run["workflow_run"]["completed_at"] = "2026-11-21T09:11:00Z"
+    assert await post_gitea(client, tg.url, "workflow_run", run) == (202, "duplicate-delivery")
+    assert len(await settle(sink, 8)) == 8  # 1 job, 1 root + 3 jobs, 2 states of one job, 1 Gitea root
+
+
+PINNED = """
+webhooks:
+  - name: pinned-gitlab
+    source: gitlab
+    project_id: 4242
+    instance: {gitlab}/
+    secret: [{{env: GITLAB_HOOK_OLD}}]
+    service_account: payments-ci
+  - name: pinned-gitea
+    source: gitea
+    repository: payments/api
+    instance: https://Gitea.Example.com:443/
+    secret: [{{env: GITEA_CI_HOOK}}]
+    events: [workflow_run, workflow_job]
+    service_account: payments-ci
+"""
+EVIL = "https://evil.example"
+
+
+def no_link_to(spans: list[tuple[dict[str, Any], dict[str, Any]]], host: str) -> bool:
+    return not any(host in str(v) for _, s in spans for v in attrs(s).values())
+
+
+async def test_a_pinned_instance_keys_the_trace_whatever_the_sender_names(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    """instance: pins the forge: X-Gitlab-Instance and the payload's URLs cannot move a
+    span into another trace or make it link to another host; the span still joins the
+    job's own trace (/v1/traceparent, keyed on the token's iss), and the audit line keeps
+    what the sender named."""
+    tg = await start_tracegate(policy_yaml(issuer.url, PINNED.format(gitlab=issuer.url)), env=ci_env())
+    await tg.keys_ready()
+    token = issuer.mint(project_id="4242", pipeline_id="99001", job_id="880013")
+    async with client.get(tg.url + "/v1/traceparent", headers={"Authorization": f"Bearer {token}"}) as resp:
+        parent = (await resp.text()).strip()
+    job = c.gitlab_job(880013)
+    job["project"]["web_url"] = job["repository"]["homepage"] = f"{EVIL}/payments/api"
+    status, answer = await post_gitlab(client, tg.url, "Job Hook", job, instance=EVIL)
+    assert (status, answer["reason"]) == (202, "stored")
+    assert tg.audit()[-1]["sender_instance"] == EVIL
+    [(_, span)] = await settle(sink, 1)
+    assert parent == f"00-{span['traceId']}-{span['spanId']}-01"
+    assert no_link_to([({}, span)], "evil")
+    # Without X-Gitlab-Instance and without URLs: the pinned instance still keys it.
+    bare = c.gitlab_job(880010)
+    del bare["project"]["web_url"], bare["repository"]["homepage"]
+    headers = {k: v for k, v in c.gitlab_headers("Job Hook", GITLAB_OLD, instance="").items() if v}
+    async with client.post(tg.url + "/webhooks/gitlab", data=json.dumps(bare).encode(), headers=headers) as resp:
+        assert (resp.status, (await resp.json())["reason"]) == (202, "stored")
+    assert tg.audit()[-1]["sender_instance"] is None
+    got = await settle(sink, 2)
+    assert {s["traceId"] for _, s in got} == {span["traceId"]}
+
+
+async def test_a_pinned_gitea_instance_keys_the_run_and_drops_foreign_links(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    from proxy.webhooks.pipeline import trace_id
+
+    tg = await start_tracegate(policy_yaml(issuer.url, PINNED.format(gitlab=issuer.url)), env=ci_env())
+    run = c.gitea_run()
+    run["repository"]["html_url"] = f"{EVIL}/payments/api"
+    run["workflow_run"]["html_url"] = f"{EVIL}/payments/api/actions/runs/512"
+    assert await post_gitea(client, tg.url, "workflow_run", run) == (202, "stored")
+    assert tg.audit()[-1]["sender_instance"] == EVIL
+    job = c.gitea_job()
+    del job["repository"]["html_url"]  # pinned: the instance need not come from the payload
+    assert await post_gitea(client, tg.url, "workflow_job", job) == (202, "stored")
+    got = await settle(sink, 2)
+    root = next(s for _, s in got if "parentSpanId" not in s)
+    a = attrs(root)
+    assert root["traceId"] == trace_id(
+        "https://gitea.example.com", a["tracegate.project.id"], a["cicd.pipeline.run.id"]
+    )
+    assert {s["traceId"] for _, s in got} == {root["traceId"]}
+    assert no_link_to(got, "evil")
+
+
+async def test_unpinned_links_never_name_another_host_than_the_trace_instance(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    pipeline = c.gitlab_pipeline(project_id=5252)
+    pipeline["project"]["web_url"] = f"{EVIL}/payments/api"
+    pipeline["object_attributes"]["url"] = "https://gitlab.example.com\\@evil.example/-/pipelines/99001"
+    status, answer = await post_gitlab(client, tg.url, "Pipeline Hook", pipeline, instance=INSTANCE)
+    assert (status, answer["spans"]) == (202, 4)
+    got = await settle(sink, 4)
+    assert len(got) == 4 and no_link_to(got, "evil")
+    assert all("url.full" not in k for _, s in got for k in attrs(s))
 
 
 # An outside review of these doors (each test failed before its fix).

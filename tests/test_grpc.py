@@ -685,3 +685,65 @@ async def test_an_admitted_call_that_never_sends_its_message_times_out(
     assert await _stream_call(port, issuer.mint(), silent()) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert tg.audit()[-1]["reason"] == "body-timeout"
     assert grpc_sink.received == []
+
+
+async def test_an_export_without_a_message_is_invalid_argument_not_too_large(
+    grpc_tg: tuple[Tracegate, int], issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    tg, port = grpc_tg
+
+    async def none() -> Any:
+        return
+        yield b""  # an async generator that sends nothing, then half-closes
+
+    assert await _stream_call(port, issuer.mint(), none()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_sink.received == []
+    line = tg.audit()[-1]
+    assert (line["decision"], line["reason"], line["transport"]) == ("failed", "no-message", "grpc")
+    assert tg.metric("tracegate_requests_total", signal="traces", service_account="payments-ci", decision="failed",
+                     reason="no-message", transport="grpc") == 1  # fmt: skip
+    # A zero-length message is a message (an empty ExportTraceServiceRequest): forwarded.
+    assert (await call(port, [("authorization", f"Bearer {issuer.mint()}")], b"")).code is grpc.StatusCode.OK
+    assert [r.body for r in grpc_sink.received] == [b""]
+
+
+async def test_a_tls_grpc_upstream_with_a_private_ca_is_verified_against_it(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, tmp_path: Path
+) -> None:
+    """TRACEGATE_GRPC_UPSTREAM_CA: the upstream's certificate is verified against the
+    configured CA (and only it): trusted → forwarded; another CA's, or grpcio's own roots
+    → UNAVAILABLE, nothing sent."""
+    ca, other = ThrowawayCA.create(tmp_path / "ca"), ThrowawayCA.create(tmp_path / "other")
+    sink = GrpcSink()
+    await sink.start(credentials=grpc.ssl_server_credentials([(ca.key.read_bytes(), ca.cert.read_bytes())]))
+    try:
+        assert sink.target.startswith("https://")
+        for roots, trusted in ((str(ca.ca_file), True), (str(other.ca_file), False), ("", False)):
+            tg, port = await start_grpc(start_tracegate, policy_yaml(issuer.url), sink, grpc_upstream_ca=roots)
+            before = len(sink.received)
+            outcome = await call(port, [("authorization", f"Bearer {issuer.mint()}")], b"over tls")
+            if trusted:
+                assert outcome.code is grpc.StatusCode.OK
+                assert [r.body for r in sink.received[before:]] == [b"over tls"]
+                assert sink.received[-1].values("lightstep-access-token") == [PAYMENTS_KEY]
+            else:
+                assert outcome.code is grpc.StatusCode.UNAVAILABLE
+                assert len(sink.received) == before
+                assert tg.audit()[-1]["reason"] == "upstream-unreachable"
+            await tg.stop()
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a certificate\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n"])
+async def test_an_unusable_grpc_upstream_ca_stops_start_up_with_a_clear_error(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, grpc_sink: GrpcSink, tmp_path: Path,
+    content: bytes | None,
+) -> None:  # fmt: skip
+    from proxy.errors import ConfigError
+
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"TRACEGATE_GRPC_UPSTREAM_CA=.*ca\.pem: .*PEM"):
+        await start_grpc(start_tracegate, policy_yaml(issuer.url), grpc_sink, grpc_upstream_ca=str(path))

@@ -50,6 +50,8 @@ def test_settings() -> None:
     assert defaults.grpc_listen == ("0.0.0.0", 4317)
     assert defaults.grpc_upstream == "ingest.lightstep.com:443"
     assert Settings.load({"grpc_listen": "off"}, {}).grpc_listen is None
+    assert defaults.grpc_upstream_ca == ""  # grpcio's own roots
+    assert Settings.load({}, {"TRACEGATE_GRPC_UPSTREAM_CA": "/etc/ca.pem"}).grpc_upstream_ca == "/etc/ca.pem"
     assert Settings.load({}, {"TRACEGATE_GRPC_LISTEN": "127.0.0.1:14317"}).grpc_listen == ("127.0.0.1", 14317)
     with pytest.raises(ConfigError, match=r"TRACEGATE_GRPC_UPSTREAM='http://example.com:4317'.*must use TLS"):
         Settings.load({}, {"TRACEGATE_GRPC_UPSTREAM": "http://example.com:4317"})

@@ -176,21 +176,24 @@ async def test_forgejo_headers(tg: Tracegate, sink: Sink, client: aiohttp.Client
 
 
 @pytest.mark.parametrize(
-    ("case", "status", "reason"),
+    ("case", "status", "reason", "recorded"),
     [
-        ("wrong-secret", 401, "bad-signature"),
-        ("empty-signature", 401, "missing-signature"),
-        ("sha1-only", 401, "missing-signature"),
-        ("bad-json", 400, "bad-json"),
-        ("oversized", 413, "body-too-large"),
-        ("unknown-repository", 403, "unknown-repository"),
-        ("gitea-secret-on-forgejo-entry", 401, "bad-signature"),
+        ("wrong-secret", 401, "bad-signature", "bad-signature"),
+        ("empty-signature", 401, "missing-signature", "missing-signature"),
+        ("sha1-only", 401, "missing-signature", "missing-signature"),
+        ("bad-json", 400, "bad-json", "bad-json"),
+        ("oversized", 413, "body-too-large", "body-too-large"),
+        # Answered as a bad signature (no oracle for which repositories have entries);
+        # the metric and the audit line keep the exact reason.
+        ("unknown-repository", 401, "bad-signature", "unknown-repository"),
+        ("gitea-secret-on-forgejo-entry", 401, "bad-signature", "bad-signature"),
     ],
 )
 async def test_refused_webhooks_store_nothing(
     case: str,
     status: int,
     reason: str,
+    recorded: str,
     tg: Tracegate,
     sink: Sink,
     client: aiohttp.ClientSession,
@@ -225,8 +228,35 @@ async def test_refused_webhooks_store_nothing(
     await asyncio.sleep(0.2)
     assert sink.received == []
     assert tg.metric("tracegate_outbox_depth") == 0
-    assert tg.metric("tracegate_webhooks_total", source=source.lower(), decision="refused", reason=reason) == 1
+    assert tg.metric("tracegate_webhooks_total", source=source.lower(), decision="refused", reason=recorded) == 1
+    assert tg.audit()[-1]["reason"] == recorded
     assert OLD_SECRET not in caplog.text
+
+
+async def test_an_unknown_repository_is_answered_exactly_like_a_bad_signature(
+    tg: Tracegate, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    """A sender without the secret cannot learn which repositories have an entry: the
+    status, the headers that describe the body, and the body are the same."""
+    answers = []
+    for repo in ("payments/api", "marketing/site", "docs/site"):  # an entry, none, another source's entry
+        body = g.encode(g.push(repo=repo))
+        headers = {**g.gitea_headers("push", body, "not-the-secret"), "Content-Type": "application/json"}
+        async with client.post(tg.url + "/webhooks/gitea", data=body, headers=headers) as resp:
+            answers.append(
+                (resp.status, resp.headers["Content-Type"], resp.headers["Content-Length"], await resp.read())
+            )
+    assert answers[0][0] == 401
+    assert answers[1] == answers[0] and answers[2] == answers[0]
+    recorded = [(a["reason"], a["repository"]) for a in tg.audit() if a["event"] == "webhook"]
+    assert recorded == [
+        ("bad-signature", "payments/api"),
+        ("unknown-repository", "marketing/site"),
+        ("unknown-repository", "docs/site"),
+    ]
+    assert tg.metric("tracegate_webhooks_total", source="gitea", decision="refused", reason="unknown-repository") == 2
+    await asyncio.sleep(0.2)
+    assert sink.received == []
 
 
 @pytest.mark.parametrize(
@@ -391,3 +421,32 @@ async def test_gitlab_deployment_refusals(
     assert (await post_deployment(client, tg, token, {"service": "payments-api"}))[1]["reason"] == "duplicate-delivery"
     received = await arrivals(sink, 2)
     assert sorted(spans(r)[0][0]["service.name"] for r in received) == ["payments-api", "payments-worker"]
+
+
+async def test_marker_links_stay_on_the_forge_instance(
+    start_tracegate: Any, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    """A marker's links name the instance the entry pins (instance:), else the one its
+    html_url names: an html_url on another host (pinned) or a compare_url on another host
+    (either way) is left out, the marker is drawn all the same."""
+    pinned = WEBHOOKS.replace(
+        'repository: "payments/api"', 'repository: "payments/api"\n    instance: https://gitea.example.com'
+    )
+    tg = await start_tracegate(policy_yaml(issuer.url, pinned), env=hook_env())
+    moved = g.push(after="a" * 40)
+    moved["repository"] = g.repository(host="https://evil.example")
+    status, _ = await deliver(client, tg, moved)
+    assert status == 202
+    assert tg.audit()[-1]["sender_instance"] == "https://evil.example"
+    foreign_compare = g.push(after="b" * 40, repo="docs/site")  # the unpinned forgejo entry
+    foreign_compare["compare_url"] = "https://evil.example/docs/site/compare/1...2"
+    status, _ = await deliver(client, tg, foreign_compare, secret=FORGEJO_SECRET, source="Forgejo")
+    assert status == 202
+    assert tg.audit()[-1]["sender_instance"] is None
+    received = await arrivals(sink, 2)
+    marks = {r["service.version"]: a for got in received for r, a in spans(got)}
+    assert not marks["a" * 40]["vcs.repository.url.full"]  # written empty, as for a payload without html_url
+    assert marks["a" * 40]["tracegate.compare_url"].startswith("https://gitea.example.com/")
+    assert marks["b" * 40]["vcs.repository.url.full"] == "https://gitea.example.com/docs/site"
+    assert "tracegate.compare_url" not in marks["b" * 40]
+    assert not any("evil" in v for a in marks.values() for v in a.values())

@@ -23,6 +23,7 @@ import re
 
 from proxy.errors import PolicyProblem
 from proxy.policy.model import Policy, Rule
+from proxy.policy.webhooks import warnings as webhook_warnings
 
 #: Claims that never change for a project/repository, its owner, or where a job ran.
 ID_CLAIMS = frozenset(
@@ -80,8 +81,8 @@ def gateway_refusals(policy: Policy, *, known: bool = True) -> list[PolicyProble
 
 
 def warnings(policy: Policy) -> list[PolicyProblem]:
-    """Every weak binding, as ``file:line: warning: …`` problems."""
-    out = []
+    """Every weak binding, as ``file:line: warning: …`` problems (webhook entries' too)."""
+    out = webhook_warnings(policy.webhooks)
     for rule in policy.rules:
         where = rule.where
         paths = [claim for claim, _ in rule.when if claim in PATH_CLAIMS]

@@ -83,6 +83,9 @@ class WebhookSource:
     secrets: tuple[Secret, ...] = field(default=(), repr=False, compare=False)
     project_ids: frozenset[str] = frozenset()
     service_name: str = ""
+    #: The forge's base URL (``instance:``, normalised) the entry pins: it keys the trace
+    #: and bounds the links, whatever host the sender names. None: the sender's.
+    instance: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,26 @@
-"""The ``webhooks:`` section of the policy files: which repositories may send, signed how."""
+"""The ``webhooks:`` section of the policy files: which repositories may send, signed how.
+
+Trust, per entry: its secret (a Gitea/Forgejo HMAC key, a GitLab token) is the whole of
+what authenticates a delivery, so whoever holds it can write any payload. What the entry
+pins is therefore all that binds what is drawn:
+
+* ``project_id`` (GitLab) pins the projects by their immutable ids; such an entry never
+  matches by path. An entry with ``repository:`` only matches the path the payload names,
+  and then the payload's ``project.id`` — the key of the trace its spans join — is the
+  sender's word: :func:`warnings` says so, and ``project_id`` with ``repository`` in one
+  entry is refused (split it: one entry binds ids, another a path glob).
+* ``instance`` pins the forge's base URL (as its ID tokens name it in ``iss``): the trace is
+  keyed on it, never on ``X-Gitlab-Instance`` or a payload URL, and links that name another
+  host are dropped. Without it the sender names the instance (:func:`warnings` again).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
+from proxy.errors import PolicyProblem
 from proxy.policy.checker import Checker
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import WebhookSource
@@ -30,7 +46,67 @@ KEYS = (
     "service_account",
     "services",
     "service_name",
+    "instance",
 )
+#: Events that draw CI trace spans, whose trace id is keyed on the forge instance.
+CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job"})
+
+
+def pinned_instance(hook: WebhookSource) -> str | None:
+    """The forge base URL an entry pins (``instance:``, normalised), or None: the sender's."""
+    return hook.instance
+
+
+def normal_instance(value: str) -> str | None:
+    """``scheme://host[:port][/path]`` of a forge's base URL — lower-case host, no default
+    port, no trailing ``/``: the spelling :func:`proxy.webhooks.pipeline.instance_of` gives
+    the URLs a forge sends — or None when ``value`` is not such a URL (credentials, a query
+    or a fragment included)."""
+    if not value.isascii() or not value.isprintable() or "\\" in value:
+        return None
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return None
+    if parts.query or parts.fragment or len(value) > 256:
+        return None
+    netloc = f"{host}:{port}" if port and port != {"http": 80, "https": 443}[parts.scheme] else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def warnings(webhooks: Iterable[WebhookSource]) -> list[PolicyProblem]:
+    """Entries that bind weakly, as ``file:line: warning: …`` problems (``tracegate check``;
+    ``--strict`` fails on them): a GitLab entry matched by path only, whose sender chooses
+    the project id its spans are keyed on; an entry drawing CI traces without ``instance:``,
+    whose sender chooses the forge instance they are keyed on and their links' host."""
+    out = []
+    for hook in webhooks:
+        where, name = hook.where, hook.name
+        if hook.source == "gitlab" and not hook.project_ids:
+            out.append(
+                PolicyProblem(
+                    where.file,
+                    where.line,
+                    f"warning: webhook {name!r} names GitLab projects by path only: whoever holds its token "
+                    "chooses the project id (and so the trace) its spans are keyed on, for any project no "
+                    "other entry binds by id; pin project_id (Settings → General → Project ID)",
+                )
+            )
+        if hook.events & CI_EVENTS and pinned_instance(hook) is None:
+            out.append(
+                PolicyProblem(
+                    where.file,
+                    where.line,
+                    f"warning: webhook {name!r} draws CI traces without instance: — the sender names the forge "
+                    "instance its traces are keyed on and its links point to; add instance: with the forge's "
+                    "base URL (as its ID tokens name it in iss)",
+                )
+            )
+    return out
 
 
 def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str, str] | None) -> list[WebhookSource]:
@@ -50,6 +126,13 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
         if "repository" not in entry and "project_id" not in entry:
             which = "project_id (preferred: it never changes) or repository" if source == "gitlab" else "repository"
             check.add(entry.line, f"{what} is missing {which}")
+        if source == "gitlab" and "repository" in entry and "project_id" in entry:
+            check.add(
+                entry.line_of("repository"),
+                f"{what}: project_id and repository in one entry; an entry binds project ids (preferred: they "
+                "never change) or a path glob, not both: drop repository, or split the entry in two",
+            )
+        instance = _instance(check, entry, what)
         allowed = SOURCE_EVENTS.get(source, EVENTS)
         events = check.strings(entry, "events", what) or DEFAULT_EVENTS.get(source, EVENTS)
         for event in events:
@@ -97,9 +180,25 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                 secrets=tuple(secrets),
                 project_ids=project_ids,
                 service_name=service_name,
+                instance=instance,
             )
         )
     return out
+
+
+def _instance(check: Checker, entry: Any, what: str) -> str | None:
+    """``instance``: the forge's base URL, normalised (:func:`normal_instance`)."""
+    raw = check.string(entry, "instance", what)
+    if raw is None:
+        return None
+    found = normal_instance(raw)
+    if found is None:
+        check.add(
+            entry.line_of("instance"),
+            f"{what}.instance {raw[:100]!r} must be the forge's base URL, http(s)://HOST[:PORT][/PATH] "
+            "(as its ID tokens name it in iss), without credentials, query or fragment",
+        )
+    return found
 
 
 def _project_ids(check: Checker, entry: Any, what: str, source: str) -> frozenset[str]:

@@ -4,7 +4,8 @@ Gitea ≥ 1.24 sends both (``modules/structs/hook.go``: ``WorkflowRunPayload``,
 ``WorkflowJobPayload``; ``repo_actions.go``: ``ActionWorkflowRun``, ``ActionWorkflowJob``);
 they arrive signed on ``/webhooks/gitea`` like every other Gitea event, and
 :func:`receive` is called once the signature verified. The model is GitLab's
-(:mod:`.pipeline`): the trace is (instance, repository id, run id); the run is the root span
+(:mod:`.pipeline`): the trace is (instance — the entry's ``instance:``, else the one the
+repository's ``html_url`` names —, repository id, run id); the run is the root span
 from ``started_at`` to ``completed_at``; each job attempt (job id, ``run_attempt``) is a
 child span from ``started_at`` to ``completed_at``, its queued time ``started_at -
 created_at``, its steps span events. Unset times are Go's zero time
@@ -16,9 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.policy.model import WebhookSource
+from proxy.policy.webhooks import pinned_instance
 from proxy.webhooks.ci_outbox import store_spans
+from proxy.webhooks.gitea import repository_instance
 from proxy.webhooks.payload import Skip, get, positive_id, text
-from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, parse_time
+from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, link_on, parse_time
 from proxy.webhooks.store import OutboxStore
 
 EVENTS = ("workflow_run", "workflow_job")
@@ -34,27 +37,25 @@ _RESULTS = {
 }
 
 
-def run_of(payload: dict[str, Any], run_id: Any) -> RunId | None:
-    """The run's trace: instance from the repository's ``html_url`` minus its
-    ``full_name`` (so a sub-path install keeps its prefix), the repository's id. An
+def run_of(payload: dict[str, Any], run_id: Any, instance: str | None = None) -> RunId | None:
+    """The run's trace: the entry's pinned ``instance``, else the one the repository's
+    ``html_url`` names (:func:`.gitea.repository_instance`); the repository's id. An
     ``html_url`` that does not end in ``full_name`` — the value the entry was matched on —
-    draws nothing."""
-    html = text(get(payload, "repository", "html_url"), 1024)
-    full_name = text(get(payload, "repository", "full_name"), 512)
+    draws nothing, pinned or not."""
     repo_id, run = positive_id(get(payload, "repository", "id")), positive_id(run_id)
-    if html is None or repo_id is None or run is None:
+    named = repository_instance(payload)
+    if repo_id is None or run is None:
         return None
-    html = html.rstrip("/")
-    if not full_name or not html.lower().endswith("/" + full_name.lower()):
+    if named is None and get(payload, "repository", "html_url") is not None:
         return None  # html_url names another repository than the one the entry matched
-    instance = instance_of(html[: -len(full_name) - 1])
-    return RunId(instance, repo_id, run) if instance else None
+    chosen = instance or named
+    return RunId(chosen, repo_id, run) if chosen else None
 
 
 def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
     return {
         "cicd.pipeline.run.id": int(run.pipeline_id),
-        "vcs.repository.url.full": text(get(payload, "repository", "html_url"), 1024) or "",
+        "vcs.repository.url.full": link_on(text(get(payload, "repository", "html_url"), 1024), run.instance) or "",
         "vcs.ref.head.name": text(node.get("head_branch")) or "",
         "vcs.ref.head.revision": text(node.get("head_sha"), 64) or "",
         "tracegate.project.id": run.project_id,
@@ -62,13 +63,13 @@ def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[s
     }
 
 
-def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
+def run_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
     node = payload.get("workflow_run")
     if not isinstance(node, dict):
         return Skip("malformed-workflow-run")
     if node.get("status") != "completed":
         return Skip("not-final")
-    run = run_of(payload, node.get("id"))
+    run = run_of(payload, node.get("id"), instance)
     start = parse_time(node.get("started_at"))
     if run is None or start is None:
         return Skip("malformed-workflow-run")
@@ -86,7 +87,7 @@ def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
         attributes={
             **_common(payload, run, node),
             "cicd.pipeline.name": name,
-            "cicd.pipeline.run.url.full": text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.run.url.full": link_on(text(node.get("html_url"), 1024), run.instance) or "",
             "cicd.pipeline.result": result,
             "tracegate.cicd.run.attempt": int(attempt),
             "tracegate.cicd.run.number": int(positive_id(node.get("run_number")) or 0),
@@ -97,13 +98,13 @@ def run_span(payload: dict[str, Any]) -> CiSpan | Skip:
     )
 
 
-def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
+def job_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
     node = payload.get("workflow_job")
     if not isinstance(node, dict):
         return Skip("malformed-workflow-job")
     if node.get("status") != "completed":
         return Skip("not-final")
-    run, job_id = run_of(payload, node.get("run_id")), positive_id(node.get("id"))
+    run, job_id = run_of(payload, node.get("run_id"), instance), positive_id(node.get("id"))
     created, started = parse_time(node.get("created_at")), parse_time(node.get("started_at"))
     completed = parse_time(node.get("completed_at"))
     start = started or created or completed
@@ -136,7 +137,7 @@ def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
             **_common(payload, run, node),
             "cicd.pipeline.task.name": name,
             "cicd.pipeline.task.run.id": int(job_id),
-            "cicd.pipeline.task.run.url.full": text(node.get("html_url"), 1024) or "",
+            "cicd.pipeline.task.run.url.full": link_on(text(node.get("html_url"), 1024), run.instance) or "",
             "cicd.pipeline.task.run.result": result,
             "cicd.worker.id": positive_id(node.get("runner_id")) or "",
             "cicd.worker.name": text(node.get("runner_name")) or "",
@@ -153,8 +154,10 @@ def job_span(payload: dict[str, Any]) -> CiSpan | Skip:
     )
 
 
-def spans_for(event: str, payload: dict[str, Any]) -> CiSpan | Skip:
-    return run_span(payload) if event == "workflow_run" else job_span(payload)
+def spans_for(event: str, payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
+    """The span an authentic run or job event draws, in the trace of ``instance`` (the
+    entry's pinned one) or, when None, of the instance its ``html_url`` names."""
+    return run_span(payload, instance) if event == "workflow_run" else job_span(payload, instance)
 
 
 async def receive(
@@ -164,7 +167,7 @@ async def receive(
     answer fields) for the Gitea door to answer and record."""
     if event not in hook.events:
         return 202, "ignored", "event-not-listed", {}
-    span = spans_for(event, payload)
+    span = spans_for(event, payload, pinned_instance(hook))
     if isinstance(span, Skip):
         return 202, "ignored", span.reason, {}
     [outcome] = await store_spans(outbox, [span], source=source, hook=hook)  # routes.outbox_unavailable: 503

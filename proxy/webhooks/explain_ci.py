@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.policy.model import Policy
+from proxy.policy.webhooks import pinned_instance
 from proxy.webhooks import actions, gitlab
 from proxy.webhooks.gitea import repository_name
 from proxy.webhooks.gitlab_routes import candidates
@@ -35,10 +36,10 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
         out(f"gitlab {header or event} for project {project_id} ({path}) (the token is not checked by explain)")
         hooks = candidates(policy.webhooks, project_id, path)
         if not hooks:
-            out("refused (unknown-project): no webhooks entry names it → 403")
+            out("refused (unknown-project): no webhooks entry names it → 401, answered as a wrong token")
             return 1
         hook = hooks[0]
-        instance = gitlab.instance_for(payload, None)
+        instance = pinned_instance(hook) or gitlab.instance_for(payload, None)
         listed = gitlab.EVENTS.get(header)
         if listed is None or listed not in hook.events:
             drawn: Any = Skip("event-not-listed")
@@ -57,10 +58,14 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
             if h.source == source and repository is not None and h.repository.match_text(repository)
         ]
         if not hooks:
-            out("refused (unknown-repository): no webhooks entry names it → 403")
+            out("refused (unknown-repository): no webhooks entry names it → 401, answered as a wrong signature")
             return 1
         hook = hooks[0]
-        one = actions.spans_for(event, payload) if event in hook.events else Skip("event-not-listed")
+        one = (
+            actions.spans_for(event, payload, pinned_instance(hook))
+            if event in hook.events
+            else Skip("event-not-listed")
+        )
         spans = [] if isinstance(one, Skip) else [one]
         reason = one.reason if isinstance(one, Skip) else ""
     out(f"  entry {hook.name!r} at {hook.where}; secrets: {', '.join(str(r) for r in hook.secret_refs)}")

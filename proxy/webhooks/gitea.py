@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from proxy.webhooks.marker import Marker, is_commit_sha
 from proxy.webhooks.payload import Skip, get, text
+from proxy.webhooks.pipeline import instance_of, link_on
 
 _ZERO = re.compile(r"^0+$")
 
@@ -48,16 +49,36 @@ def repository_url(payload: dict[str, Any], full_name: str) -> str | None:
     return None
 
 
-def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any]) -> Classified | Skip:
+def repository_instance(payload: dict[str, Any]) -> str | None:
+    """The forge instance as the payload names it: ``repository.html_url`` without its
+    ``/<full_name>`` (a sub-path install keeps its prefix), or None when the payload has no
+    ``html_url``, or one that names another repository than ``full_name``."""
+    html = text(get(payload, "repository", "html_url"), 1024)
+    full_name = text(get(payload, "repository", "full_name"), 512)
+    if html is None or not full_name:
+        return None
+    html = html.rstrip("/")
+    if not html.lower().endswith("/" + full_name.lower()):
+        return None
+    return instance_of(html[: -len(full_name) - 1])
+
+
+def classify(
+    source: str, event: str, delivery_id: str, payload: dict[str, Any], *, instance: str | None = None
+) -> Classified | Skip:
     """The marker an authentic event draws. Its repository identity — name, owner, URL —
     comes only from ``repository.full_name``, the value the webhook entry was matched on:
     the payload's other fields (``name``, ``owner.login``) are not trusted to agree, and an
-    ``html_url`` that names another repository is a refusal (``repository-mismatch``)."""
+    ``html_url`` that names another repository is a refusal (``repository-mismatch``).
+    Links (the repository's, the compare view's) are kept only on the forge ``instance``
+    the entry pins, else on the one ``html_url`` names: never on a host of their own."""
     full_name = repository_name(payload) or ""
     owner, _, name = full_name.rpartition("/")
     url = repository_url(payload, full_name)
     if url is None and get(payload, "repository", "html_url") is not None:
         return Skip("repository-mismatch")
+    home = instance or repository_instance(payload)
+    url = link_on(url, home) if home else None
     actor = text(get(payload, "sender", "login"), None) or text(get(payload, "pusher", "login"), None)
 
     def marker(kind: str, ref_name: str, ref_type: str, sha: str, **more: str | None) -> Marker:
@@ -95,7 +116,7 @@ def classify(source: str, event: str, delivery_id: str, payload: dict[str, Any])
                 ref_type,
                 after,
                 title=title.splitlines()[0][:200] if title else None,
-                compare_url=text(payload.get("compare_url"), None),
+                compare_url=link_on(text(payload.get("compare_url"), None), home) if home else None,
             ),
         )
     if event == "create":

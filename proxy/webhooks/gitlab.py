@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.webhooks.payload import Skip, get, positive_id, text
-from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, origin_of, parse_time
+from proxy.webhooks.pipeline import Attribute, CiSpan, RunId, instance_of, link_on, origin_of, parse_time
 
 FINAL = frozenset({"success", "failed", "canceled", "skipped"})
 TIMEOUT_REASONS = frozenset({"job_execution_timeout", "stuck_or_timeout_failure"})
@@ -50,8 +50,9 @@ def project_of(payload: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def instance_for(payload: dict[str, Any], header: str | None) -> str | None:
-    """The GitLab instance's base URL: ``X-Gitlab-Instance`` when sent, else the project's
-    ``web_url`` without its path (a relative-URL install keeps its prefix)."""
+    """The GitLab instance's base URL as the sender names it: ``X-Gitlab-Instance`` when
+    sent, else the project's ``web_url`` without its path (a relative-URL install keeps its
+    prefix). An entry with ``instance:`` pins it instead (the door decides)."""
     if header:
         return instance_of(header)
     web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
@@ -73,8 +74,14 @@ def result_of(status: str, failure_reason: str | None) -> str:
     return "timeout" if failure_reason in TIMEOUT_REASONS else "failure"
 
 
-def _common(payload: dict[str, Any], run: RunId, ref: str | None, sha: str | None) -> dict[str, Attribute]:
+def _web(payload: dict[str, Any], instance: str) -> str | None:
+    """The project's web URL, when it is on ``instance`` (links never name another host)."""
     web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
+    return link_on(web, instance)
+
+
+def _common(payload: dict[str, Any], run: RunId, ref: str | None, sha: str | None) -> dict[str, Attribute]:
+    web = _web(payload, run.instance)
     return {
         "cicd.pipeline.run.id": int(run.pipeline_id),
         "vcs.repository.url.full": web or "",
@@ -173,7 +180,7 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
         attributes={
             **common,
             "cicd.pipeline.name": name,
-            "cicd.pipeline.run.url.full": text(attrs.get("url"), 1024) or "",
+            "cicd.pipeline.run.url.full": link_on(text(attrs.get("url"), 1024), instance) or "",
             "cicd.pipeline.result": result,
             "tracegate.cicd.pipeline.iid": positive_id(attrs.get("iid")) or "",
             "tracegate.cicd.pipeline.source": text(attrs.get("source"), 64) or "",
@@ -186,7 +193,7 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
     )
     spans = [root]
     if with_jobs:
-        web = text(get(payload, "project", "web_url"), 1024)
+        web = _web(payload, instance)
         for build in builds:
             job_id, job_status = positive_id(build.get("id")), text(build.get("status"), 32)
             if job_id is None or job_status not in FINAL:
@@ -225,7 +232,7 @@ def job_spans(payload: dict[str, Any], instance: str) -> Spans | Skip:
     def when(name: str) -> int | None:
         return parse_time(payload.get(f"{name}_iso")) or parse_time(payload.get(name))
 
-    web = text(get(payload, "project", "web_url"), 1024) or text(get(payload, "repository", "homepage"), 1024)
+    web = _web(payload, instance)
     span = _job_span(
         run,
         _common(payload, run, text(payload.get("ref")), text(payload.get("sha"), 64)),
@@ -246,8 +253,10 @@ def job_spans(payload: dict[str, Any], instance: str) -> Spans | Skip:
 
 
 def spans_for(event: str, payload: dict[str, Any], instance: str, *, with_jobs: bool) -> Spans | Skip:
-    """The spans an authentic hook draws. ``with_jobs``: take job spans from a pipeline
-    hook's ``builds[]`` (when the entry does not listen to job events)."""
+    """The spans an authentic hook draws, in the trace of ``instance`` (the entry's pinned
+    one, else the sender's); payload URLs on another host are left out. ``with_jobs``:
+    take job spans from a pipeline hook's ``builds[]`` (when the entry does not listen to
+    job events)."""
     if event == "Pipeline Hook" and payload.get("object_kind") == "pipeline":
         return pipeline_spans(payload, instance, with_jobs=with_jobs)
     if event == "Job Hook" and payload.get("object_kind") == "build":

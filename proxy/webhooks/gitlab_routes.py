@@ -5,11 +5,14 @@ is; there is no signature), the project the payload names, the entry that lists 
 project, the token checked against every secret of that entry in constant time (rotation:
 list old and new), then :mod:`.gitlab` for the spans and :mod:`.ci_outbox` to store them.
 
-Answers: 401 when the token is missing or no entry's secret matches; 403 when no
-``webhooks:`` entry names the project (by ``project_id``, preferred, or its path); 400 for a
-body that is not a JSON object; 202 with ``accepted: false`` for authentic events that draw
-nothing (an intermediate status, an unlisted event); 202 ``accepted: true`` once every span
-is durably stored; 503 if the outbox cannot store (GitLab retries). Refusals store nothing.
+Answers: 401 when the token is missing, when no secret of the project's entry matches, and
+when no ``webhooks:`` entry names the project (by ``project_id``, preferred, or its path) —
+the last two with the same answer (``bad-token``) after the same work, so that a sender
+without a token cannot learn which projects have entries; the audit line and the metric say
+``unknown-project``. 400 for a body that is not a JSON object; 202 with ``accepted: false``
+for authentic events that draw nothing (an intermediate status, an unlisted event); 202
+``accepted: true`` once every span is durably stored; 503 if the outbox cannot store
+(GitLab retries). Refusals store nothing.
 
 Idempotency: ``Idempotency-Key`` (GitLab ≥ 17.4) or ``X-Gitlab-Event-UUID`` names the
 delivery in the audit log; the outbox keys are derived from the content (the span and its
@@ -30,11 +33,13 @@ from proxy import untrusted
 from proxy.errors import BodyError
 from proxy.ingest import RUNTIME
 from proxy.policy.model import WebhookSource
+from proxy.policy.webhooks import pinned_instance
 from proxy.protocol import expect_refusal
 from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
 from proxy.webhooks.payload import Skip
+from proxy.webhooks.signatures import DECOY_SECRETS
 from proxy.webhooks.store import OutboxStore
 
 #: Longest token compared; GitLab's secret token field is free text, bounded here.
@@ -54,12 +59,14 @@ def token_matches(presented: str, secrets: Iterable[Secret]) -> bool:
 def candidates(hooks: Iterable[WebhookSource], project_id: str | None, path: str | None) -> list[WebhookSource]:
     """GitLab entries naming the project. Entries that bind its id are the only ones when
     any exist: the secret of an entry matched by path (which the sender also writes) must
-    not be able to speak for a project another entry binds by its immutable id."""
+    not be able to speak for a project another entry binds by its immutable id. An entry
+    that binds ids matches those ids only, never by path (the policy refuses one with both;
+    this holds whatever built the entries)."""
     gitlab_hooks = [h for h in hooks if h.source == "gitlab"]
     by_id = [h for h in gitlab_hooks if project_id is not None and project_id in h.project_ids]
     if by_id:
         return by_id
-    return [h for h in gitlab_hooks if path is not None and h.repository.match_text(path)]
+    return [h for h in gitlab_hooks if not h.project_ids and path is not None and h.repository.match_text(path)]
 
 
 async def _refuses(request: web.Request) -> bool:
@@ -83,7 +90,9 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     event = request.headers.get("X-Gitlab-Event") or ""
     delivery = request.headers.get("Idempotency-Key") or request.headers.get("X-Gitlab-Event-UUID") or ""
 
-    def done(status: int, decision: str, reason: str, **more: Any) -> web.Response:
+    def done(status: int, decision: str, reason: str, *, answered: str | None = None, **more: Any) -> web.Response:
+        """Count, audit and answer; ``answered`` is the reason the sender is told when it
+        must not learn the exact one (which the metric and the audit line keep)."""
         runtime.metrics.webhooks.labels("gitlab", decision, reason).inc()
         runtime.audit(
             kind="webhook",
@@ -94,9 +103,11 @@ async def handle_gitlab(request: web.Request) -> web.Response:
             delivery=delivery[:64] or None,
             repository=more.get("repository"),
             service_account=more.get("account"),
+            sender_instance=more.get("sender_instance"),
         )
         fields = {k: v for k, v in more.items() if k in ("spans", "duplicate")}
-        return web.json_response({"accepted": decision == "accepted", "reason": reason, **fields}, status=status)
+        answer = {"accepted": decision == "accepted", "reason": answered or reason, **fields}
+        return web.json_response(answer, status=status)
 
     token = request.headers.get("X-Gitlab-Token") or ""
     if not token or len(token) > MAX_TOKEN_BYTES:  # refused before the body is read
@@ -114,8 +125,9 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     project_id, path = gitlab.project_of(payload)
     shown = (path or (f"project {project_id}" if project_id else ""))[:200] or None
     found = candidates(runtime.gate.policy.webhooks, project_id, path)
-    if not found:
-        return done(403, "refused", "unknown-project", repository=shown)
+    if not found:  # answered as a wrong token, after the same work: no oracle for which projects have entries
+        token_matches(token, DECOY_SECRETS)
+        return done(401, "refused", "unknown-project", answered="bad-token", repository=shown)
     hook = next((h for h in found if token_matches(token, h.secrets)), None)
     if hook is None:
         return done(401, "refused", "bad-token", repository=shown)
@@ -123,9 +135,13 @@ async def handle_gitlab(request: web.Request) -> web.Response:
     listed = gitlab.EVENTS.get(event)
     if listed is None or listed not in hook.events:
         return done(202, "ignored", "event-not-listed", **facts)
-    instance = gitlab.instance_for(payload, request.headers.get("X-Gitlab-Instance"))
+    named = gitlab.instance_for(payload, request.headers.get("X-Gitlab-Instance"))  # the sender's word
+    pinned = pinned_instance(hook)
+    instance = pinned or named
     if instance is None:
         return done(202, "ignored", "no-instance-url", **facts)
+    if pinned and named and named != pinned:  # the pinned one is used; the audit line keeps what was sent
+        facts["sender_instance"] = named
     drawn = gitlab.spans_for(event, payload, instance, with_jobs="job" not in hook.events)
     if isinstance(drawn, Skip):
         return done(202, "ignored", drawn.reason, **facts)

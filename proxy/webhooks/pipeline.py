@@ -9,6 +9,9 @@ re-run is the same job id with a new ``run_attempt``).
 
 ``instance`` is the forge's base URL as its ID tokens name it in ``iss`` (GitLab:
 ``https://gitlab.example.com``); :func:`instance_of` normalises any URL of the forge to it.
+A webhook entry's ``instance:`` pins it; without one it is the sender's word
+(``X-Gitlab-Instance``, a payload URL). Either way a span's links are kept only on that
+instance (:func:`link_on`).
 Ids are SHA-256 over the NUL-joined parts, cut to 16 bytes (trace) and 8 bytes (span): not
 secret, only stable — anyone who knows a project's and pipeline's ids can compute them, as
 anyone who can read the pipeline can.
@@ -62,6 +65,22 @@ def instance_of(url: str) -> str | None:
     default = {"http": 80, "https": 443}[parts.scheme]
     netloc = f"{host}:{port}" if port and port != default else host
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"[:256]
+
+
+def link_on(url: str | None, instance: str) -> str | None:
+    """``url`` when it is an http(s) URL on the forge ``instance`` (under its base path),
+    else None: a link a span carries never points at another host than the instance its
+    trace is keyed on, whatever URL the sender wrote. URLs that parsers read differently
+    (credentials before the host, a backslash) are left out too."""
+    if not url or "\\" in url:
+        return None
+    try:
+        if "@" in urlsplit(url).netloc:
+            return None
+    except ValueError:
+        return None
+    base = instance_of(url)
+    return url if base is not None and (base == instance or base.startswith(instance + "/")) else None
 
 
 def origin_of(url: str) -> str | None:
@@ -179,13 +198,16 @@ class CiSpan:
         return "" if self.job_id is None else self.run.root_span_id
 
     def outbox_key(self, source: str) -> str:
-        """Once per final event: the same span in the same final state at the same end is
-        one outbox row, however many deliveries carry it (GitLab retries, racing
-        replicas); a re-run pipeline that finishes again is a new row (same span id)."""
+        """Once per final state of a span: the span's stable ids (instance, project, run,
+        job, attempt) and the forge's final status are one outbox row, however many
+        deliveries carry them and whatever end time each one says (GitLab retries, racing
+        replicas, a redelivery whose finish moved). A span that reaches another final state
+        — a skipped GitLab job that runs after a retry, a re-run pipeline that ends with
+        another result — is a new row with the same span id. The end time is not part of
+        the key: it is the sender's to change, and a key on it let one span be sent twice."""
         what = "pipeline" if self.job_id is None else f"job:{self.job_id}:{self.attempt}"
         run = self.run
-        parts = ("ci", source, run.instance, run.project_id, run.pipeline_id, what, self.final_state, str(self.end_ns))
-        return ":".join(parts)
+        return ":".join(("ci", source, run.instance, run.project_id, run.pipeline_id, what, self.final_state))
 
 
 def _value(value: Attribute) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """HTTP endpoints that become deployment markers: ``POST /webhooks/gitea`` (Gitea and
 Forgejo, HMAC-signed) and ``POST /v1/deployments`` (a GitLab job with its ID token).
 
-Both answer 202 only after the event is durably in the outbox; refusals store nothing.
+Both answer 202 only after the event is durably in the outbox; refusals store nothing. A
+Gitea delivery for a repository no entry names is answered exactly as a wrong signature
+(401 ``bad-signature``, after the same work): the sender does not learn which repositories
+have entries, while the audit line and the metric say ``unknown-repository``.
 When the outbox cannot commit (its database is down), they answer 503 with Retry-After,
 which forges and GitLab jobs retry; never 202 without a commit.
 """
@@ -28,14 +31,15 @@ from proxy.errors import BodyError, ConfigError, OutboxUnavailable
 from proxy.forges import ci_facts
 from proxy.forward import BODY_READ_ERRORS, declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
+from proxy.policy.webhooks import pinned_instance
 from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 from proxy.webhooks import actions
-from proxy.webhooks.gitea import Classified, classify, repository_name
+from proxy.webhooks.gitea import Classified, classify, repository_instance, repository_name
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
 from proxy.webhooks.outbox import Added
 from proxy.webhooks.sender import Sender
-from proxy.webhooks.signatures import presented_signatures, verifies
+from proxy.webhooks.signatures import DECOY_SECRETS, presented_signatures, verifies
 from proxy.webhooks.store import OutboxStore, describe, open_outbox
 
 OUTBOX: web.AppKey[OutboxStore] = web.AppKey("outbox")
@@ -113,7 +117,9 @@ async def handle_gitea(request: web.Request) -> web.Response:
     event = request.headers.get(f"X-{source.capitalize()}-Event") or ""
     delivery = request.headers.get(f"X-{source.capitalize()}-Delivery") or ""
 
-    def done(status: int, decision: str, reason: str, **more: Any) -> web.Response:
+    def done(status: int, decision: str, reason: str, *, answered: str | None = None, **more: Any) -> web.Response:
+        """Count, audit and answer; ``answered`` is the reason the sender is told when it
+        must not learn the exact one (which the metric and the audit line keep)."""
         runtime.metrics.webhooks.labels(source, decision, reason).inc()
         runtime.audit(
             kind="webhook",
@@ -124,11 +130,12 @@ async def handle_gitea(request: web.Request) -> web.Response:
             delivery=delivery or None,
             repository=more.get("repository"),
             service_account=more.get("account"),
+            sender_instance=more.get("sender_instance"),
         )
         return _answer(
             status,
             accepted=decision == "accepted",
-            reason=reason,
+            reason=answered or reason,
             **{k: v for k, v in more.items() if k in ("services", "duplicate", "header")},
         )
 
@@ -162,16 +169,23 @@ async def handle_gitea(request: web.Request) -> web.Response:
         for hook in runtime.gate.policy.webhooks
         if hook.source == source and repository is not None and hook.repository.match_text(repository)
     ]
-    if not candidates:
-        return done(403, "refused", "unknown-repository", repository=repository)
+    if not candidates:  # answered as a wrong signature, after the same work: no oracle for which entries exist
+        verifies(signed, signatures, DECOY_SECRETS)
+        return done(401, "refused", "unknown-repository", answered="bad-signature", repository=repository)
     hook = next((h for h in candidates if verifies(signed, signatures, h.secrets)), None)
     if hook is None:
         return done(401, "refused", "bad-signature", repository=repository)
-    facts = {"repository": repository, "account": hook.service_account}
+    pinned, named = pinned_instance(hook), repository_instance(payload)
+    facts = {
+        "repository": repository,
+        "account": hook.service_account,
+        # The entry pins another instance than html_url names: the pinned one is used.
+        "sender_instance": named if pinned and named and named != pinned else None,
+    }
     if event in actions.EVENTS:  # Actions runs become CI trace spans (proxy/webhooks/actions.py)
         status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, source, event, payload)
         return done(status, decision, reason, **more, **facts)
-    classified = classify(source, event, delivery, payload)
+    classified = classify(source, event, delivery, payload, instance=pinned)
     if not isinstance(classified, Classified):
         if classified.reason == "repository-mismatch":
             return done(400, "refused", classified.reason, **facts)

@@ -18,6 +18,10 @@ from multidict import CIMultiDictProxy
 from proxy.secrets import Secret
 
 BARE_HEX_HEADERS = ("X-Gitea-Signature", "X-Forgejo-Signature", "X-Gogs-Signature")
+#: Checked against when no entry names the sender's repository (or GitLab project), so that
+#: answer costs what a wrong signature or token costs. The result is always thrown away:
+#: that answer is a refusal whatever it says.
+DECOY_SECRETS = (Secret("tracegate-no-entry-" + "0" * 44),)
 
 
 def presented_signatures(headers: CIMultiDictProxy[str]) -> list[str]:
