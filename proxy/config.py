@@ -14,7 +14,6 @@ from typing import Any
 
 from proxy import cpus
 from proxy.errors import ConfigError
-from proxy.forward import DEFAULT_PATHS
 from proxy.secrets import SecretRef
 from proxy.setting_values import (
     bounded_int,
@@ -33,6 +32,13 @@ from proxy.setting_values import (
     url,
 )
 from proxy.tls import TlsFiles
+
+#: Lightstep's OTLP/HTTP paths, the default upstream's (TRACEGATE_UPSTREAM_PATH_*).
+DEFAULT_PATHS: Mapping[str, str] = {
+    "traces": "/traces/otlp/v0.9",
+    "metrics": "/metrics/otlp/v0.9",
+    "logs": "/logs/otlp/v0.9",
+}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.config import DEFAULT_PATHS
 from proxy.errors import BodyError, ConfigError, UpstreamError
 from proxy.headers import RELAYED, HeaderPolicy
 from proxy.metrics import Metrics
@@ -29,11 +30,6 @@ from proxy.secrets import Secret
 from proxy.upstream_pool import UpstreamPool
 
 #: Lightstep's documented OTLP/HTTP paths on its public ingest (ingest.lightstep.com).
-DEFAULT_PATHS: Mapping[str, str] = {
-    "traces": "/traces/otlp/v0.9",
-    "metrics": "/metrics/otlp/v0.9",
-    "logs": "/logs/otlp/v0.9",
-}
 #: The upstream's answer is read whole before it is relayed; OTLP answers are tiny.
 MAX_ANSWER_BYTES = 4 << 20
 CHUNK = 32 * 1024

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy.standins import Sink, StandInIssuer
-from proxy.webhooks.routes import OUTBOX
+from proxy.webhooks.door import OUTBOX
 from tests import ci_payloads as c
 from tests import gitea_payloads as g
 from tests.conftest import PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml

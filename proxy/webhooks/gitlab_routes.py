@@ -38,6 +38,7 @@ from proxy.protocol import expect_refusal
 from proxy.secrets import Secret
 from proxy.webhooks import gitlab
 from proxy.webhooks.ci_outbox import store_spans
+from proxy.webhooks.door import OUTBOX, read_limited
 from proxy.webhooks.payload import Skip
 from proxy.webhooks.signatures import DECOY_SECRETS
 from proxy.webhooks.store import OutboxStore
@@ -84,8 +85,6 @@ expect_gitlab = expect_refusal(_refuses, _limit)
 
 
 async def handle_gitlab(request: web.Request) -> web.Response:
-    from proxy.webhooks.routes import OUTBOX, read_limited  # routes registers this door
-
     runtime = request.app[RUNTIME]
     event = request.headers.get("X-Gitlab-Event") or ""
     delivery = request.headers.get("Idempotency-Key") or request.headers.get("X-Gitlab-Event-UUID") or ""

@@ -29,45 +29,25 @@ from proxy.admission import Refused
 from proxy.answers import refusal
 from proxy.errors import BodyError, ConfigError, OutboxUnavailable
 from proxy.forges import ci_facts
-from proxy.forward import BODY_READ_ERRORS, declared_length
 from proxy.ingest import RUNTIME, admit_http, expect_admitted
 from proxy.policy.webhooks import pinned_instance
 from proxy.protocol import expect_refusal
 from proxy.runtime import Runtime
 from proxy.webhooks import actions
+from proxy.webhooks.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited
 from proxy.webhooks.gitea import Classified, classify, repository_instance, repository_name
+from proxy.webhooks.gitlab_routes import expect_gitlab, handle_gitlab
 from proxy.webhooks.marker import Marker, is_commit_sha, otlp_json
 from proxy.webhooks.outbox import Added
 from proxy.webhooks.sender import Sender
 from proxy.webhooks.signatures import DECOY_SECRETS, presented_signatures, verifies
-from proxy.webhooks.store import OutboxStore, describe, open_outbox
+from proxy.webhooks.store import describe, open_outbox
 
-OUTBOX: web.AppKey[OutboxStore] = web.AppKey("outbox")
-#: Seconds a webhook sender is asked to wait when the outbox cannot commit.
-OUTBOX_RETRY_AFTER = 5
 MAX_DEPLOYMENT_BODY = 4096
 #: More fields than this in a form-encoded delivery is not Gitea's form (it sends one).
 MAX_FORM_FIELDS = 20
 #: An event name or delivery id as Gitea and Forgejo send them (a word, a UUID, a number).
 _HEADER_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-
-
-async def read_limited(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The whole body, refused (413) past ``limit`` bytes, (408) past ``timeout`` seconds,
-    and (400 ``body-incomplete``) when the client breaks off or its framing is broken."""
-    declared_length(request, limit)
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.content.iter_any():
-                body += chunk
-                if len(body) > limit:
-                    raise BodyError("body-too-large", 413)
-    except TimeoutError:
-        raise BodyError("body-timeout", 408) from None
-    except BODY_READ_ERRORS:
-        raise BodyError("body-incomplete", 400) from None
-    return bytes(body)
 
 
 def _answer(status: int, **fields: Any) -> web.Response:
@@ -355,7 +335,6 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     app.cleanup_ctx.append(sending)
     app.middlewares.append(outbox_unavailable)
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_refusal(_gitea_refuses, webhook_limit))
-    from proxy.webhooks.gitlab_routes import expect_gitlab, handle_gitlab  # it reads OUTBOX from here
 
     app.router.add_post("/webhooks/gitlab", handle_gitlab, expect_handler=expect_gitlab)
     app.router.add_post(
