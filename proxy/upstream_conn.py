@@ -110,6 +110,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_reads = 0
         self._head_size = 0
         self._fields = 0
+        self._chunked_10 = False  # a Transfer-Encoding field (faulty framing in HTTP/1.0)
+        self._close = False  # a Connection field naming close
 
     # --- the exchange ---------------------------------------------------------------
 
@@ -249,6 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers, self._body, self._size = {}, [], 0
         self._interim = self._eof_body = self._framed = False
         self._in_head, self._head_reads, self._head_size, self._fields = True, 0, 0, 0
+        self._chunked_10 = self._close = False
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status) + 13
@@ -264,6 +267,9 @@ class UpstreamConnection(asyncio.Protocol):
         lower = name.lower()
         if lower in (b"content-length", b"transfer-encoding"):
             self._framed = True
+            self._chunked_10 = lower == b"transfer-encoding" or self._chunked_10
+        elif lower == b"connection" and b"close" in value.lower():
+            self._close = True  # "close" wins over any "keep-alive" beside it (RFC 9112 §9.6)
         spelling = self._relayed.get(lower)
         if spelling is not None and spelling not in self.headers:
             self.headers[spelling] = value.decode("latin-1")
@@ -293,4 +299,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.failure is None:
             self.done = True
-            self.keep_alive = self._parser.should_keep_alive()
+            # An HTTP/1.0 answer with Transfer-Encoding has faulty framing: close after it
+            # (RFC 9112 §6.1), whatever its Connection header says.
+            faulty = self._chunked_10 and self._parser.get_http_version() == "1.0"
+            self.keep_alive = self._parser.should_keep_alive() and not self._close and not faulty

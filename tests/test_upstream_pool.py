@@ -631,3 +631,26 @@ async def test_a_bad_upstream_status_through_tracegate_is_502(
     ) as resp:
         assert resp.status == 502
     assert tg.metric("tracegate_upstream_responses_total", signal="traces", status="unreachable") == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # HTTP/1.0 with Transfer-Encoding: faulty framing, close after it (RFC 9112 §6.1).
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        # "close" wins over a "keep-alive" beside it.
+        b"HTTP/1.1 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok",
+    ],
+)
+async def test_an_answer_that_must_end_its_connection_is_never_reused(
+    upstreams: Any, pool: UpstreamPool, answer: bytes
+) -> None:
+    async def reply(_seen: Seen, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+
+    upstream = await upstreams(reply)
+    for _ in range(2):
+        got = await post(pool, upstream.url)
+        assert (got.status, got.body) == (200, b"ok")
+    assert upstream.connections == 2
