@@ -6,11 +6,10 @@ of that: its head decides everything (``admit`` in ``ingest.export``), its body 
 upstream untouched, and its answer is one ``write``. So every ingest connection starts here,
 and a request this module does not serve is handed, with the connection, to aiohttp:
 
-* An export is ``POST /v1/traces|metrics|logs`` (no query string), HTTP/1.1 or 1.0, within
-  the listener's header limits, with no ``Upgrade`` and no transfer coding but ``chunked``.
-  It is identified, decided and forwarded by the same code as on aiohttp's route
-  (``ingest.export``); ``Expect: 100-continue`` is refused or invited after the admission,
-  as there.
+* An export is ``POST /v1/traces|metrics|logs`` (no query string), within the listener's
+  header limits, with no ``Upgrade``. It is identified, decided and forwarded by the same
+  code as on aiohttp's route (``ingest.export``); ``Expect: 100-continue`` is refused or
+  invited after the admission, as there.
 * Anything else — a webhook, ``/v1/traceparent``, a malformed head, an HTTP/2 preface — is
   *handed off*: the bytes of that request, kept from the first byte of its head, are given
   to an aiohttp connection handler that takes over the transport, so it is answered (or
@@ -21,29 +20,76 @@ and a request this module does not serve is handed, with the connection, to aioh
   connection is closed after the earlier answers — RFC 9112 §9.3.2 lets a server close a
   connection with pipelined requests unanswered, and the client retries them on a new one.
 
-Body bytes go to an ``aiohttp.StreamReader`` that pauses this transport past 64 KiB, so an
-upload streams upstream with backpressure, as on aiohttp's server. An answer given before
-the body ended (a refusal) closes the connection after a short lingering read, so that the
-client reads the answer rather than a reset.
+**At least as strict as aiohttp, input by input.** Every head that ends here is checked
+before it is served *or handed off*, so nothing reaches aiohttp unchecked but what its own
+parser refuses. A refusal is the status phrase alone, as aiohttp refuses, written in its
+turn after the answers owed; it closes the connection, is counted in
+``tracegate_protocol_errors_total{kind}`` and goes nowhere else:
+
+* an HTTP/1 request line of a version but 1.0 or 1.1 (``HTTP/2.0``, ``HTTP/0.9``, which
+  aiohttp answers as HTTP/1): 505, RFC 9110 §15.6.6 (``bad-http-version``);
+* HTTP/1.1 without ``Host``, or two ``Host`` fields: 400, RFC 9112 §3.2; so is any field
+  aiohttp takes once (its ``SINGLETON_HEADERS``) given twice (``bad-message``);
+* a transfer coding but one final ``chunked``: a coding before it (``gzip, chunked``, whose
+  gzip aiohttp ignores) is a 501, RFC 9112 §6.1 and §7; ``chunked`` not last, a 400, RFC
+  9112 §6.3 (``bad-transfer-encoding``);
+* HTTP/1.0 with Transfer-Encoding: served, then the connection closes, RFC 9112 §6.1 (aiohttp
+  keeps it open, so one that is not an export is refused, 400, rather than handed off);
+* a head whose reads pass :data:`HEAD_LIMIT`: 431, RFC 6585 §5 (``head-too-large``).
+
+Nothing after a request that closes the connection is read (RFC 9112 §9.6); in HTTP/1.0,
+``Connection: close`` wins over ``keep-alive`` (llhttp lets keep-alive win; RFC 9112 §9.3).
+No status line is written but a final 200–599 (RFC 9110 §15; a 1xx is interim): any other
+answer becomes a 502 with a generic body.
+
+**Every buffer is bounded** (a read is at most 256 KiB):
+
+* A head: its URL, each field and their count are held to the listener's limits (8190,
+  8190 and 100; over them it is handed to aiohttp, whose parser refuses it on the same
+  sums). httptools gathers a field before calling back, so the reads given whole to a head
+  are counted too: past ``HEAD_LIMIT`` (64 KiB), 431. Held: 64 KiB and two reads, the
+  bytes kept for a hand-off included.
+* A chunked body's trailer section: each field, and their count with the head's, are held
+  to aiohttp's limits (8190 bytes, 100 fields); the reads given whole to one field (or one
+  chunk-size line) to 8190 bytes, as the field arrives (one that never ended grew to 162
+  MiB, in quadratic time). Over them the export fails, 400 and closing, as aiohttp refuses
+  it (``line-too-long``, ``bad-message``). Held: 8190 bytes and a read.
+* A body: its ``StreamReader`` pauses reading past twice :data:`BODY_BUFFER`, and reading
+  resumes only for the export being answered. Held: 128 KiB and a read, an export.
+* The pipeline: reading pauses past :data:`MAX_QUEUED` exports; a read holding more
+  requests than :data:`MAX_PIPELINED` (aiohttp's queue) closes the connection after their
+  answers (``pipeline-overflow``). Held: 32 parsed requests (about 2 KB each).
+* Answers: past the transport's high-water mark, writing pauses reading; a client that
+  takes no byte for the idle timeout while writing is paused, or while the connection is
+  closing, is cut off (``send-timeout``). Held: 64 KiB and one answer (4 MiB at most).
+* After a refusal, what the client still sends is read and dropped (4 MiB, 2 s), not held.
+
+Body bytes go to an ``aiohttp.StreamReader``, so an upload streams upstream with
+backpressure, as on aiohttp's server. An answer given before the body ended (a refusal)
+closes the connection after a short lingering read, so that the client reads the answer
+rather than a reset. No exception of the parser or a callback leaves ``data_received``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, Final, NoReturn, cast
 
 import httptools
-from aiohttp import StreamReader
-from aiohttp.http_exceptions import TransferEncodingError
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import StreamReader, hdrs
+from aiohttp.http_exceptions import BadHttpMessage, TransferEncodingError
+from aiohttp.http_parser import SINGLETON_HEADERS
+from aiohttp.streams import EMPTY_PAYLOAD
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.admission import Refused, admit
-from proxy.answers import Answer
+from proxy.answers import Answer, refusal_answer
 from proxy.errors import BodyError
 from proxy.forward import declared_length
 from proxy.ingest import export, refused_answer
@@ -53,14 +99,18 @@ from proxy.protocol import Lane, internal_error
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
+log = logging.getLogger("tracegate")
+
 #: The export paths this server takes, by their exact bytes; the signal each names.
 EXPORTS = {f"/v1/{signal}".encode(): signal for signal in SIGNALS}
 #: A body's buffered bytes past which the transport pauses (aiohttp's StreamReader doubles it).
 BODY_BUFFER = 64 * 1024
 #: Exports parsed ahead of the one being answered (pipelining) before reading pauses.
 MAX_QUEUED = 8
-#: Bytes a head may take here; a longer one is handed to aiohttp, whose parser applies the
-#: listener's per-line limits as the bytes come (httptools would gather a field first).
+#: Requests parsed ahead in one read (aiohttp's queue); one more closes the connection.
+MAX_PIPELINED = 32
+#: Bytes of reads given whole to a head before it is refused (431): httptools gathers a
+#: field before calling back, so a field still arriving is only seen as reads.
 HEAD_LIMIT = 64 * 1024
 #: After an answer given before the body ended: how long, and how much, is read and dropped
 #: before the connection closes (closing with unread input would reset it under the answer).
@@ -69,6 +119,16 @@ LINGER_BYTES = 4 << 20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _NO_QUERY: dict[str, str] = {}
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
+_HOST, _TRANSFER_ENCODING = istr(hdrs.HOST), istr(hdrs.TRANSFER_ENCODING)
+#: Fields aiohttp refuses to see twice (Host among them: RFC 9112 §3.2).
+_SINGLETONS = tuple(istr(name) for name in sorted(SINGLETON_HEADERS))
+#: Refusals at the door: the phrase alone, as aiohttp (protocol.EdgeRequestHandler) answers.
+_REFUSALS = {
+    status: Answer(status, _REASONS[status], {"Content-Type": "text/plain; charset=utf-8"}, close=True)
+    for status in (400, 431, 501, 505)
+}
+_BAD_MESSAGE, _BAD_CODING = (400, "bad-message"), (400, "bad-transfer-encoding")
 
 
 class _Escape(Exception):
@@ -84,19 +144,52 @@ class Limits:
         self.idle_timeout = idle_timeout
 
 
-class _Export:
-    """One export's head and body; what ``forward`` reads (``forward.Upload``)."""
+def _refusal(headers: CIMultiDict[str], http10: bool) -> tuple[int, str] | None:
+    """The status and kind a head is refused with here, whatever it asks for; None: none."""
+    if not http10 and _HOST not in headers:
+        return _BAD_MESSAGE
+    for name in _SINGLETONS:
+        if len(headers.getall(name, ())) > 1:
+            return _BAD_MESSAGE
+    if hdrs.SEC_WEBSOCKET_KEY1 in headers:  # aiohttp: the old WebSocket draft is refused
+        return 400, "invalid-header"
+    value = headers.get(_TRANSFER_ENCODING)
+    if value is None or value == "chunked":
+        return None
+    codings = [coding for coding in (part.strip().lower() for part in value.split(",")) if coding]
+    if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
+        return _BAD_CODING  # the body's length cannot be known (RFC 9112 §6.3)
+    return (501, "bad-transfer-encoding") if len(codings) > 1 else None
 
-    __slots__ = ("complete", "content", "content_length", "headers", "http10", "keep_alive", "signal")
+
+def _says_close(headers: CIMultiDict[str]) -> bool:
+    """Whether the Connection field names the ``close`` option."""
+    return any(
+        option.strip().lower() == "close" for value in headers.getall("Connection", ()) for option in value.split(",")
+    )
+
+
+class _Export:
+    """One export's head and body; what ``forward`` reads (``forward.Upload``). A request
+    refused at the door is one too, answered with ``refusal``."""
+
+    __slots__ = ("complete", "content", "content_length", "headers", "http10", "keep_alive", "refusal", "signal")
 
     def __init__(
-        self, signal: str, headers: CIMultiDictProxy[str], content: StreamReader, keep_alive: bool, http10: bool
+        self,
+        signal: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+        keep_alive: bool,
+        http10: bool,
+        refusal: Answer | None = None,
     ) -> None:
         self.signal, self.headers, self.content = signal, headers, content
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and "Transfer-Encoding" not in headers else None
         self.keep_alive, self.http10 = keep_alive, http10
-        self.complete = False
+        self.refusal = refusal
+        self.complete = refusal is not None
 
 
 class IngestConnection(asyncio.Protocol):
@@ -119,23 +212,28 @@ class IngestConnection(asyncio.Protocol):
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # reads given whole to the head being parsed (all but its first)
         self._heads = 0  # heads begun on this connection
+        self._trailers = 0  # trailer fields of the body being parsed
+        self._framing = 0  # reads given whole to one chunk-size line or trailer field
         self._raw: list[bytes] | None = None
         self._between = True  # no request is being parsed
         self._fresh = False  # the read being parsed began between requests
         self._read: bytes = b""
         self._escape: str | None = None  # "hand-off" or "close"
+        self._kind: str | None = None  # the protocol-error kind of a "close"
         self._handoff: list[bytes] | None = None
         self._closing = False  # take no more requests: answer what is queued, then close
         self._dead = False  # the parser stopped: read nothing more
         self._tls = False
         self._reading_paused = False
         self._writing_paused = False
+        self._paused_at = 0.0  # loop time writing paused at
         self._drained: asyncio.Future[None] | None = None
         # Idle since (loop time), while no request is being answered and no head is complete;
-        # one timer per connection checks it, so a request costs no timer of its own.
+        # one timer per connection checks it (and the send timeout), so a request costs no timer.
         self._idle_since: float | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._cutoff: asyncio.TimerHandle | None = None
         self._lingered = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -162,8 +260,8 @@ class IngestConnection(asyncio.Protocol):
             self._parsing.content.set_exception(ConnectionResetError("the client ended the request early"))
             self._parsing = None
         self._dead = self._closing = True
-        if self._worker is None and self.transport is not None:
-            self.transport.close()
+        if self._worker is None:
+            self._shut()
         # Over TCP the answers still owed can go out on the half-open connection; TLS closes
         # it whatever this returns (and warns when it is True).
         return None if self._tls else True
@@ -181,25 +279,44 @@ class IngestConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if self._raw is not None:
             self._raw.append(data)
-        in_head, heads = not self._between and self._parsing is None, self._heads
+        parsing, in_head, heads = self._parsing, not self._between and self._parsing is None, self._heads
+        if parsing is not None:
+            body, trailers = parsing.content.total_bytes, self._trailers
+        else:
+            body = trailers = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._stop("hand-off", "upgrade")  # not reached: on_headers_complete hands Upgrade off
             return
         except httptools.HttpParserCallbackError as exc:
-            if self._escape is None:  # a callback of ours raised: a bug, guarded as on aiohttp's server
+            if self._escape is None:
+                if isinstance(exc.__context__, httptools.HttpParserError):  # httptools' own check
+                    self._malformed()
+                    return
+                # A callback of ours raised: a bug, guarded as on aiohttp's server.
                 internal_error(self._runtime.metrics, exc.__context__ or exc, "/v1/*")
-            self._stop(self._escape, "pipelined-not-export")
+            self._stop(self._escape, self._kind)
             return
         except httptools.HttpParserError:
             self._malformed()
             return
-        if in_head and heads == self._heads and not self._between and self._parsing is None:
+        if parsing is not None:
+            if parsing is not self._parsing or parsing.content.total_bytes != body or trailers != self._trailers:
+                self._framing = 0
+                return
+            # All of this read went to a chunked body's framing, none to its body: one chunk-size
+            # line or one trailer field, gathered by httptools until it ends.
+            self._framing += len(data)
+            if self._framing > self._limits.max_field:
+                self._fail_body()
+                self._stop("close", "line-too-long")
+        elif in_head and heads == self._heads and not self._between and self._parsing is None:
             # All of this read went to a head begun before it and still not ended: count it.
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_LIMIT:
-                self._stop("hand-off" if self._raw is not None else "close", "pipelined-not-export")
+                self._refuse(431, "head-too-large", self._parser.get_http_version() == "1.0")
+                self._stop("close", "head-too-large")
 
     # -- flow control, as aiohttp.StreamReader expects of its protocol ----------------------
 
@@ -214,20 +331,28 @@ class IngestConnection(asyncio.Protocol):
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         """Read again, unless something else still holds reading: a hand-off waiting for the
-        answers owed, a client not reading its answers, or a full pipeline."""
+        answers owed, a client not reading its answers, a full pipeline, or a body being
+        parsed behind the one being answered (nobody reads it yet)."""
+        parsing, queue = self._parsing, self._queue
         if (
             self._reading_paused
             and self.transport is not None
             and self._handoff is None
             and not self._writing_paused
-            and len(self._queue) <= MAX_QUEUED
+            and len(queue) <= MAX_QUEUED
+            and (parsing is None or not queue or parsing is queue[0])
         ):
             self._reading_paused = False
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self._paused_at = now = self._loop.time()
         self.pause_reading()
+        due = now + self._limits.idle_timeout  # the send timeout: see _check_idle
+        if self._idle is not None and self._idle.when() > due:
+            self._idle.cancel()
+            self._idle = self._loop.call_at(due, self._check_idle)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
@@ -242,6 +367,8 @@ class IngestConnection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._closing:  # after a request that closes the connection, or on drain: read no more
+            self._escape_now("close", None)
         self._raw = [self._read] if self._fresh else None
         self._fresh = self._between = False
         self._url, self._fields, self._head_bytes = b"", [], 0
@@ -253,28 +380,48 @@ class IngestConnection(asyncio.Protocol):
             self._escape_now("hand-off")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._parsing is not None:
-            return  # a chunked body's trailer fields: dropped, as aiohttp's server does
+        limits = self._limits
+        if self._parsing is not None:  # a chunked body's trailer field: dropped, as aiohttp's server does
+            self._trailers += 1
+            if len(name) + len(value) > limits.max_field:
+                self._fail_body()
+                self._escape_now("close", "line-too-long")
+            if len(self._fields) + self._trailers > limits.max_headers:
+                self._fail_body()
+                self._escape_now("close", "bad-message")
+            return
         self._fields.append((name, value))
-        if len(name) + len(value) + 2 > self._limits.max_field or len(self._fields) > self._limits.max_headers:
-            self._escape_now("hand-off")
+        if len(name) + len(value) > limits.max_field or len(self._fields) > limits.max_headers:
+            self._escape_now("hand-off")  # aiohttp refuses it: the same sums, the same limits
 
     def on_headers_complete(self) -> None:
         self._idle_since = None  # the idle time also bounds how long a head may take
         parser = self._parser
-        signal = EXPORTS.get(self._url)
         version = parser.get_http_version()
-        if signal is None or parser.get_method() != b"POST" or version not in ("1.1", "1.0") or parser.should_upgrade():
-            self._escape_now("hand-off")
+        http10 = version == "1.0"
+        if not http10 and version != "1.1":
+            self._refuse_now(505, "bad-http-version", False)
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in self._fields:
             headers.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        coding = headers.getall("Transfer-Encoding", ())
-        if coding and (len(coding) > 1 or coding[0].strip().lower() != "chunked"):
+        refusal = _refusal(headers, http10)
+        if refusal is not None:
+            self._refuse_now(refusal[0], refusal[1], http10)
+        coded = http10 and _TRANSFER_ENCODING in headers  # RFC 9112 §6.1: close after the answer
+        signal = EXPORTS.get(self._url)
+        if signal is None or parser.get_method() != b"POST" or parser.should_upgrade():
+            if coded:  # aiohttp would keep the connection
+                self._refuse_now(*_BAD_CODING, http10)
             self._escape_now("hand-off")
+        if len(self._queue) >= MAX_PIPELINED:
+            self._escape_now("close", "pipeline-overflow")
         self._raw = None
+        self._trailers = self._framing = 0
         content = StreamReader(self, BODY_BUFFER, loop=self._loop)  # type: ignore[arg-type]
-        export = _Export(signal, CIMultiDictProxy(headers), content, parser.should_keep_alive(), version == "1.0")
+        keep_alive = parser.should_keep_alive() and not coded
+        if keep_alive and http10 and _says_close(headers):  # llhttp lets keep-alive win (RFC 9112 §9.3: close does)
+            keep_alive = False
+        export = _Export(signal, CIMultiDictProxy(headers), content, keep_alive, http10)
         self._parsing = export
         self._queue.append(export)
         if len(self._queue) > MAX_QUEUED:
@@ -293,13 +440,37 @@ class IngestConnection(asyncio.Protocol):
             self._parsing = None
             export.complete = True
             export.content.feed_eof()
+            if not export.keep_alive:
+                self._closing = True
 
     # -- stopping the parser ------------------------------------------------------------------
 
-    def _escape_now(self, why: str) -> NoReturn:
-        """Stop parsing: ``hand-off`` when this head's bytes are all kept, else ``close``."""
-        self._escape = why if self._raw is not None else "close"
+    def _escape_now(self, why: str, kind: str | None = "pipelined-not-export") -> NoReturn:
+        """Stop parsing: ``hand-off`` when this head's bytes are all kept, else ``close``
+        (counting ``kind``)."""
+        self._escape = why if why != "hand-off" or self._raw is not None else "close"
+        self._kind = kind
         raise _Escape
+
+    def _refuse(self, status: int, kind: str, http10: bool) -> None:
+        """Answer ``status`` after the answers owed, then close: the head is refused here and
+        nothing of it goes further (the caller stops the parser, counting ``kind``)."""
+        self._raw = None
+        self._queue.append(_Export("", _NO_HEADERS, EMPTY_PAYLOAD, False, http10, _REFUSALS[status]))
+        log.warning("malformed request refused", extra={"kind": kind, "status": status})
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._serve())
+
+    def _refuse_now(self, status: int, kind: str, http10: bool) -> NoReturn:
+        self._refuse(status, kind, http10)
+        self._escape_now("close", kind)
+
+    def _fail_body(self) -> None:
+        """The chunked body being parsed broke aiohttp's limits on trailers: its export
+        fails (``body-incomplete``, 400 and closing, as aiohttp refuses it)."""
+        export, self._parsing = self._parsing, None
+        if export is not None:
+            export.content.set_exception(BadHttpMessage("trailer section over the listener's limits"))
 
     def _malformed(self) -> None:
         if self._parsing is not None:  # broken framing inside a body: that export fails (400)
@@ -351,7 +522,8 @@ class IngestConnection(asyncio.Protocol):
         try:
             while keep and self._queue:
                 request = self._queue[0]
-                answer = await self._answer(request)
+                refusal = request.refusal
+                answer = refusal if refusal is not None else await self._answer(request)
                 self._queue.popleft()
                 keep = self._write(request, answer)
                 if keep and self._writing_paused:
@@ -400,16 +572,20 @@ class IngestConnection(asyncio.Protocol):
 
     def _write(self, request: _Export, answer: Answer) -> bool:
         """Write ``answer``; whether the connection stays open for the next request (when
-        closing, the last one owed says ``Connection: close``)."""
+        closing, the last one owed says ``Connection: close``). Its status line is written
+        only for a final status, 200 to 599 (RFC 9110 §15: a 1xx is interim, and the client
+        would take the next answer for this one's); any other answer is a 502."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
+        status = answer.status
+        if status.__class__ is not int or not 200 <= status <= 599:
+            log.warning("answer with an invalid status replaced", extra={"status": repr(status)[:8]})
+            answer = refusal_answer(502, request.headers.get("Content-Type"), close=True)
+            status = 502
         last = self._closing and not self._queue
         keep = request.keep_alive and not answer.close and request.complete and not last
-        head = [
-            b"HTTP/1.0 " if request.http10 else b"HTTP/1.1 ",
-            b"%d %s\r\n" % (answer.status, _REASONS.get(answer.status, b"")),
-        ]
+        head = [b"HTTP/1.0 " if request.http10 else b"HTTP/1.1 ", b"%d %s\r\n" % (status, _REASONS.get(status, b""))]
         for name, value in answer.headers.items():
             head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
         head.append(b"Content-Length: %d\r\nDate: %s\r\n" % (len(answer.body), _date()))
@@ -436,16 +612,34 @@ class IngestConnection(asyncio.Protocol):
             request.content.set_exception(ConnectionResetError("the connection is closing"))
         self._queue.clear()
         if self._between and not self._dead:
-            transport.close()
+            self._shut()
             return
         self._dead = True
-        self._linger = self._loop.call_later(LINGER_SECONDS, transport.close)
+        self._linger = self._loop.call_later(LINGER_SECONDS, self._shut)
         self.resume_reading()
 
     def _drop(self, size: int) -> None:
         self._lingered += size
-        if self._lingered > LINGER_BYTES and self.transport is not None:
-            self.transport.close()
+        if self._lingered > LINGER_BYTES:
+            self._shut()
+
+    def _shut(self) -> None:
+        """Close once what is written has gone out; a client that takes none of it for the
+        idle timeout is cut off (closing waits for the write buffer, for ever)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and self._cutoff is None:
+            self._cutoff = self._loop.call_later(self._limits.idle_timeout, self._cut_off)
+
+    def _cut_off(self) -> None:
+        """The send timeout: the client has not read its answers for the idle timeout."""
+        transport = self.transport
+        self._cancel_timers()
+        if transport is not None:
+            self._runtime.metrics.child(self._runtime.metrics.protocol_errors, "send-timeout").inc()
+            transport.abort()
 
     def _arm_idle(self) -> None:
         now = self._loop.time()
@@ -454,30 +648,38 @@ class IngestConnection(asyncio.Protocol):
             self._idle = self._loop.call_at(now + self._limits.idle_timeout, self._check_idle)
 
     def _check_idle(self) -> None:
+        """Close a connection idle for the idle timeout; cut off one whose writing has been
+        paused that long (the send timeout)."""
         self._idle = None
-        transport, since = self.transport, self._idle_since
+        transport, since, timeout = self.transport, self._idle_since, self._limits.idle_timeout
         if transport is None:
             return
-        if since is not None and self._loop.time() >= since + self._limits.idle_timeout:
-            transport.close()
+        now = self._loop.time()
+        if self._writing_paused and now >= self._paused_at + timeout:
+            self._cut_off()
+            return
+        if since is not None and now >= since + timeout:
+            self._shut()
             return
         # Busy, or idle for less than the timeout since: look again when it could expire.
-        after = since if since is not None else self._loop.time()
-        self._idle = self._loop.call_at(after + self._limits.idle_timeout, self._check_idle)
+        after = since if since is not None else now
+        if self._writing_paused:
+            after = min(after, self._paused_at)
+        self._idle = self._loop.call_at(after + timeout, self._check_idle)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle, self._linger):
+        for timer in (self._idle, self._linger, self._cutoff):
             if timer is not None:
                 timer.cancel()
-        self._idle = None
+        self._idle = self._cutoff = None
 
     # -- the listener's drain (protocol.EdgeServer) -------------------------------------------
 
     def close(self) -> None:
         """Stop taking requests: close now when idle, else after the answers owed."""
         self._closing = True
-        if self._worker is None and self.transport is not None and self._between:
-            self.transport.close()
+        if self._worker is None and self._between:
+            self._shut()
 
     async def shutdown(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the answers owed, then close the connection."""
@@ -488,8 +690,7 @@ class IngestConnection(asyncio.Protocol):
                     await asyncio.shield(worker)
             except TimeoutError:
                 worker.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        self._shut()
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
