@@ -22,6 +22,6 @@ EXPOSE 4318 4317 9464
 # Follows TRACEGATE_ADMIN_LISTEN (the admin listener is loopback-only by default; the image
 # opens it on 0.0.0.0 so that an orchestrator's probes and Prometheus reach it).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-m", "proxy.healthcheck"]
+  CMD ["python", "-m", "proxy.run.healthcheck"]
 ENTRYPOINT ["tracegate"]
 CMD ["serve"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.payloads import otlp_payload
 from bench.run import PY, ROOT, Bench, Run, Server, cpu_seconds, status_kib
-from proxy.standins import free_port
+from proxy.dev.standins import free_port
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 KB = 1024

@@ -34,7 +34,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.standins import StandInIssuer, free_port  # noqa: E402
+from proxy.dev.standins import StandInIssuer, free_port  # noqa: E402
 from tests import gitea_payloads as g  # noqa: E402
 from tests.conftest import policy_yaml  # noqa: E402
 from tests.pg_server import PgServer  # noqa: E402

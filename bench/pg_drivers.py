@@ -20,8 +20,8 @@ import psycopg_pool
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.ci.outbox_pg import _ADD_EVENT, _CLAIM_DIGEST, PostgresOutbox  # noqa: E402
 from proxy.secrets import Secret  # noqa: E402
-from proxy.webhooks.outbox_pg import _ADD_EVENT, _CLAIM_DIGEST, PostgresOutbox  # noqa: E402
 
 
 def _psycopg_sql(sql: str) -> str:

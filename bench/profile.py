@@ -22,8 +22,8 @@ RATE = 250  # samples per second
 
 #: (bucket, substring of the innermost frame's "function (file:line)"), first match wins.
 BUCKETS = (
-    ("upstream pool (ours)", "proxy/upstream_pool.py"),
-    ("upstream pool (ours)", "proxy/upstream_conn.py"),
+    ("upstream pool (ours)", "proxy/upstream/pool.py"),
+    ("upstream pool (ours)", "proxy/upstream/conn.py"),
     ("our code", "/proxy/"),
     ("our code", "(proxy/"),  # py-spy writes paths under the working directory relative
     ("aiohttp client", "aiohttp/client"),

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.payloads import otlp_payload  # noqa: E402
-from proxy.standins import StandInIssuer, free_port, gitlab_claims  # noqa: E402
+from proxy.dev.standins import StandInIssuer, free_port, gitlab_claims  # noqa: E402
 from tests.nginx_gateway import NginxGateway  # noqa: E402
 
 PY = sys.executable
@@ -579,7 +579,7 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         results["grpc"] = await run_grpc(bench, work, args, tokens[0])
 
     if wanted("workers"):
-        from proxy.cpus import usable_cpus
+        from proxy.settings.cpus import usable_cpus
 
         cores = usable_cpus()
         print(f"workers: d with --workers 1 vs --workers {cores} (auto), 20KB, c alongside", flush=True)

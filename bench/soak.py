@@ -28,7 +28,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.standins import StandInIssuer, free_port  # noqa: E402
+from proxy.dev.standins import StandInIssuer, free_port  # noqa: E402
 
 POLICY = """\
 issuers:

@@ -76,11 +76,11 @@ def _rss_kib() -> int:
 
 
 async def _runtime(work: Path, identities: int) -> tuple[Any, Any]:
-    from proxy.audit import AuditLog
-    from proxy.config import Settings
-    from proxy.metrics import Metrics
-    from proxy.runtime import Runtime
-    from proxy.standins import StandInIssuer
+    from proxy.dev.standins import StandInIssuer
+    from proxy.gate.runtime import Runtime
+    from proxy.observe.audit import AuditLog
+    from proxy.observe.metrics import Metrics
+    from proxy.settings.config import Settings
 
     issuer = StandInIssuer()
     await issuer.start()
@@ -127,8 +127,8 @@ def _request_headers(token: str) -> Any:
 async def speed(args: argparse.Namespace) -> dict[str, Any]:
     from multidict import MultiDict, MultiDictProxy
 
-    from proxy.admission import Admitted, admit
-    from proxy.standins import gitlab_claims
+    from proxy.dev.standins import gitlab_claims
+    from proxy.gate.admission import Admitted, admit
 
     with tempfile.TemporaryDirectory() as tmp:
         runtime, issuer = await _runtime(Path(tmp), 1)
@@ -179,8 +179,8 @@ async def identities(args: argparse.Namespace) -> dict[str, Any]:
     import jwt
     from multidict import MultiDict, MultiDictProxy
 
-    from proxy.admission import Admitted, admit
-    from proxy.standins import gitlab_claims
+    from proxy.dev.standins import gitlab_claims
+    from proxy.gate.admission import Admitted, admit
 
     with tempfile.TemporaryDirectory() as tmp:
         runtime, issuer = await _runtime(Path(tmp), args.identities)

@@ -1,7 +1,7 @@
 """Draw the trace tracegate makes of the test pipeline (tests/ci_payloads.py: pipeline 99001,
 three jobs, unit-tests failed and retried, lint failed) as a waterfall SVG.
 
-The spans come from tracegate's own code (proxy.webhooks.gitlab → OTLP/JSON), decoded back
+The spans come from tracegate's own code (proxy.ci.gitlab → OTLP/JSON), decoded back
 from the JSON the upstream would receive, so the picture is what Lightstep gets.
 
     python docs/trace_svg.py            # writes docs/ci-trace.svg
@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.webhooks import gitlab  # noqa: E402
-from proxy.webhooks.pipeline import otlp_json  # noqa: E402
+from proxy.ci import gitlab  # noqa: E402
+from proxy.ci.pipeline import otlp_json  # noqa: E402
 from tests import ci_payloads as c  # noqa: E402
 
 INSTANCE = "https://gitlab.example.com"

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import __version__, logs
-from proxy.config import OPTIONS, Settings
+from proxy import __version__
+from proxy.ci.explain_ci import is_ci
 from proxy.errors import ConfigError, PolicyLoadError
+from proxy.observe import logs
 from proxy.policy import decide, load_policy
 from proxy.policy.model import SIGNALS, Policy
-from proxy.webhooks.explain_ci import is_ci
+from proxy.settings.config import OPTIONS, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--source", choices=("gitea", "forgejo", "gitlab"), default="gitea", help="with --payload")
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
-    from proxy.dev import add_dev_parser
+    from proxy.dev.loop import add_dev_parser
 
     add_dev_parser(sub)
     return parser
@@ -77,10 +78,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal)
         if args.command == "dev":
-            from proxy.dev import run_dev_command
+            from proxy.dev.loop import run_dev_command
 
             return run_dev_command(args, env)
-        from proxy.demo import run_demo
+        from proxy.dev.demo import run_demo
 
         return asyncio.run(run_demo())
     except ConfigError as exc:
@@ -92,7 +93,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # gRPC's C core writes plain-text INFO lines (failed handshakes, GOAWAYs) to stderr, where
     # tracegate's logs are JSON; it reads this before grpc is first imported. Errors still show.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from proxy.server import run
+    from proxy.run.server import run
 
     flags = {o.field: getattr(args, o.field) for o in OPTIONS if o.flag}
     settings = Settings.load(flags, environ)
@@ -173,7 +174,7 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
             f"key from {account.access_token_ref})"
         )
         if account.stamp:
-            from proxy.stamp import stamp_values
+            from proxy.upstream.stamp import stamp_values
 
             for key, value in stamp_values(account.stamp, claims):
                 print(f"  stamps {key} = {value!r}" if value is not None else f"  stamps {key}: removed (no claim)")
@@ -184,7 +185,7 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
 
 
 def _explain_webhook(directory: Path, payload_file: Path, event: str, source: str) -> int:
-    from proxy.webhooks.gitea import Classified, classify, repository_name
+    from proxy.ci.gitea import Classified, classify, repository_name
 
     policy = _load_unresolved(directory)
     if policy is None:
@@ -217,7 +218,7 @@ def _explain_webhook(directory: Path, payload_file: Path, event: str, source: st
 
 
 def _explain_ci(directory: Path, payload_file: Path, event: str, source: str) -> int:
-    from proxy.webhooks.explain_ci import explain
+    from proxy.ci.explain_ci import explain
 
     policy = _load_unresolved(directory)
     if policy is None:

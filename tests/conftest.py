@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.audit import AuditLog
-from proxy.config import Settings
-from proxy.metrics import Metrics
-from proxy.runtime import Runtime
-from proxy.server import start
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
+from proxy.gate.runtime import Runtime
+from proxy.observe.audit import AuditLog
+from proxy.observe.metrics import Metrics
+from proxy.run.server import start
+from proxy.settings.config import Settings
 
 PAYMENTS_KEY = "ls-key-payments-0123456789abcdef"
 DOCS_KEY = "ls-key-docs-fedcba9876543210"

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from proxy.grpc_door import METHODS
+from proxy.doors.grpc_door import METHODS
 from tests.certs import TestCA
 
 METHOD = {signal: method for method, signal in METHODS.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.standins import free_port
+from proxy.dev.standins import free_port
 from tests.system import require_program
 
 

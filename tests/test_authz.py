@@ -22,9 +22,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from proxy.answers import status_protobuf
-from proxy.config import Settings
+from proxy.dev.standins import Sink, StandInIssuer
 from proxy.errors import ConfigError
-from proxy.standins import Sink, StandInIssuer
+from proxy.settings.config import Settings
 from tests.certs import TestCA
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 

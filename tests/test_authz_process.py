@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.standins import Sink, StandInIssuer, free_port
+from proxy.dev.standins import Sink, StandInIssuer, free_port
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, assert_no_secrets, policy_yaml
 from tests.test_process import spawn
 

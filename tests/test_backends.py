@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.backends import (
+from proxy.backends.native import NATIVE_KEYS, MarkerEvent, native_request, parse_native, resolve_token
+from proxy.backends.profiles import (
     BACKEND_KEYS,
     BACKENDS,
     LIGHTSTEP_PATHS,
@@ -26,15 +27,14 @@ from proxy.backends import (
     preview,
     resolve_credentials,
 )
-from proxy.backends_native import NATIVE_KEYS, MarkerEvent, native_request, parse_native, resolve_token
-from proxy.config import Settings
-from proxy.forward import DEFAULT_PATHS, Forwarder
-from proxy.grpc_upstream import GrpcUpstream
-from proxy.headers import HeaderPolicy
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from proxy.policy.model import ServiceAccount, Where
 from proxy.secrets import Secret, SecretRef
-from proxy.upstream_pool import UpstreamPool
+from proxy.settings.config import Settings
+from proxy.upstream.forward import DEFAULT_PATHS, Forwarder
+from proxy.upstream.grpc import GrpcUpstream
+from proxy.upstream.headers import HeaderPolicy
+from proxy.upstream.pool import UpstreamPool
 
 KEY = "sekrit-ingest-key-0123456789"
 ID = "123456"

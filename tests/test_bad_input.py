@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.standins import Sink, StandInIssuer, gitlab_claims
+from proxy.dev.standins import Sink, StandInIssuer, gitlab_claims
 from tests.conftest import PAYMENTS_KEY, Tracegate, assert_no_secrets, policy_yaml
 
 

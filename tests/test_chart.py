@@ -14,10 +14,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.config import OPTIONS, Settings
-from proxy.cpus import usable_cpus
-from proxy.setting_values import host_port
-from proxy.standins import StandInIssuer
+from proxy.dev.standins import StandInIssuer
+from proxy.settings.config import OPTIONS, Settings
+from proxy.settings.cpus import usable_cpus
+from proxy.settings.values import host_port
 from tests.conftest import policy_yaml
 
 CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "tracegate"

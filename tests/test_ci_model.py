@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.webhooks.pipeline import instance_of, job_span_id, parse_time, pipeline_span_id, trace_id, traceparent
+from proxy.ci.pipeline import instance_of, job_span_id, parse_time, pipeline_span_id, trace_id, traceparent
 from tests.ci_payloads import ns
 
 
@@ -104,8 +104,8 @@ def _mutations() -> st.SearchStrategy[dict[str, object]]:
 
 @given(_mutations())
 def test_no_payload_breaks_the_span_builders(payload: dict[str, object]) -> None:
-    from proxy.webhooks import actions, gitlab
-    from proxy.webhooks.pipeline import CiSpan, otlp_json
+    from proxy.ci import actions, gitlab
+    from proxy.ci.pipeline import CiSpan, otlp_json
 
     results: list[object] = [
         gitlab.spans_for(event, payload, "https://gitlab.example.com", with_jobs=True)
@@ -124,7 +124,7 @@ def test_no_payload_breaks_the_span_builders(payload: dict[str, object]) -> None
 def test_the_outbox_key_is_the_spans_ids_and_final_state_not_its_times() -> None:
     from dataclasses import replace
 
-    from proxy.webhooks.pipeline import CiSpan, RunId
+    from proxy.ci.pipeline import CiSpan, RunId
 
     span = CiSpan(
         RunId("https://g.example", "1", "2"), "job x", 10, 50, "success", {}, job_id="3", final_state="success"

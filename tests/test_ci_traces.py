@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from proxy.standins import Sink, StandInIssuer
-from proxy.webhooks.door import OUTBOX
+from proxy.ci.door import OUTBOX
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import ci_payloads as c
 from tests import gitea_payloads as g
 from tests.conftest import PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
@@ -624,7 +624,7 @@ async def test_a_pinned_instance_keys_the_trace_whatever_the_sender_names(
 async def test_a_pinned_gitea_instance_keys_the_run_and_drops_foreign_links(
     start_tracegate: Any, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
 ) -> None:
-    from proxy.webhooks.pipeline import trace_id
+    from proxy.ci.pipeline import trace_id
 
     tg = await start_tracegate(policy_yaml(issuer.url, PINNED.format(gitlab=issuer.url)), env=ci_env())
     run = c.gitea_run()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Settings
-from proxy.cpus import MAX_AUTO, quota_cpus, usable_cpus, workers
-from proxy.gcfreeze import freeze_periodically
+from proxy.run.gcfreeze import freeze_periodically
+from proxy.settings.config import Settings
+from proxy.settings.cpus import MAX_AUTO, quota_cpus, usable_cpus, workers
 
 
 @pytest.mark.parametrize(

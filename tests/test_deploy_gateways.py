@@ -17,8 +17,8 @@ import aiohttp
 import yaml
 
 from proxy.answers import _BY_STATUS, status_protobuf
-from proxy.authz import SECRET_HEADER
-from proxy.standins import StandInIssuer
+from proxy.dev.standins import StandInIssuer
+from proxy.doors.authz import SECRET_HEADER
 from tests.conftest import PAYMENTS_KEY, Tracegate, environ, policy_yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

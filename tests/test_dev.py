@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from proxy.dev import exporter_variables
-from proxy.devstate import dev_claims, parse_claims
-from proxy.standins import free_port
+from proxy.dev.loop import exporter_variables
+from proxy.dev.standins import free_port
+from proxy.dev.state import dev_claims, parse_claims
 
 #: Exports one span with the OTLP/HTTP exporter configured only by OTEL_EXPORTER_OTLP_*.
 SDK_EXPORT = """
@@ -262,9 +262,9 @@ def test_the_request_path_never_imports_the_stand_ins() -> None:
     import subprocess
 
     script = (
-        "import sys, proxy.cli, proxy.server, proxy.runtime, proxy.ingest, proxy.webhooks.routes\n"
+        "import sys, proxy.cli, proxy.run.server, proxy.gate.runtime, proxy.doors.ingest, proxy.ci.routes\n"
         "proxy.cli._parser()\n"
-        "print(sorted(m for m in sys.modules if m in ('proxy.standins', 'proxy.demo')))\n"
+        "print(sorted(m for m in sys.modules if m in ('proxy.dev.standins', 'proxy.dev.demo')))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

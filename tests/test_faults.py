@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.standins import Sink, StandInIssuer, free_port
+from proxy.dev.standins import Sink, StandInIssuer, free_port
 from tests.conftest import policy_yaml
 
 

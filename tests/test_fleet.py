@@ -19,7 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
 from tests.conftest import policy_yaml
 from tests.pg_server import PgServer, postgres  # noqa: F401 - the session fixture

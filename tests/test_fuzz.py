@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
 from tests.conftest import Tracegate, environ, policy_yaml
 from tests.test_hardening import GLOB_SECRET, GLOB_WEBHOOKS

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.answers import status_protobuf
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests.conftest import PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 from tests.nginx_gateway import NginxGateway
 from tests.system import require_program

@@ -16,8 +16,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from proxy.dev.standins import GrpcSink, Sink, StandInIssuer, free_port
 from proxy.grpc_status import status_details
-from proxy.standins import GrpcSink, Sink, StandInIssuer, free_port
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets, policy_yaml
 from tests.grpc_clients import METHOD, ThrowawayCA, call, sdk_export
 

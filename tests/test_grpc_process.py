@@ -16,7 +16,7 @@ import aiohttp
 import grpc
 import pytest
 
-from proxy.standins import GrpcSink, StandInIssuer, free_port
+from proxy.dev.standins import GrpcSink, StandInIssuer, free_port
 from tests.conftest import PAYMENTS_KEY, policy_yaml
 from tests.grpc_clients import ThrowawayCA, call
 from tests.test_process import spawn

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Settings
 from proxy.errors import ConfigError
 from proxy.grpc_status import from_http, retry_after_seconds
 from proxy.policy import load_policy
+from proxy.settings.config import Settings
 from proxy.urls import grpc_address
 from tests.test_policy import ENV, HEAD, problems, write
 

@@ -17,10 +17,10 @@ import aiohttp
 import jwt
 import pytest
 
+from proxy.dev.standins import Sink, StandInIssuer, gitlab_claims
 from proxy.errors import PolicyLoadError
-from proxy.logs import JsonFormatter, RedactAiohttp
+from proxy.observe.logs import JsonFormatter, RedactAiohttp
 from proxy.policy import load_policy
-from proxy.standins import Sink, StandInIssuer, gitlab_claims
 from proxy.untrusted import MAX_LOGGED_CHARS, loads, log_text
 from tests import gitea_payloads as g
 from tests.conftest import PAYMENTS_KEY, Tracegate, environ, policy_yaml

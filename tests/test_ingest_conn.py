@@ -1,4 +1,4 @@
-"""The ingest listener's own export server (proxy/ingest_conn.py), over raw sockets: what it
+"""The ingest listener's own export server (proxy/doors/ingest_conn.py), over raw sockets: what it
 serves itself, what it hands to aiohttp on the same connection, pipelining, early answers,
 broken framing, HTTP/1.0 and drain. The ordinary clients' view of it is the rest of the
 suite (the SDK, aiohttp, curl), which runs against it unchanged."""
@@ -17,7 +17,7 @@ from typing import Any
 import httptools
 import pytest
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
 from tests.certs import TestCA
 from tests.conftest import Tracegate, policy_yaml

@@ -16,11 +16,11 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from proxy.forges import ci_facts
-from proxy.keys import discovery_urls
+from proxy.dev.standins import Sink, StandInIssuer, forgejo_claims, github_claims, gitlab_claims
+from proxy.identity.forges import ci_facts
+from proxy.identity.keys import discovery_urls
 from proxy.policy.stamps import DEFAULT_STAMP
-from proxy.stamp import stamp_values
-from proxy.standins import Sink, StandInIssuer, forgejo_claims, github_claims, gitlab_claims
+from proxy.upstream.stamp import stamp_values
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, environ
 from tests.test_stamp import _spans, assert_stamped
 
@@ -252,7 +252,7 @@ def test_ci_facts_side_by_side() -> None:
 async def test_traceparent_for_github_actions_tokens(
     start_tracegate: Callable[..., Any], github: StandInIssuer, client: aiohttp.ClientSession
 ) -> None:
-    from proxy.webhooks.pipeline import instance_of, pipeline_span_id, trace_id, traceparent
+    from proxy.ci.pipeline import instance_of, pipeline_span_id, trace_id, traceparent
 
     tg = await start_example(
         start_tracegate, "github-actions.yaml", "https://token.actions.githubusercontent.com", github.url

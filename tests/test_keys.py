@@ -9,8 +9,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.keys import MAX_DOCUMENT_BYTES, cache_seconds
-from proxy.standins import StandInIssuer
+from proxy.dev.standins import StandInIssuer
+from proxy.identity.keys import MAX_DOCUMENT_BYTES, cache_seconds
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Sink, policy_yaml
 
 

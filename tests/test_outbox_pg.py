@@ -11,12 +11,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.config import Settings
+from proxy.ci.outbox import Outbox
+from proxy.ci.outbox_pg import MIGRATIONS, PostgresOutbox
+from proxy.ci.store import describe, open_outbox, sqlite_path
 from proxy.errors import ConfigError, OutboxUnavailable
 from proxy.secrets import Secret
-from proxy.webhooks.outbox import Outbox
-from proxy.webhooks.outbox_pg import MIGRATIONS, PostgresOutbox
-from proxy.webhooks.store import describe, open_outbox, sqlite_path
+from proxy.settings.config import Settings
 from tests.pg_server import PgServer, postgres  # noqa: F401 - the session fixture
 
 
@@ -148,7 +148,7 @@ async def test_database_down_is_unavailable_then_recovers(
 
 
 async def test_open_gives_up_when_no_database_answers(tmp_path: Path) -> None:
-    from proxy.standins import free_port
+    from proxy.dev.standins import free_port
 
     outbox = PostgresOutbox(
         Secret(f"postgresql://tracegate:hunter2@127.0.0.1:{free_port()}/none"),

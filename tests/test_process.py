@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.standins import Sink, StandInIssuer, free_port
+from proxy.dev.standins import Sink, StandInIssuer, free_port
 from tests.conftest import PAYMENTS_KEY, UNHANDLED_MARKERS, assert_no_secrets, policy_yaml
 
 

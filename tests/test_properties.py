@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import AuthError, PolicyLoadError
-from proxy.headers import FORWARDED, NEVER, HeaderPolicy
-from proxy.identify import TokenVerifier
-from proxy.keys import KeySource
-from proxy.metrics import Metrics
+from proxy.identity.identify import TokenVerifier
+from proxy.identity.keys import KeySource
+from proxy.observe.metrics import Metrics
 from proxy.policy import load_policy
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import Policy
 from proxy.secrets import Secret
+from proxy.upstream.headers import FORWARDED, NEVER, HeaderPolicy
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

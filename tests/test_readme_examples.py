@@ -45,8 +45,8 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.dev.standins import StandInIssuer
 from proxy.policy import load_policy
-from proxy.standins import StandInIssuer
 from tests.conftest import policy_yaml
 from tests.system import require_program
 

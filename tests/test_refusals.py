@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from google.rpc import status_pb2
 
-from proxy.standins import StandInIssuer, gitlab_claims
+from proxy.dev.standins import StandInIssuer, gitlab_claims
 from tests.conftest import Sink, Tracegate, assert_no_secrets
 
 

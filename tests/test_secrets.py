@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
 from tests.conftest import SECRETS, policy_yaml
 from tests.test_refusals import CASES

@@ -41,10 +41,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from proxy.dev.standins import Sink, StandInIssuer, gitlab_claims
 from proxy.errors import StampError
 from proxy.policy.stamps import DEFAULT_STAMP
-from proxy.stamp import Stamp, gunzip, stamp_http_body, stamp_json, stamp_protobuf, stamp_values
-from proxy.standins import Sink, StandInIssuer, gitlab_claims
+from proxy.upstream.stamp import Stamp, gunzip, stamp_http_body, stamp_json, stamp_protobuf, stamp_values
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, assert_no_secrets
 
 #: What the client claims about itself; every key but service.name is stamped by default.
@@ -567,7 +567,7 @@ def test_over_long_or_out_of_range_tags_are_refused_not_walked_past(disguised: i
     """A client value for a stamped key hidden behind a tag that this walk would read as an
     unknown field, but a 32-bit parser upstream as an attribute: refused, never forwarded."""
     from proxy.errors import StampError
-    from proxy.stamp import stamp_protobuf
+    from proxy.upstream.stamp import stamp_protobuf
 
     kv = _ld(0x0A, b"vcs.ref.head.revision") + _ld(0x12, _ld(0x0A, b"forged"))
     for resource in (_ld(disguised, kv), _ld(0x0A, _ld(disguised, b"vcs.ref.head.revision"))):

@@ -24,8 +24,8 @@ import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy.dev.standins import Sink, free_port
 from proxy.policy import load_policy
-from proxy.standins import Sink, free_port
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

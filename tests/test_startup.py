@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.standins import StandInIssuer, free_port
+from proxy.dev.standins import StandInIssuer, free_port
 from tests.conftest import Tracegate, environ, policy_yaml
 
 
@@ -84,7 +84,7 @@ async def test_bad_settings_are_one_line(
 
 async def _healthcheck(admin_listen: str) -> int:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.healthcheck", env={**os.environ, "TRACEGATE_ADMIN_LISTEN": admin_listen}
+        sys.executable, "-m", "proxy.run.healthcheck", env={**os.environ, "TRACEGATE_ADMIN_LISTEN": admin_listen}
     )
     return await asyncio.wait_for(process.wait(), 30)
 

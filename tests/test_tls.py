@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from proxy.config import Settings
+from proxy.dev.standins import Sink, StandInIssuer
 from proxy.errors import ConfigError
-from proxy.standins import Sink, StandInIssuer
-from proxy.tls import TlsFiles, server_context
+from proxy.settings.config import Settings
+from proxy.settings.tls import TlsFiles, server_context
 from tests.certs import Issued, TestCA
 from tests.conftest import PAYMENTS_KEY, Tracegate, policy_yaml
 from tests.test_ingest import export_span

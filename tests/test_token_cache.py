@@ -21,16 +21,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.audit import AUDITED_CLAIMS, AuditLog, claims_fields
+from proxy.dev.standins import StandInIssuer, gitlab_claims
 from proxy.errors import AuthError
-from proxy.identify import Identity, TokenVerifier
-from proxy.keys import KeySource
-from proxy.metrics import Metrics
+from proxy.gate.runtime import Gate
+from proxy.identity.identify import Identity, TokenVerifier
+from proxy.identity.keys import KeySource
+from proxy.identity.token_cache import BUCKET_SECONDS, KEY_LENGTH, ExpiringCache
+from proxy.observe.audit import AUDITED_CLAIMS, AuditLog, claims_fields
+from proxy.observe.metrics import Metrics
 from proxy.policy import Policy, decide, load_policy
 from proxy.policy.memo import SLOTS, DecisionBook
-from proxy.runtime import Gate
-from proxy.standins import StandInIssuer, gitlab_claims
-from proxy.token_cache import BUCKET_SECONDS, KEY_LENGTH, ExpiringCache
 from tests.conftest import policy_yaml
 
 LEEWAY = 60.0

@@ -21,14 +21,14 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from proxy.dev.standins import StandInIssuer
 from proxy.errors import UpstreamError
-from proxy.forward import Forwarder
-from proxy.headers import HeaderPolicy
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from proxy.policy.model import ServiceAccount, Where
 from proxy.secrets import Secret, SecretRef
-from proxy.standins import StandInIssuer
-from proxy.upstream_pool import UpstreamPool
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.headers import HeaderPolicy
+from proxy.upstream.pool import UpstreamPool
 from tests.certs import TestCA
 from tests.conftest import PAYMENTS_KEY, policy_yaml
 

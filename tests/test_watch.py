@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests.conftest import DOCS_KEY, Tracegate, environ, policy_yaml
 
 NEW_DOCS_KEY = "ls-key-docs-rotated-00112233"

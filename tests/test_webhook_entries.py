@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from proxy.ci.gitlab_routes import candidates
+from proxy.ci.pipeline import instance_of, link_on
 from proxy.policy import load_policy
 from proxy.policy.webhooks import normal_instance, pinned_instance, warnings
-from proxy.webhooks.gitlab_routes import candidates
-from proxy.webhooks.pipeline import instance_of, link_on
 from tests.test_policy import ENV, HEAD, problems, write
 
 GL = "{name: g, source: gitlab, project_id: 4242, secret: [{env: LS_PAY}], service_account: payments-ci}"

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests import gitea_payloads as g
 from tests.conftest import DOCS_KEY, PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 

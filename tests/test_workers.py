@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.standins import Sink, StandInIssuer
+from proxy.dev.standins import Sink, StandInIssuer
 from tests.conftest import PAYMENTS_KEY, policy_yaml
 from tests.test_process import spawn
 

@@ -6,7 +6,7 @@ builds a new verifier, and with it a new cache and a new book). So the decisions
 signals every door asks about (:data:`SLOTS`) are made once, when the token is verified,
 and kept *in the cache entry* — as numbers into this book, not as references to
 :class:`Decision` objects: a tuple of ints is an atom the cycle collector never walks
-(see :mod:`proxy.token_cache`), a tuple holding a Decision is walked on every full
+(see :mod:`proxy.identity.token_cache`), a tuple holding a Decision is walked on every full
 collection. The book itself holds one Decision per distinct outcome — bounded by the
 policy's rules and accounts, not by the number of tokens.
 """

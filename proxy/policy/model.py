@@ -46,7 +46,7 @@ class ServiceAccount:
     # None where secrets were not resolved (``tracegate check`` / ``explain``).
     access_token: Secret | None = field(default=None, repr=False, compare=False)
     #: Resource attributes set from verified claims: (attribute, claims, first present
-    #: wins). Empty: the body is forwarded byte for byte (see proxy/stamp.py).
+    #: wins). Empty: the body is forwarded byte for byte (see proxy/upstream/stamp.py).
     stamp: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: OTLP/gRPC clients of this account: the gRPC upstream (None: TRACEGATE_GRPC_UPSTREAM),
     #: or ``upstream_protocol: http`` to send their protobuf to the OTLP/HTTP upstream instead.

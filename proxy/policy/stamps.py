@@ -1,5 +1,5 @@
 """A service account's ``stamp:`` section: which resource attributes tracegate sets from
-the verified token's claims (see :mod:`proxy.stamp` for how they are set).
+the verified token's claims (see :mod:`proxy.upstream.stamp` for how they are set).
 
 ``stamp: default`` is :data:`DEFAULT_STAMP`, following the OpenTelemetry CI/CD and VCS
 semantic conventions where one fits and ``tracegate.*`` where none does. Each attribute

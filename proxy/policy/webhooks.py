@@ -28,7 +28,7 @@ from proxy.secrets import SecretUnavailable, resolve
 
 EVENTS = ("push", "tag", "release")
 #: What each source may send (``events:``), and what an entry listens to when it lists none.
-#: pipeline/job and workflow_run/workflow_job become CI traces (see ``proxy/webhooks/pipeline.py``).
+#: pipeline/job and workflow_run/workflow_job become CI traces (see ``proxy/ci/pipeline.py``).
 SOURCE_EVENTS = {
     "gitea": ("push", "tag", "release", "workflow_run", "workflow_job"),
     "forgejo": ("push", "tag", "release", "workflow_run", "workflow_job"),
@@ -59,7 +59,7 @@ def pinned_instance(hook: WebhookSource) -> str | None:
 
 def normal_instance(value: str) -> str | None:
     """``scheme://host[:port][/path]`` of a forge's base URL — lower-case host, no default
-    port, no trailing ``/``: the spelling :func:`proxy.webhooks.pipeline.instance_of` gives
+    port, no trailing ``/``: the spelling :func:`proxy.ci.pipeline.instance_of` gives
     the URLs a forge sends — or None when ``value`` is not such a URL (credentials, a query
     or a fragment included)."""
     if not value.isascii() or not value.isprintable() or "\\" in value:

@@ -1,1 +1,0 @@
-"""Deployment markers from signed Gitea/Forgejo webhooks and GitLab jobs."""
