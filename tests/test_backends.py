@@ -71,21 +71,41 @@ def test_lightstep_paths_are_the_forwarders() -> None:
 
 @pytest.mark.parametrize("upstream", [None, "https://ls-proxy.example.com/base/"])
 def test_lightstep_reproduces_the_forwarder_and_grpc_upstream(upstream: str | None) -> None:
+    """Lightstep, the default, is tracegate's behaviour before profiles, byte for byte: the
+    URL (TRACEGATE_UPSTREAM or the account's upstream, plus Lightstep's paths), exactly one
+    ``lightstep-access-token`` appended after the client's allowed headers, first in gRPC
+    metadata, and the same route whether the runtime built it or the forwarder did."""
     settings = Settings.load({}, {})
     defaults = Defaults(settings.upstream, settings.paths, settings.grpc_upstream)
     entry: dict[str, Any] = {"access_token": REF} | ({"upstream": upstream} if upstream else {})
     b = backend(entry, defaults)
     assert b.profile == "lightstep" and set(b.routes) == {"traces", "metrics", "logs"}
-    account = ServiceAccount("ci", SecretRef("env", "KEY"), frozenset(), upstream, Where("p.yaml", 1))
+    account = ServiceAccount(
+        "ci", SecretRef("env", "KEY"), frozenset(), upstream, Where("p.yaml", 1), access_token=Secret(KEY)
+    )
     forwarder = Forwarder(
-        None, HeaderPolicy(), Metrics(), upstream=settings.upstream, paths=settings.paths, pool=UpstreamPool()
-    )  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        HeaderPolicy(),
+        Metrics(),
+        upstream=settings.upstream,
+        paths=settings.paths,
+        pool=UpstreamPool(),
+        grpc_upstream=settings.grpc_upstream,
+    )
     grpc = GrpcUpstream(Metrics(), default_target=settings.grpc_upstream, timeout=30, max_message=1 << 20)
-    upstream_headers = HeaderPolicy().upstream(CIMultiDictProxy(CIMultiDict()), Secret(KEY))
+    base = (upstream or "https://ingest.lightstep.com").rstrip("/")
     for signal, route in b.routes.items():
-        assert route.url == str(forwarder.url(account, signal))
-        assert route.reveal() == (("lightstep-access-token", upstream_headers["lightstep-access-token"]),)
-        assert route.reveal()[0] == grpc.metadata((), Secret(KEY))[0]
+        assert route.url == f"{base}/{signal}/otlp/v0.9" == str(forwarder.url(forwarder.route(account, signal)))
+        assert forwarder.route(account, signal) == route
+        client = CIMultiDictProxy(
+            CIMultiDict([("Content-Type", "application/x-protobuf"), ("lightstep-access-token", "x")])
+        )
+        assert list(HeaderPolicy().upstream(client, route).items()) == [
+            ("Content-Type", "application/x-protobuf"),
+            ("Accept-Encoding", "identity"),
+            ("lightstep-access-token", KEY),
+        ]
+        assert grpc.metadata((("lightstep-access-token", "x"),), route) == (("lightstep-access-token", KEY),)
         assert route.grpc == "ingest.lightstep.com:443" and route.json
 
 

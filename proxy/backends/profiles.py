@@ -31,6 +31,8 @@ OTLP_PATHS: Mapping[Signal, str] = MappingProxyType({s: f"/v1/{s}" for s in SIGN
 #: Lightstep's OTLP/HTTP paths, as tracegate has always used them (proxy/upstream/forward.py).
 LIGHTSTEP_PATHS: Mapping[Signal, str] = MappingProxyType({s: f"/{s}/otlp/v0.9" for s in SIGNALS})
 _ALL: frozenset[Signal] = frozenset(SIGNALS)
+#: Lightstep's credential header (the gateway door may rename it: TRACEGATE_AUTHZ_KEY_HEADER).
+LIGHTSTEP_KEY = "lightstep-access-token"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class Route:
     grpc: str | None
     json: bool
     headers: tuple[Header, ...]
+    #: The names ``headers`` sets: a client's header of one of these names never goes upstream.
+    names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", frozenset(h.name for h in self.headers))
 
     def header_names(self) -> tuple[str, ...]:
         return tuple(h.name for h in self.headers)
@@ -159,7 +166,7 @@ def _lightstep(spec: BackendSpec, creds: Mapping[str, Secret], d: Defaults) -> d
     host = spec.options.get("region")
     base = spec.upstream or (f"https://{host}" if host else d.upstream)
     grpc = spec.grpc_upstream or (f"{host}:443" if host else d.grpc_upstream)
-    return _routes(base, d.paths, grpc, True, (Header("lightstep-access-token", creds["access_token"]),))
+    return _routes(base, d.paths, grpc, True, (Header(LIGHTSTEP_KEY, creds["access_token"]),))
 
 
 _HNY_SETS: tuple[tuple[Signal, str], ...] = (

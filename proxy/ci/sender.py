@@ -110,7 +110,7 @@ class Sender:
         metrics = self._runtime.metrics
         account = self._runtime.gate.policy.service_accounts.get(event.service_account)
         forwarder = self._runtime.forwarder
-        if account is None or account.access_token is None or forwarder is None:
+        if account is None or (account.credentials is None and account.access_token is None) or forwarder is None:
             metrics.outbox_deliveries.labels("no-account").inc()
             delay = self.backoff(event.attempts)
             await self._record(lambda: self._outbox.retry_later(event.id, "no-account", delay), deadline)

@@ -44,8 +44,9 @@ from aiohttp import web
 from multidict import MultiDict
 
 from proxy.answers import refusal
+from proxy.backends.profiles import LIGHTSTEP_KEY
 from proxy.doors.protocol import guard
-from proxy.errors import ConfigError
+from proxy.errors import BodyError, ConfigError
 from proxy.gate.admission import Admitted, Refused, admit, refuse
 from proxy.gate.runtime import Runtime
 from proxy.secrets import Secret, SecretUnavailable, resolve
@@ -176,17 +177,24 @@ class AuthzDoor:
         return refuse(self.runtime, signal=signal, transport="authz", reason=reason, status=403, mode="authz")
 
     def _allow(self, admitted: Admitted) -> web.Response:
-        key = admitted.account.access_token
-        if key is None:  # a policy loaded without secrets never serves; refuse rather than answer keyless
+        forwarder = self.runtime.forwarder
+        try:
+            if forwarder is None:
+                raise ConfigError("runtime not started")
+            route = forwarder.route(admitted.account, admitted.signal)
+        except (ConfigError, BodyError):  # loaded without secrets, or a signal its backend takes not
             admitted.record("denied", "account-without-key")
             return self._deny(Refused(403, "account-without-key"), None)
         remaining = admitted.identity.exp - self.runtime.clock()
         # A signed ``exp`` of Infinity or NaN (JSON allows neither, Python's parser both) is not cacheable.
         seconds = max(0, min(self.max_age, math.floor(remaining))) if math.isfinite(remaining) else 0
         rule = admitted.decision.rule
+        # The account's whole credential header set, by the backend's own names (Lightstep's
+        # key under TRACEGATE_AUTHZ_KEY_HEADER, as before profiles).
+        credentials = {self.key_header if name == LIGHTSTEP_KEY else name: value for name, value in route.reveal()}
         headers = {
             **_cache_headers(seconds),
-            self.key_header: key.reveal(),
+            **credentials,
             "x-tracegate-account": _header_safe(admitted.account.name),
             "x-tracegate-rule": _header_safe(rule.name if rule is not None else ""),
             "x-envoy-auth-headers-to-remove": "authorization",

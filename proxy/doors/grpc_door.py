@@ -42,7 +42,7 @@ from proxy.gate.admission import Admitted, Refused, admit, refuse
 from proxy.gate.runtime import Runtime
 from proxy.grpc_status import GrpcAnswer, failure, from_http, refusal
 from proxy.settings.tls import TlsFiles
-from proxy.upstream.forward import MAX_ANSWER_BYTES, _key
+from proxy.upstream.forward import MAX_ANSWER_BYTES
 from proxy.upstream.grpc import GrpcUpstream, read_roots
 from proxy.upstream.headers import FORWARDED
 from proxy.upstream.stamp import stamp_for, stamp_protobuf
@@ -236,9 +236,14 @@ class GrpcDoor:
         remaining: float | None,
     ) -> GrpcAnswer:
         account, signal = admitted.account, admitted.signal
-        key = _key(account)
-        if account.upstream_protocol == "grpc":
-            return await self._upstream.export(account, method, signal, request, key, incoming, remaining)
+        forwarder = self._runtime.forwarder
+        if forwarder is None:
+            raise RuntimeError("runtime not started")
+        route = forwarder.route(account, signal)
+        # A backend that takes OTLP/HTTP only (route.grpc None) is bridged, as
+        # ``upstream_protocol: http`` asks for any backend.
+        if account.upstream_protocol == "grpc" and route.grpc is not None:
+            return await self._upstream.export(account, method, signal, request, route, incoming, remaining)
         return await self._bridge(admitted, request, remaining)
 
     async def _bridge(self, admitted: Admitted, request: bytes, remaining: float | None) -> GrpcAnswer:

@@ -13,10 +13,12 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import cast
 
 import aiohttp
 
+from proxy.backends.profiles import Defaults, Signal, build_backend
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.identity.identify import Identity, TokenVerifier
 from proxy.identity.keys import KeySource
@@ -115,6 +117,7 @@ class Runtime:
             max_body=self.settings.max_body,
             body_timeout=self.settings.body_timeout,
             pool=pool,
+            grpc_upstream=self.settings.grpc_upstream,
         )
         self._upstream_session = upstream
         self._upstream_pool = pool
@@ -159,6 +162,7 @@ class Runtime:
                 )
                 self._sources[name] = source
                 self._source_tasks[name] = asyncio.get_running_loop().create_task(source.run())
+        policy = with_routes(policy, self.forwarder.defaults if self.forwarder is not None else self.backend_defaults())
         book = DecisionBook(policy)
         verifier = TokenVerifier(
             policy,
@@ -190,6 +194,11 @@ class Runtime:
                 return
         self.metrics.tls_reloads.labels("ok").inc()
 
+    def backend_defaults(self) -> Defaults:
+        """What the ``lightstep`` profile honours: TRACEGATE_UPSTREAM, its paths, the gRPC upstream."""
+        settings = self.settings
+        return Defaults(settings.upstream, cast(Mapping[Signal, str], settings.paths), settings.grpc_upstream)
+
     def issuers_without_keys(self) -> list[str]:
         return sorted(name for name, source in self._sources.items() if not source.ready)
 
@@ -211,3 +220,15 @@ class Runtime:
             self._loaded()
             log.info("policy reloaded from %d file(s)", len(policy.files))
             return True
+
+
+def with_routes(policy: Policy, defaults: Defaults) -> Policy:
+    """The policy with each account's routes built (its backend profile, resolved credentials
+    and the settings' defaults), once per load, so that no request builds one."""
+    accounts = {
+        name: replace(account, routes=build_backend(account.backend, account.credentials, defaults))
+        if account.backend is not None and account.credentials is not None
+        else account
+        for name, account in policy.service_accounts.items()
+    }
+    return replace(policy, service_accounts=accounts)

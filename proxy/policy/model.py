@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.backends.profiles import Backend, BackendSpec
 from proxy.policy.matchers import Matcher
 from proxy.secrets import Secret, SecretRef
 
@@ -39,7 +41,8 @@ class Issuer:
 @dataclass(frozen=True)
 class ServiceAccount:
     name: str
-    access_token_ref: SecretRef
+    #: The ``access_token`` reference (None for a backend that takes no single key: ``otlp``).
+    access_token_ref: SecretRef | None
     signals: frozenset[Signal]
     upstream: str | None
     where: Where
@@ -52,6 +55,22 @@ class ServiceAccount:
     #: or ``upstream_protocol: http`` to send their protobuf to the OTLP/HTTP upstream instead.
     grpc_upstream: str | None = None
     upstream_protocol: Literal["grpc", "http"] = "grpc"
+    #: The backend profile as written (``backend:`` and its options, secret references);
+    #: None: Lightstep with ``access_token``, as before profiles.
+    backend: BackendSpec | None = field(default=None, compare=False)
+    #: Its resolved credential parts (None where secrets were not resolved).
+    credentials: Mapping[str, Secret] | None = field(default=None, repr=False, compare=False)
+    #: Where each signal goes, with which headers: built by the runtime from ``backend``,
+    #: ``credentials`` and the settings' defaults (None: not built; the forwarder builds
+    #: Lightstep's from ``access_token``).
+    routes: Backend | None = field(default=None, repr=False, compare=False)
+
+
+def credential_refs(account: ServiceAccount) -> list[SecretRef]:
+    """Every secret reference an account's backend reads (watched for rotation)."""
+    if account.backend is not None:
+        return [ref for ref in account.backend.credentials.values() if isinstance(ref, SecretRef)]
+    return [account.access_token_ref] if account.access_token_ref is not None else []
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 from proxy.gate.runtime import Runtime
 from proxy.policy.loader import policy_files
+from proxy.policy.model import credential_refs
 
 log = logging.getLogger("tracegate")
 
@@ -46,7 +47,7 @@ def watched_files(runtime: Runtime) -> list[str]:
     """The files whose change should reload: policies, the policy's secret files, TLS."""
     paths = [str(p) for p in policy_files(runtime.settings.policies)]
     policy = runtime.gate.policy
-    refs = [a.access_token_ref for a in policy.service_accounts.values()]
+    refs = [ref for a in policy.service_accounts.values() for ref in credential_refs(a)]
     refs += [ref for hook in policy.webhooks for ref in hook.secret_refs]
     paths += [ref.name for ref in refs if ref.kind == "file"]
     tls = runtime.settings.tls

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import aiohttp
 from aiohttp import web
@@ -21,10 +21,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.backends.profiles import Backend, BackendSpec, Defaults, Route, Signal, build_backend
 from proxy.errors import BodyError, ConfigError, UpstreamError
 from proxy.observe.metrics import Metrics
 from proxy.policy.model import ServiceAccount
-from proxy.secrets import Secret
 from proxy.settings.config import DEFAULT_PATHS
 from proxy.upstream.headers import RELAYED, HeaderPolicy
 from proxy.upstream.pool import UpstreamPool
@@ -87,10 +87,22 @@ def declared_length(request: Upload, limit: int) -> None:
         raise BodyError("body-too-large", 413)
 
 
-def _key(account: ServiceAccount) -> Secret:
+def routes_of(account: ServiceAccount, defaults: Defaults) -> Backend:
+    """The account's routes: built by the runtime at load (``ServiceAccount.routes``), else —
+    an account made without a profile, as tests and the dev loop do — Lightstep's, from its
+    ``access_token`` and ``defaults``. Raises ConfigError for an account loaded without secrets."""
+    if account.routes is not None:
+        return account.routes
+    if account.backend is not None and account.credentials is not None:
+        return build_backend(account.backend, account.credentials, defaults)
     if account.access_token is None:
         raise ConfigError(f"service account {account.name!r} was loaded without its access token")
-    return account.access_token
+    spec = BackendSpec("lightstep", upstream=account.upstream, grpc_upstream=account.grpc_upstream)
+    return build_backend(spec, {"access_token": account.access_token}, defaults)
+
+
+def is_json(content_type: str | None) -> bool:
+    return content_type is not None and content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
@@ -124,6 +136,7 @@ class Forwarder:
         max_body: int = 64 << 20,
         body_timeout: float = 30.0,
         pool: UpstreamPool | None = None,
+        grpc_upstream: str = Defaults.grpc_upstream,
     ) -> None:
         """``pool`` carries forward()'s requests (one is made when not given; whoever makes
         it closes it); ``session`` carries exchange() and send()."""
@@ -137,15 +150,23 @@ class Forwarder:
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         self.max_body = max_body
         self._body_timeout = body_timeout
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._urls: dict[str, URL] = {}
+        #: What Lightstep's profile honours (TRACEGATE_UPSTREAM, its paths, the gRPC upstream).
+        self.defaults = Defaults(self._upstream, cast(Mapping[Signal, str], paths), grpc_upstream)
 
-    def url(self, account: ServiceAccount, signal: str) -> URL:
-        """The upstream URL for an account and signal, parsed once (yarl parsing per request
-        showed in the profile)."""
-        key = (account.upstream or self._upstream, signal)
-        found = self._urls.get(key)
+    def route(self, account: ServiceAccount, signal: str) -> Route:
+        """Where ``signal`` of ``account`` goes, with which headers (its backend profile).
+        Raises BodyError ``signal-not-accepted`` (403) for a signal its backend takes not."""
+        route = routes_of(account, self.defaults).routes.get(cast(Signal, signal))
+        if route is None:  # check refuses such a rule; an account made in code may still ask
+            raise BodyError("signal-not-accepted", 403)
+        return route
+
+    def url(self, route: Route) -> URL:
+        """The route's URL, parsed once (yarl parsing per request showed in the profile)."""
+        found = self._urls.get(route.url)
         if found is None:
-            found = self._urls[key] = URL(key[0].rstrip("/") + self._paths[signal])
+            found = self._urls[route.url] = URL(route.url)
         return found
 
     async def _stream(self, request: Upload, state: _BodyState, size: int = CHUNK) -> AsyncIterator[bytes]:
@@ -188,17 +209,16 @@ class Forwarder:
         caller with a deadline of its own. Raises UpstreamError (502/504)."""
         # identity: the answer is relayed as it came (a gRPC client in bridge mode gets it as
         # the response message), and the session does not decompress.
-        headers = {
-            "Content-Type": content_type,
-            "Accept-Encoding": "identity",
-            "lightstep-access-token": _key(account).reveal(),
-        }
+        route = self.route(account, signal)
+        if is_json(content_type) and not route.json:
+            raise BodyError("backend-json-unsupported", 415)
+        headers = {"Content-Type": content_type, "Accept-Encoding": "identity", **dict(route.reveal())}
         limit = self._timeout
         if timeout is not None and (limit.total is None or timeout < limit.total):
             limit = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         try:
             async with self._session.post(
-                self.url(account, signal), data=body, headers=headers, timeout=limit, allow_redirects=False
+                self.url(route), data=body, headers=headers, timeout=limit, allow_redirects=False
             ) as resp:
                 if not 100 <= resp.status <= 599:  # aiohttp takes any three digits (RFC 9110 §15)
                     raise UpstreamError("upstream-unreachable", 502)
@@ -223,10 +243,12 @@ class Forwarder:
         """Send the request upstream as ``account``: its body streamed byte for byte, or
         ``body`` instead (read and changed by the caller; sent with its own length).
         Raises BodyError or UpstreamError; returns the upstream's answer, whatever its status."""
-        key = _key(account)
+        route = self.route(account, signal)
+        if not route.json and is_json(request.headers.get("Content-Type")):
+            raise BodyError("backend-json-unsupported", 415)  # refused before a byte is read
         declared_length(request, self.max_body)
         state = _BodyState()
-        headers = self._headers.upstream(request.headers, key)
+        headers = self._headers.upstream(request.headers, route)
         # The pool writes the framing: the client's Content-Length when it declared one
         # (and did not name it in Connection), else chunked; ``body``'s own length.
         length = request.content_length if headers.popall("Content-Length", None) else None
@@ -243,7 +265,7 @@ class Forwarder:
         status_label = "error"
         try:
             answer = await self._pool.post(
-                self.url(account, signal),
+                self.url(route),
                 headers.items(),
                 data,
                 timeout=self._total,

@@ -29,11 +29,11 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from proxy.backends.profiles import Route
 from proxy.errors import ConfigError
 from proxy.grpc_status import RETRY_TRAILERS, GrpcAnswer, Trailers, refusal
 from proxy.observe.metrics import Metrics
 from proxy.policy.model import ServiceAccount
-from proxy.secrets import Secret
 from proxy.upstream.forward import MAX_ANSWER_BYTES
 from proxy.urls import grpc_address
 
@@ -125,18 +125,25 @@ class GrpcUpstream:
             self._channels[address] = channel
         return channel
 
-    def _call(self, account: ServiceAccount, method: str) -> _Call:
-        target = account.grpc_upstream or self._default
+    def _call(self, target: str, method: str) -> _Call:
         found = self._calls.get((target, method))
         if found is None:
             # No serializer and no deserializer: bytes in, bytes out.
             found = self._calls[(target, method)] = self._channel(target).unary_unary(method)
         return found
 
-    def metadata(self, incoming: Iterable[tuple[str, str | bytes]], key: Secret) -> tuple[tuple[str, str | bytes], ...]:
-        """Exactly one ``lightstep-access-token`` (the account's), then the allowed names."""
-        extra = tuple((name, value) for name, value in incoming if name in self._forward) if self._forward else ()
-        return (("lightstep-access-token", key.reveal()), *extra)
+    def metadata(
+        self, incoming: Iterable[tuple[str, str | bytes]], route: Route
+    ) -> tuple[tuple[str, str | bytes], ...]:
+        """The route's headers (for Lightstep exactly one ``lightstep-access-token``, the
+        account's), then the allowed names of the client's — never one the route sets."""
+        sets = route.names
+        extra = (
+            tuple((name, value) for name, value in incoming if name in self._forward and name not in sets)
+            if self._forward
+            else ()
+        )
+        return (*route.reveal(), *extra)
 
     def deadline(self, remaining: float | None) -> float:
         """Seconds the upstream call may take: the client's remaining time, at most the
@@ -149,15 +156,15 @@ class GrpcUpstream:
         method: str,
         signal: str,
         body: bytes,
-        key: Secret,
+        route: Route,
         incoming: Iterable[tuple[str, str | bytes]],
         remaining: float | None,
     ) -> GrpcAnswer:
-        """Send ``body`` to the account's gRPC upstream and return how the call ended."""
+        """Send ``body`` to the route's gRPC target and return how the call ended."""
         started = time.perf_counter()
         label = "error"
-        call = self._call(account, method)(
-            body, timeout=self.deadline(remaining), metadata=self.metadata(incoming, key)
+        call = self._call(route.grpc or self._default, method)(
+            body, timeout=self.deadline(remaining), metadata=self.metadata(incoming, route)
         )
         try:
             response: bytes = await call

@@ -8,7 +8,8 @@ Authorization, Proxy-Authorization, every spelling
 of lightstep-access-token, Cookie, Forwarded, X-Forwarded-*, X-Real-IP, hop-by-hop headers
 (Connection and the headers it names, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade)
 and any name with ``_`` (which some servers fold into ``-``) — is dropped. The upstream
-request then carries exactly one ``lightstep-access-token``: the service account's.
+request then carries the headers of the account's backend profile — for Lightstep exactly
+one ``lightstep-access-token``, the service account's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from functools import lru_cache
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from proxy.secrets import Secret
+from proxy.backends.profiles import Route
 
 #: End-to-end headers an OTLP exporter sends that the upstream needs. Lower case.
 FORWARDED = frozenset({"content-type", "content-encoding", "content-length", "user-agent", "accept", "accept-encoding"})
@@ -49,7 +50,6 @@ NEVER = frozenset(
 #: Names looked up per request, made case-insensitive once (a plain str is folded per lookup).
 _CONNECTION = istr("Connection")
 _ACCEPT_ENCODING = istr("Accept-Encoding")
-_ACCESS_TOKEN = istr("lightstep-access-token")
 
 
 @lru_cache(maxsize=256)
@@ -67,8 +67,10 @@ class HeaderPolicy:
             raise ValueError(f"these headers can never be forwarded: {', '.join(bad)}")
         self.forwarded = FORWARDED | extra_names
 
-    def upstream(self, incoming: CIMultiDictProxy[str], access_token: Secret) -> CIMultiDict[str]:
-        """The upstream request's headers. ``access_token`` is the service account's key."""
+    def upstream(self, incoming: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
+        """The upstream request's headers: the allowed ones of the client's, then the route's
+        (the account's credential and the backend's own headers, e.g. Lightstep's one
+        ``lightstep-access-token``). A name the route sets is never taken from the client."""
         connection = incoming.getall(_CONNECTION, ())
         named_by_connection: Collection[str] = ()
         if connection:
@@ -76,16 +78,18 @@ class HeaderPolicy:
                 _named(connection[0]) if len(connection) == 1 else frozenset().union(*map(_named, connection))
             )
         forwarded = self.forwarded
+        sets = route.names
         out: CIMultiDict[str] = CIMultiDict()
         add = out.add
         for name, value in incoming.items():
             lower = name.lower()
-            if lower in forwarded and lower not in named_by_connection:
+            if lower in forwarded and lower not in named_by_connection and lower not in sets:
                 add(name, value)
         if _ACCEPT_ENCODING not in out:
             # The client asked for no compression; say so, or the HTTP client underneath
             # would offer its own (aiohttp: gzip, deflate) and the answer could come back in
             # an encoding this client never said it reads.
             add(_ACCEPT_ENCODING, "identity")
-        add(_ACCESS_TOKEN, access_token.reveal())  # never forwarded (NEVER), so never there yet
+        for name, value in route.reveal():
+            add(name, value)
         return out
