@@ -20,27 +20,9 @@ and a request this module does not serve is handed, with the connection, to aioh
   connection is closed after the earlier answers — RFC 9112 §9.3.2 lets a server close a
   connection with pipelined requests unanswered, and the client retries them on a new one.
 
-**At least as strict as aiohttp, input by input.** Every head that ends here is checked
-before it is served *or handed off*, so nothing reaches aiohttp unchecked but what its own
-parser refuses. A refusal is the status phrase alone, as aiohttp refuses, written in its
-turn after the answers owed; it closes the connection, is counted in
-``tracegate_protocol_errors_total{kind}`` and goes nowhere else:
-
-* an HTTP/1 request line of a version but 1.0 or 1.1 (``HTTP/2.0``, ``HTTP/0.9``, which
-  aiohttp answers as HTTP/1): 505, RFC 9110 §15.6.6 (``bad-http-version``);
-* HTTP/1.1 without ``Host``, or two ``Host`` fields: 400, RFC 9112 §3.2; so is any field
-  aiohttp takes once (its ``SINGLETON_HEADERS``) given twice (``bad-message``);
-* a transfer coding but one final ``chunked``: a coding before it (``gzip, chunked``, whose
-  gzip aiohttp ignores) is a 501, RFC 9112 §6.1 and §7; ``chunked`` not last, a 400, RFC
-  9112 §6.3 (``bad-transfer-encoding``);
-* HTTP/1.0 with Transfer-Encoding: served, then the connection closes, RFC 9112 §6.1 (aiohttp
-  keeps it open, so one that is not an export is refused, 400, rather than handed off);
-* a head whose reads pass :data:`HEAD_LIMIT`: 431, RFC 6585 §5 (``head-too-large``).
-
-Nothing after a request that closes the connection is read (RFC 9112 §9.6); in HTTP/1.0,
-``Connection: close`` wins over ``keep-alive`` (llhttp lets keep-alive win; RFC 9112 §9.3).
-No status line is written but a final 200–599 (RFC 9110 §15; a 1xx is interim): any other
-answer becomes a 502 with a generic body.
+**At least as strict as aiohttp, input by input**: every head that ends here is checked
+by :mod:`proxy.doors.head_rules` before it is served *or handed off*, so nothing reaches
+aiohttp unchecked but what its own parser refuses (that module lists the rules).
 
 **Every buffer is bounded** (a read is at most 256 KiB):
 
@@ -82,13 +64,13 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, NoReturn, cast
 
 import httptools
-from aiohttp import StreamReader, hdrs
+from aiohttp import StreamReader
 from aiohttp.http_exceptions import BadHttpMessage, TransferEncodingError
-from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.streams import EMPTY_PAYLOAD
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.answers import Answer, refusal_answer
+from proxy.doors.head_rules import BAD_CODING, REFUSALS, TRANSFER_ENCODING, Limits, refusal_of, says_close
 from proxy.doors.ingest import export, refused_answer
 from proxy.doors.protocol import Lane, internal_error
 from proxy.errors import BodyError
@@ -120,53 +102,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _NO_QUERY: dict[str, str] = {}
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
-_HOST, _TRANSFER_ENCODING = istr(hdrs.HOST), istr(hdrs.TRANSFER_ENCODING)
-#: Fields aiohttp refuses to see twice (Host among them: RFC 9112 §3.2).
-_SINGLETONS = tuple(istr(name) for name in sorted(SINGLETON_HEADERS))
-#: Refusals at the door: the phrase alone, as aiohttp (protocol.EdgeRequestHandler) answers.
-_REFUSALS = {
-    status: Answer(status, _REASONS[status], {"Content-Type": "text/plain; charset=utf-8"}, close=True)
-    for status in (400, 431, 501, 505)
-}
-_BAD_MESSAGE, _BAD_CODING = (400, "bad-message"), (400, "bad-transfer-encoding")
 
 
 class _Escape(Exception):
     """Raised in a parser callback to stop parsing; the connection's ``_escape`` says why."""
-
-
-class Limits:
-    """The listener's header limits (aiohttp's, so a head over them is handed to aiohttp,
-    which refuses it with the same answer and protocol-error kind as always)."""
-
-    def __init__(self, max_line: int, max_field: int, max_headers: int, idle_timeout: float) -> None:
-        self.max_line, self.max_field, self.max_headers = max_line, max_field, max_headers
-        self.idle_timeout = idle_timeout
-
-
-def _refusal(headers: CIMultiDict[str], http10: bool) -> tuple[int, str] | None:
-    """The status and kind a head is refused with here, whatever it asks for; None: none."""
-    if not http10 and _HOST not in headers:
-        return _BAD_MESSAGE
-    for name in _SINGLETONS:
-        if len(headers.getall(name, ())) > 1:
-            return _BAD_MESSAGE
-    if hdrs.SEC_WEBSOCKET_KEY1 in headers:  # aiohttp: the old WebSocket draft is refused
-        return 400, "invalid-header"
-    value = headers.get(_TRANSFER_ENCODING)
-    if value is None or value == "chunked":
-        return None
-    codings = [coding for coding in (part.strip().lower() for part in value.split(",")) if coding]
-    if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
-        return _BAD_CODING  # the body's length cannot be known (RFC 9112 §6.3)
-    return (501, "bad-transfer-encoding") if len(codings) > 1 else None
-
-
-def _says_close(headers: CIMultiDict[str]) -> bool:
-    """Whether the Connection field names the ``close`` option."""
-    return any(
-        option.strip().lower() == "close" for value in headers.getall("Connection", ()) for option in value.split(",")
-    )
 
 
 class _Export:
@@ -404,14 +343,14 @@ class IngestConnection(asyncio.Protocol):
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in self._fields:
             headers.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        refusal = _refusal(headers, http10)
+        refusal = refusal_of(headers, http10)
         if refusal is not None:
             self._refuse_now(refusal[0], refusal[1], http10)
-        coded = http10 and _TRANSFER_ENCODING in headers  # RFC 9112 §6.1: close after the answer
+        coded = http10 and TRANSFER_ENCODING in headers  # RFC 9112 §6.1: close after the answer
         signal = EXPORTS.get(self._url)
         if signal is None or parser.get_method() != b"POST" or parser.should_upgrade():
             if coded:  # aiohttp would keep the connection
-                self._refuse_now(*_BAD_CODING, http10)
+                self._refuse_now(*BAD_CODING, http10)
             self._escape_now("hand-off")
         if len(self._queue) >= MAX_PIPELINED:
             self._escape_now("close", "pipeline-overflow")
@@ -419,7 +358,7 @@ class IngestConnection(asyncio.Protocol):
         self._trailers = self._framing = 0
         content = StreamReader(self, BODY_BUFFER, loop=self._loop)  # type: ignore[arg-type]
         keep_alive = parser.should_keep_alive() and not coded
-        if keep_alive and http10 and _says_close(headers):  # llhttp lets keep-alive win (RFC 9112 §9.3: close does)
+        if keep_alive and http10 and says_close(headers):  # llhttp lets keep-alive win (RFC 9112 §9.3: close does)
             keep_alive = False
         export = _Export(signal, CIMultiDictProxy(headers), content, keep_alive, http10)
         self._parsing = export
@@ -456,7 +395,7 @@ class IngestConnection(asyncio.Protocol):
         """Answer ``status`` after the answers owed, then close: the head is refused here and
         nothing of it goes further (the caller stops the parser, counting ``kind``)."""
         self._raw = None
-        self._queue.append(_Export("", _NO_HEADERS, EMPTY_PAYLOAD, False, http10, _REFUSALS[status]))
+        self._queue.append(_Export("", _NO_HEADERS, EMPTY_PAYLOAD, False, http10, REFUSALS[status]))
         log.warning("malformed request refused", extra={"kind": kind, "status": status})
         if self._worker is None:
             self._worker = self._loop.create_task(self._serve())

@@ -27,8 +27,9 @@ from proxy.ci.store import describe
 from proxy.ci.traceparent import add_traceparent_route
 from proxy.doors.admin import build_admin_app
 from proxy.doors.authz import build_authz_app
+from proxy.doors.head_rules import Limits
 from proxy.doors.ingest import RUNTIME, add_ingest_routes
-from proxy.doors.ingest_conn import IngestConnection, Limits
+from proxy.doors.ingest_conn import IngestConnection
 from proxy.doors.protocol import EdgeRunner, LaneFactory, guard
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.gate.runtime import Runtime
