@@ -140,8 +140,8 @@ async def speed(args: argparse.Namespace) -> dict[str, Any]:
             header_policy = runtime.header_policy
             first = await admit(runtime, headers, query, signal="traces", transport="http")
             assert isinstance(first, Admitted), first
-            key = first.account.access_token
-            assert key is not None
+            assert runtime.forwarder is not None
+            key = runtime.forwarder.route(first.account, "traces")  # the account's route: URL, headers
 
             async def admit_record(n: int) -> None:
                 for _ in range(n):

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from multidict import CIMultiDict
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -30,6 +31,16 @@ from proxy.dev.standins import Sink, StandInIssuer
 from tests.conftest import PAYMENTS_KEY, Tracegate, assert_no_secrets, environ, policy_yaml
 from tests.nginx_gateway import NginxGateway
 from tests.system import require_program
+from tests.test_deploy_gateways import (
+    BACKEND_CASES,
+    GRAFANA_TOKEN,
+    HONEYCOMB_KEY,
+    backends_environ,
+    backends_policy,
+    credentials_sent,
+    expected_credentials,
+    forged_requests,
+)
 from tests.test_ingest import export_span
 
 TRACES_GRPC = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -95,10 +106,15 @@ async def gateway(
     running: list[NginxGateway] = []
 
     async def _start(
-        *, cache: bool = True, env: dict[str, str] | None = None, secret: str = "", **flags: str
+        *,
+        cache: bool = True,
+        env: dict[str, str] | None = None,
+        secret: str = "",
+        policy: str | None = None,
+        **flags: str,
     ) -> tuple[Tracegate, NginxGateway]:
         tg: Tracegate = await start_tracegate(
-            policy_yaml(issuer.url), env=env, authz_listen="127.0.0.1:0", authz_dialect="nginx", **flags
+            policy or policy_yaml(issuer.url), env=env, authz_listen="127.0.0.1:0", authz_dialect="nginx", **flags
         )
         await tg.keys_ready()
         authz_port = tg.runners[2].addresses[0][1]
@@ -163,6 +179,47 @@ async def test_sdk_span_through_nginx_reaches_sink_with_the_account_key_only(
     assert result is SpanExportResult.SUCCESS
     assert sink.received[1].headers.getall("lightstep-access-token") == [PAYMENTS_KEY]
     assert_no_secrets(caplog.text + "".join(tg.audit_lines) + gw.error_log(), token)
+
+
+async def test_each_backends_credentials_through_nginx_and_no_client_copy(
+    gateway: StartGateway, issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession, caplog: Any
+) -> None:
+    """A Honeycomb and a Grafana Cloud account (and a Lightstep one) through one nginx: the sink
+    gets exactly the account's credential headers. The client sends its token and its own copy
+    of every other credential header; none survives, including a name the answer did not set
+    (Honeycomb traces carry no x-honeycomb-dataset: the client's is not taken either)."""
+    tg, gw = await gateway(policy=backends_policy(issuer.url), env=backends_environ())
+    tokens = []
+    for project, signal in BACKEND_CASES:
+        token = issuer.mint(project_path=project)
+        tokens.append(token)
+        for request in forged_requests(token):
+            async with client.post(gw.url + f"/v1/{signal}", data=b"\x0a\x00", headers=request) as resp:
+                assert resp.status == 200, (project, signal)
+            got = sink.received[-1]
+            assert got.path == f"/v1/{signal}"
+            assert credentials_sent(got.headers) == expected_credentials(project, signal), (project, signal)
+            assert token not in str(got.headers) and "client-" not in str(got.headers)
+    assert len(sink.received) == 2 * len(BACKEND_CASES)
+    accounts = {line["service_account"] for line in authz_lines(tg)}
+    assert accounts == {"lightstep-ci", "honeycomb-ci", "grafana-ci"}
+    logged = caplog.text + "".join(tg.audit_lines) + gw.error_log()
+    assert HONEYCOMB_KEY not in logged and GRAFANA_TOKEN not in logged
+    assert_no_secrets(logged, *tokens)
+
+
+async def test_honeycomb_credentials_through_nginx_grpc_and_no_client_copy(
+    gateway: StartGateway, issuer: StandInIssuer, grpc_sink: GrpcSink
+) -> None:
+    _tg, gw = await gateway(policy=backends_policy(issuer.url), env=backends_environ())
+    token = issuer.mint(project_path="honeycomb/app")
+    for request in forged_requests(token):
+        metadata = tuple((k, v) for k, v in request.items() if k != "content-type")
+        assert await asyncio.to_thread(raw_grpc_call, gw.grpc_target, TRACES_GRPC, metadata) == grpc.StatusCode.OK
+        sent = [(k, v) for k, v in grpc_sink.calls[-1].metadata if isinstance(v, str)]
+        assert credentials_sent(CIMultiDict(sent)) == expected_credentials("honeycomb/app", "traces")
+        assert token not in str(sent) and "client-" not in str(sent)
+    assert len(grpc_sink.calls) == 2
 
 
 async def test_refusals_through_nginx_are_otlp_answers_and_reach_nothing(

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.backends.profiles import BackendSpec, Route, build_backend
 from proxy.errors import AuthError, PolicyLoadError
 from proxy.identity.identify import TokenVerifier
 from proxy.identity.keys import KeySource
@@ -25,7 +26,7 @@ from proxy.observe.metrics import Metrics
 from proxy.policy import load_policy
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import Policy
-from proxy.secrets import Secret
+from proxy.secrets import Secret, SecretRef
 from proxy.upstream.headers import FORWARDED, NEVER, HeaderPolicy
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -141,6 +142,8 @@ header_names = st.one_of(
             "authorization",
             "AUTHORIZATION",
             "Lightstep-Access-Token",
+            "X-Honeycomb-Team",
+            "x-honeycomb-dataset",
             "LIGHTSTEP-ACCESS-TOKEN",
             "lightstep_access_token",
             "Cookie",
@@ -163,18 +166,45 @@ header_names = st.one_of(
 )
 
 
+REF = SecretRef("env", "KEY")
+ROUTES = [
+    build_backend(BackendSpec(name, options, {"access_token": REF, **extra}), creds).routes["metrics"]
+    for name, options, extra, creds in (
+        ("lightstep", {}, {}, {"access_token": Secret("account-key")}),
+        (
+            "honeycomb",
+            {"region": "api.honeycomb.io", "dataset": "ci"},
+            {},
+            {"access_token": Secret("account-key")},
+        ),
+        (
+            "grafana-cloud",
+            {"region": "prod-eu-west-2"},
+            {"instance_id": "12345"},
+            {"access_token": Secret("account-key"), "instance_id": Secret("12345")},
+        ),
+    )
+]
+
+
 @settings(max_examples=500, deadline=None)
-@given(pairs=st.lists(st.tuples(header_names, st.text(string.printable.strip(), max_size=20)), max_size=12))
-def test_header_cleaning_forwards_only_the_allowlist_and_one_key(pairs: list[tuple[str, str]]) -> None:
+@given(
+    pairs=st.lists(st.tuples(header_names, st.text(string.printable.strip(), max_size=20)), max_size=12),
+    route=st.sampled_from(ROUTES),
+)
+def test_header_cleaning_forwards_only_the_allowlist_and_one_key(pairs: list[tuple[str, str]], route: Route) -> None:
+    """Whatever the client sends, the upstream gets the allowlisted headers not named by
+    Connection, then exactly the route's own (one of each: the account's credential)."""
     incoming = CIMultiDictProxy(CIMultiDict(pairs))
-    out = HeaderPolicy().upstream(incoming, Secret("account-key"))
-    assert out.getall("lightstep-access-token") == ["account-key"]
+    out = HeaderPolicy().upstream(incoming, route)
+    for name, value in route.reveal():
+        assert out.getall(name) == [value]
     connection_named = {n.strip().lower() for v in incoming.getall("Connection", ()) for n in v.split(",")}
     for name in out:
         lower = name.lower()
-        assert lower == "lightstep-access-token" or (lower in FORWARDED and lower not in connection_named)
+        assert lower in route.names or (lower in FORWARDED and lower not in connection_named)
         assert "_" not in name
-        assert lower not in NEVER or lower == "lightstep-access-token"
+        assert lower not in NEVER or lower in route.names
 
 
 yaml_documents = st.recursive(

@@ -33,6 +33,21 @@ LIGHTSTEP_PATHS: Mapping[Signal, str] = MappingProxyType({s: f"/{s}/otlp/v0.9" f
 _ALL: frozenset[Signal] = frozenset(SIGNALS)
 #: Lightstep's credential header (the gateway door may rename it: TRACEGATE_AUTHZ_KEY_HEADER).
 LIGHTSTEP_KEY = "lightstep-access-token"
+#: Every header a profile but ``otlp`` (whose names are the user's) sets: the shipped gateway
+#: configs pass each through from the authz answer, and the answer has Envoy remove those an
+#: account does not set (tests/test_deploy_gateways.py derives it from the profiles).
+GATEWAY_HEADERS: frozenset[str] = frozenset(
+    {
+        LIGHTSTEP_KEY,
+        "authorization",
+        "x-honeycomb-team",
+        "x-honeycomb-dataset",
+        "dd-api-key",
+        "dd-otlp-source",
+        "api-key",
+        "x-sf-token",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -180,7 +195,8 @@ def _honeycomb(spec: BackendSpec, creds: Mapping[str, Secret], d: Defaults) -> d
     host, team = spec.options["region"], Header("x-honeycomb-team", creds["access_token"])
     sets = {s: spec.options.get(k) for s, k in _HNY_SETS}
     headers = {s: (team, Header("x-honeycomb-dataset", d)) if d else (team,) for s, d in sets.items()}
-    return _routes(spec.upstream or f"https://{host}", OTLP_PATHS, spec.grpc_upstream or f"{host}:443", True, headers)
+    grpc = spec.grpc_upstream or (_grpc_from(spec.upstream) if spec.upstream else f"{host}:443")
+    return _routes(spec.upstream or f"https://{host}", OTLP_PATHS, grpc, True, headers)
 
 
 def _grafana(spec: BackendSpec, creds: Mapping[str, Secret], d: Defaults) -> dict[Signal, Route]:
@@ -201,7 +217,8 @@ def _splunk(spec: BackendSpec, creds: Mapping[str, Secret], d: Defaults) -> dict
     host = f"ingest.{spec.options.get('realm')}.{spec.options['domain']}"
     key = Header("x-sf-token", creds["access_token"])
     paths: dict[Signal, str] = {"traces": "/v2/trace/otlp", "metrics": "/v2/datapoint/otlp"}
-    grpc = {"traces": spec.grpc_upstream or f"{host}:443", "metrics": None}  # gRPC documented for traces only
+    target = spec.grpc_upstream or (_grpc_from(spec.upstream) if spec.upstream else f"{host}:443")
+    grpc = {"traces": target, "metrics": None}  # gRPC documented for traces only
     return _routes(spec.upstream or f"https://{host}", paths, grpc, False, (key,))
 
 
@@ -224,9 +241,11 @@ def _keyed(header: str, scheme: str = "", *, host: str = "{}", grpc: bool, prefi
 
 
 def _grpc_from(url: str) -> str:
-    """The gRPC target on the OTLP/HTTP URL's host and port (Elastic, New Relic serve both)."""
+    """The gRPC target on the OTLP/HTTP URL's host and port (Elastic, New Relic, Honeycomb and Splunk
+    serve both): an endpoint placed by ``upstream:`` alone takes its gRPC clients too."""
     p = urlsplit(url)
-    return f"{p.hostname}:{p.port or 443}" if p.scheme == "https" else f"http://{p.hostname}:{p.port or 80}"
+    host = f"[{p.hostname}]" if ":" in (p.hostname or "") else p.hostname  # an IPv6 literal keeps its brackets
+    return f"{host}:{p.port or 443}" if p.scheme == "https" else f"http://{host}:{p.port or 80}"
 
 
 _LS = Option("region", {"us": "ingest.lightstep.com", "eu": "ingest.eu.lightstep.com"})

@@ -44,7 +44,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from proxy.answers import refusal
-from proxy.backends.profiles import LIGHTSTEP_KEY
+from proxy.backends.profiles import GATEWAY_HEADERS, LIGHTSTEP_KEY
 from proxy.doors.protocol import guard
 from proxy.errors import BodyError, ConfigError
 from proxy.gate.admission import Admitted, Refused, admit, refuse
@@ -134,6 +134,7 @@ class AuthzDoor:
         self.dialect = settings.authz_dialect
         self.prefix = settings.authz_path_prefix
         self.key_header = settings.authz_key_header
+        self._gateway_names = (GATEWAY_HEADERS - {LIGHTSTEP_KEY}) | {self.key_header.lower()}
         self.max_age = settings.authz_max_age
         self.deny_max_age = settings.authz_deny_max_age
         self.signals = signal_paths(settings.paths)
@@ -197,7 +198,9 @@ class AuthzDoor:
             **credentials,
             "x-tracegate-account": _header_safe(admitted.account.name),
             "x-tracegate-rule": _header_safe(rule.name if rule is not None else ""),
-            "x-envoy-auth-headers-to-remove": "authorization",
+            # Envoy removes these after setting the allowed headers: every credential name
+            # this account does not set (a client's copy, its token among them), never its own.
+            "x-envoy-auth-headers-to-remove": ",".join(sorted(self._gateway_names - {n.lower() for n in credentials})),
         }
         admitted.record("allowed", "authorized")
         return web.Response(status=200, headers=headers)
