@@ -28,6 +28,7 @@ _BY_STATUS = {
     401: (UNAUTHENTICATED, "the request's token is missing or invalid"),
     403: (PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (RESOURCE_EXHAUSTED, "request body too large"),
+    415: (INVALID_ARGUMENT, "this encoding is not accepted by the account's backend; send protobuf"),
     502: (UNAVAILABLE, "upstream unavailable"),
     503: (UNAVAILABLE, "identity provider keys not yet available; retry"),
     504: (DEADLINE_EXCEEDED, "upstream timed out"),

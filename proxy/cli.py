@@ -13,14 +13,15 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from proxy import __version__
 from proxy.ci.explain_ci import is_ci
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.observe import logs
 from proxy.policy import decide, load_policy
-from proxy.policy.model import SIGNALS, Policy
+from proxy.policy.model import SIGNALS, Policy, ServiceAccount, Signal
+from proxy.secrets import SecretRef
 from proxy.settings.config import OPTIONS, Settings
 
 
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "explain" and args.payload:
             return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
-            return _explain(Path(args.directory), Path(args.claims), args.signal)
+            return _explain(Path(args.directory), Path(args.claims), args.signal, env)
         if args.command == "dev":
             from proxy.dev.loop import run_dev_command
 
@@ -145,7 +146,7 @@ def _read_object(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
+def _explain(directory: Path, claims_file: Path, signal: str | None, environ: Mapping[str, str]) -> int:
     policy = _load_unresolved(directory)
     if policy is None:
         return 1
@@ -171,8 +172,10 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
         print(
             f"allowed ({decision.reason}): rule {decision.rule.name!r} at {decision.rule.where} "
             f"→ service account {account.name!r} (signals: {', '.join(sorted(account.signals))}; "
-            f"key from {account.access_token_ref})"
+            f"{_credential_sources(account)})"
         )
+        for line in _backend_lines(account, signal, environ):
+            print(f"  {line}")
         if account.stamp:
             from proxy.upstream.stamp import stamp_values
 
@@ -182,6 +185,39 @@ def _explain(directory: Path, claims_file: Path, signal: str | None) -> int:
     rule = f" by rule {decision.rule.name!r} at {decision.rule.where}" if decision.rule else ""
     print(f"denied ({decision.reason}){rule}")
     return 1
+
+
+def _credential_sources(account: ServiceAccount) -> str:
+    """Where the account's secrets are read from (references, never values)."""
+    spec = account.backend
+    refs = [(p, r) for p, r in spec.credentials.items() if isinstance(r, SecretRef)] if spec is not None else []
+    if spec is None or [p for p, _ in refs] == ["access_token"]:
+        return f"key from {account.access_token_ref}"
+    return "credentials from " + ", ".join(f"{p.removeprefix('header:')} {r}" for p, r in refs)
+
+
+def _backend_lines(account: ServiceAccount, signal: str | None, environ: Mapping[str, str]) -> list[str]:
+    """Where each signal of ``account`` goes, as ``serve`` with this environment would send it:
+    the OTLP/HTTP URL, what its gRPC clients reach, and the header *names* (a preview: no
+    secret is read, and no value is ever printed)."""
+    from proxy.backends.profiles import BackendSpec, Defaults, preview
+
+    settings = Settings.load({}, environ)  # TRACEGATE_UPSTREAM & co., which lightstep honours
+    defaults = Defaults(settings.upstream, cast(Mapping[Signal, str], settings.paths), settings.grpc_upstream)
+    spec = account.backend or BackendSpec("lightstep", upstream=account.upstream, grpc_upstream=account.grpc_upstream)
+    routes = preview(spec, defaults).routes
+    lines = [f"backend: {spec.backend} (header names only; values are never shown)"]
+    for name in SIGNALS:
+        route = routes.get(name)
+        if route is None or name not in account.signals or signal not in (None, name):
+            continue
+        bridged = account.upstream_protocol == "http" or route.grpc is None  # as the gRPC door decides
+        grpc = "bridged to OTLP/HTTP (protobuf)" if bridged else route.grpc
+        body = "protobuf or JSON" if route.json else "protobuf only"
+        lines.append(
+            f"  {name}: {route.url} ({body}); gRPC clients: {grpc}; headers: {', '.join(route.header_names())}"
+        )
+    return lines
 
 
 def _explain_webhook(directory: Path, payload_file: Path, event: str, source: str) -> int:

@@ -30,6 +30,7 @@ _REFUSALS: dict[int, tuple[grpc.StatusCode, str]] = {
     401: (grpc.StatusCode.UNAUTHENTICATED, "the request's token is missing or invalid"),
     403: (grpc.StatusCode.PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large"),
+    415: (grpc.StatusCode.INVALID_ARGUMENT, "this encoding is not accepted by the account's backend"),
     502: (grpc.StatusCode.UNAVAILABLE, "upstream unavailable"),
     503: (grpc.StatusCode.UNAVAILABLE, "identity provider keys not yet available; retry"),
     504: (grpc.StatusCode.DEADLINE_EXCEEDED, "upstream timed out"),

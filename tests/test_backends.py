@@ -603,3 +603,17 @@ def test_native_validation() -> None:
         "marker_token": "marker_token is written inline; secrets are references: {env: NAME} or {file: /path}",
         "stack_url": "Grafana annotations need stack_url: https://<stack>.grafana.net",
     }
+
+
+def test_grpc_upstream_on_an_http_only_backend_is_refused() -> None:
+    """It would be silently ignored: such a backend's gRPC clients are bridged to OTLP/HTTP."""
+    found = problems(
+        {
+            "backend": "grafana-cloud",
+            "region": "prod-eu-west-2",
+            "instance_id": 1,
+            "access_token": REF,
+            "grpc_upstream": "otlp.example.com:443",
+        }
+    )
+    assert found["grpc_upstream"].startswith("backend grafana-cloud takes OTLP/HTTP only")

@@ -388,6 +388,8 @@ def parse_backend(entry: Mapping[str, Any]) -> tuple[BackendSpec | None, list[Ba
     if not isinstance(json := entry.get("json", True), bool):
         bad("json", "json must be true or false")
     signals = _signals(entry.get("signals"), profile, bad)
+    if urls["grpc_upstream"] is not None and not profile.grpc:
+        bad("grpc_upstream", f"backend {name} takes OTLP/HTTP only (gRPC clients are bridged); remove grpc_upstream")
     if entry.get("upstream_protocol") == "grpc" and not profile.grpc:
         bad("upstream_protocol", f"backend {name} takes OTLP/HTTP only; remove upstream_protocol: grpc")
     if problems:

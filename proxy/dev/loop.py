@@ -1,10 +1,11 @@
 """``tracegate dev``: the real pipeline flow on this machine, kept running.
 
-``tracegate dev`` starts a stand-in GitLab issuer, a recording sink (playing Lightstep) and
-tracegate between them, all on 127.0.0.1, prints a ready-to-paste ID token and the exact
-``OTEL_EXPORTER_OTLP_*`` variables, then prints every decision (the audit lines, as in
-production) and every request the sink receives until Ctrl-C. Point a real SDK or the
-OpenTelemetry Collector at it.
+``tracegate dev`` starts a stand-in GitLab issuer, a recording sink (playing Lightstep, or
+the backend ``--backend NAME`` names) and tracegate between them, all on 127.0.0.1, prints a
+ready-to-paste ID token and the exact ``OTEL_EXPORTER_OTLP_*`` variables, then prints every
+decision (the audit lines, as in production) and every request the sink receives — checked
+against the backend's documented path and headers (:mod:`proxy.dev.backends`) — until Ctrl-C.
+Point a real SDK or the OpenTelemetry Collector at it.
 
 ``tracegate dev token --claim project_path=a/b --claim ref=main`` mints another token for
 the running dev issuer. How: the dev process keeps a *state directory* (``--state``,
@@ -15,9 +16,11 @@ half, so tracegate verifies the token as it would a GitLab one. Both files are r
 when ``dev`` stops. No network call is needed to mint, and no mint endpoint is open to
 other local users: minting takes read access to the key file, which only its owner has.
 
-The policy is in ``STATE/policies``: ``00-dev-issuer.yaml`` (rewritten on every start:
-the issuer's port changes) and ``10-dev-rules.yaml`` (written once; edit it and send
-SIGHUP to the dev process to reload, as with ``serve``).
+The policy is in ``STATE/policies``: ``00-dev-issuer.yaml`` and ``05-dev-account.yaml`` (the
+service account ``ci`` of the chosen backend; both rewritten on every start: the ports change)
+and ``10-dev-rules.yaml`` (written once; edit it and send SIGHUP to the dev process to reload,
+as with ``serve``). A rules file written before ``--backend`` existed defines ``ci`` itself:
+it keeps serving Lightstep, and another backend asks for its ``service_accounts:`` to go.
 
 The stand-ins come from :mod:`proxy.dev.standins`, imported only when ``dev`` runs; the
 request path imports neither module. Everything listens on loopback only.
@@ -39,6 +42,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.dev.backends import (
+    DOCUMENTED,
+    account_in_own_file,
+    account_yaml,
+    banner,
+    check_grpc,
+    check_http,
+    key_variable,
+)
 from proxy.dev.state import (
     AUDIENCE,
     DEFAULT_STATE,
@@ -50,8 +62,6 @@ from proxy.dev.state import (
     write_private,
 )
 
-#: The dev service account's key: made up, only ever sent to the dev sink.
-KEY_VARIABLE = "LIGHTSTEP_ACCESS_TOKEN"
 ISSUER_YAML = """\
 # Rewritten by `tracegate dev` on every start. The dev issuer stands in for https://gitlab.com.
 issuers:
@@ -62,11 +72,8 @@ issuers:
 
 RULES_YAML = """\
 # Written once by `tracegate dev`; edit it, then `kill -HUP <pid of tracegate dev>` to reload.
-# The same shape as the starter policy (policies/tracegate.yaml), plus a deny rule.
-service_accounts:
-  ci:
-    access_token: {{env: {key_variable}}}   # dev: a made-up key; the sink plays Lightstep
-
+# The same shape as the starter policy (policies/tracegate.yaml), plus a deny rule. The
+# service account ci is in 05-dev-account.yaml, rewritten on every start (--backend NAME).
 rules:
   - name: no-forks
     issuer: gitlab
@@ -91,6 +98,13 @@ def add_dev_parser(sub: Any) -> None:
         "--grpc-listen", default="127.0.0.1:4317", help="tracegate's OTLP/gRPC listener, or off (default %(default)s)"
     )
     dev.add_argument("--ttl", type=_seconds, help=f"token lifetime, seconds (default {DEFAULT_TTL})")
+    dev.add_argument(
+        "--backend",
+        choices=tuple(DOCUMENTED),
+        default="lightstep",
+        help="the backend the dev account sends to; the sink checks its documented paths and headers "
+        "(default %(default)s)",
+    )
     more = dev.add_subparsers(dest="dev_command")
     token = more.add_parser("token", help="mint a token for the running `tracegate dev` issuer (printed on stdout)")
     token.add_argument("--state", default=argparse.SUPPRESS, help="the dev process's state directory")
@@ -128,7 +142,14 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         return 0
     try:
         return asyncio.run(
-            run_dev(state, args.listen, args.admin_listen, args.ttl or DEFAULT_TTL, grpc_listen=args.grpc_listen)
+            run_dev(
+                state,
+                args.listen,
+                args.admin_listen,
+                args.ttl or DEFAULT_TTL,
+                grpc_listen=args.grpc_listen,
+                backend=args.backend,
+            )
         )
     except KeyboardInterrupt:  # Ctrl-C while starting, before our handler is installed
         return 130
@@ -214,7 +235,15 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc_listen: str = "off") -> int:
+async def run_dev(
+    state: Path,
+    listen: str,
+    admin_listen: str,
+    ttl: int,
+    *,
+    grpc_listen: str = "off",
+    backend: str = "lightstep",
+) -> int:
     from proxy.dev.standins import GrpcSink, Received, Sink, StandInIssuer
     from proxy.errors import ConfigError, PolicyLoadError
     from proxy.observe import logs
@@ -228,6 +257,9 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc
         checked = [("--listen", listen), ("--admin-listen", admin_listen)]
         for flag, address in checked + ([("--grpc-listen", grpc_listen)] if grpc_listen != "off" else []):
             _check_free(flag, address)
+        policies = state / "policies"
+        rules = policies / "10-dev-rules.yaml"
+        own_account = account_in_own_file(rules, backend)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     logs.configure("WARNING")
@@ -235,21 +267,23 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc
     key = Secret("lsdev-" + secrets.token_hex(16))
 
     def received(request: Received) -> None:
-        sent = request.headers.getall("lightstep-access-token", [])
-        with_key = "the account's key" if sent == [key.reveal()] else f"{len(sent)} key(s), not the account's!"
-        _say(f"# sink: {request.method} {request.path} {len(request.body)} bytes, {with_key}")
+        seen = check_http(backend, key.reveal(), request.method, request.path, request.headers, len(request.body))
+        _say(f"# sink: {seen}")
         sink.received.clear()  # long-running: keep nothing
 
     sink.on_receive = received
     await issuer.start()
     await sink.start()
     await grpc_sink.start()
-    policies = state / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "00-dev-issuer.yaml").write_text(ISSUER_YAML.format(issuer=issuer.url, audience=AUDIENCE))
-    rules = policies / "10-dev-rules.yaml"
+    account = policies / "05-dev-account.yaml"
+    if own_account:
+        account.write_text(account_yaml(backend, sink.url, grpc_sink.target))
+    else:
+        account.unlink(missing_ok=True)
     if not rules.exists():
-        rules.write_text(RULES_YAML.format(key_variable=KEY_VARIABLE, project_id=DEV_PROJECT_ID))
+        rules.write_text(RULES_YAML.format(project_id=DEV_PROJECT_ID))
     runners: list[Any] = []
     try:
         flags = {
@@ -265,7 +299,7 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc
         settings = Settings.load(flags, {})
         audit = AuditLog(_audit_line, flush_interval=0)
         try:
-            runtime, runners = await start(settings, {KEY_VARIABLE: key.reveal()}, audit=audit)
+            runtime, runners = await start(settings, {key_variable(backend): key.reveal()}, audit=audit)
         except PolicyLoadError as exc:
             raise ConfigError(f"{rules}: " + "; ".join(str(p) for p in exc.problems)) from None
         except OSError as exc:
@@ -285,12 +319,13 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc
             "ingest": f"http://127.0.0.1:{port}",
             "admin": f"http://127.0.0.1:{runners[1].addresses[0][1]}",
             "sink": sink.url,
+            "backend": backend,
         }
         write_private(state / "state.json", json.dumps(info, indent=1).encode())
         token = mint(state, {}, ttl)
         stop = _install_signals(runtime.reload)
         _banner(info, token, grpc_endpoint(runtime.grpc_address), state)
-        await _relay_grpc(grpc_sink, key.reveal(), stop)
+        await _relay_grpc(grpc_sink, backend, key.reveal(), stop)
     finally:
         _remove_signals()
         for runner in runners:
@@ -305,15 +340,13 @@ async def run_dev(state: Path, listen: str, admin_listen: str, ttl: int, *, grpc
     return 0
 
 
-async def _relay_grpc(grpc_sink: Any, key: str, stop: asyncio.Event) -> None:
+async def _relay_grpc(grpc_sink: Any, backend: str, key: str, stop: asyncio.Event) -> None:
     """Until ``stop``: say what the gRPC sink received, as the HTTP sink's callback does."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
         for call in grpc_sink.received:
-            sent = [v for k, v in call.metadata if k == "lightstep-access-token"]
-            with_key = "the account's key" if sent == [key] else f"{len(sent)} key(s), not the account's!"
-            _say(f"# grpc sink: {call.method} {len(call.body)} bytes, {with_key}")
+            _say(f"# grpc sink: {check_grpc(backend, key, call.method, call.metadata, len(call.body))}")
         grpc_sink.received.clear()
 
 
@@ -324,7 +357,7 @@ def _audit_line(text: str) -> None:
 
 def _banner(info: Mapping[str, Any], token: str, grpc: str | None, state: Path) -> None:
     _say(f"# stand-in GitLab issuer  {info['issuer']}  (OIDC discovery + JWKS)")
-    _say(f"# recording sink          {info['sink']}  (plays Lightstep)")
+    _say(f"# recording sink          {info['sink']}  ({banner(info['backend'])})")
     _say(f"# tracegate               {info['ingest']}  (admin: {info['admin']}/metrics)")
     _say(f"# policy                  {state}/policies  (edit 10-dev-rules.yaml, then kill -HUP {info['pid']})")
     _say(f"# a token for project_id {DEV_PROJECT_ID}, payments/api on protected main, valid {info['ttl']} s:")

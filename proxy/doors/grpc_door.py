@@ -37,7 +37,7 @@ from aiohttp import web
 from grpc import aio
 from multidict import CIMultiDict
 
-from proxy.errors import ConfigError, StampError, UpstreamError
+from proxy.errors import BodyError, ConfigError, StampError, UpstreamError
 from proxy.gate.admission import Admitted, Refused, admit, refuse
 from proxy.gate.runtime import Runtime
 from proxy.grpc_status import GrpcAnswer, failure, from_http, refusal
@@ -239,7 +239,10 @@ class GrpcDoor:
         forwarder = self._runtime.forwarder
         if forwarder is None:
             raise RuntimeError("runtime not started")
-        route = forwarder.route(account, signal)
+        try:
+            route = forwarder.route(account, signal)
+        except BodyError as exc:  # a signal the account's backend takes not (check refuses such a policy)
+            return refusal(exc.status, exc.reason)
         # A backend that takes OTLP/HTTP only (route.grpc None) is bridged, as
         # ``upstream_protocol: http`` asks for any backend.
         if account.upstream_protocol == "grpc" and route.grpc is not None:

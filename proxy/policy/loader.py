@@ -167,8 +167,8 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
         )
         spec, backend_problems = parse_backend(entry)
         for problem in backend_problems:
-            if problem.key in ("upstream", "grpc_upstream"):
-                continue  # reported below, by the checker, as every URL in a policy is
+            if problem.key in ("upstream", "grpc_upstream") and problem.message.startswith(f"{problem.key}:"):
+                continue  # a malformed URL: reported below, by the checker, as every URL in a policy is
             # "access_token is written inline…" reads as service account 'x'.access_token …
             named = problem.message.startswith((f"{problem.key} ", f"{problem.key}:"))
             message = f"{what}.{problem.message}" if named else f"{what}: {problem.message}"
