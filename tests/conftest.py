@@ -4,6 +4,7 @@ servers on loopback. Nothing of tracegate's own is mocked."""
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from proxy.gate.runtime import Runtime
 from proxy.observe.audit import AuditLog
 from proxy.observe.metrics import Metrics
 from proxy.run.server import start
-from proxy.settings.config import Settings
+from proxy.settings.config import OPTIONS, Settings
 
 PAYMENTS_KEY = "ls-key-payments-0123456789abcdef"
 DOCS_KEY = "ls-key-docs-fedcba9876543210"
@@ -87,6 +88,30 @@ class Tracegate:
     def metric(self, name: str, **labels: str) -> float:
         value = self.runtime.metrics.registry.get_sample_value(name, labels)
         return value or 0.0
+
+
+#: What every process the suite starts inherits for the listeners it does not name itself:
+#: loopback, a port of the kernel's choosing, no gRPC — never 4317/4318/9464, which a local
+#: Collector (or a developer's own tracegate) usually holds.
+UNNAMED_LISTENERS = {
+    "TRACEGATE_LISTEN": "127.0.0.1:0",
+    "TRACEGATE_ADMIN_LISTEN": "127.0.0.1:0",
+    "TRACEGATE_GRPC_LISTEN": "off",
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_environment() -> Iterator[None]:
+    """No ``TRACEGATE_*`` setting reaches a test's processes from the shell that runs pytest
+    (an exported TRACEGATE_LISTEN or TRACEGATE_AUTHZ_LISTEN would change what they do), and
+    a process a test starts without naming a listener binds none of the default ports. A
+    test that needs a setting passes it (a flag, or its own environment)."""
+    saved = {o.env: os.environ.pop(o.env) for o in OPTIONS if o.env in os.environ}
+    os.environ.update(UNNAMED_LISTENERS)
+    yield
+    for name in UNNAMED_LISTENERS:
+        os.environ.pop(name, None)
+    os.environ.update(saved)
 
 
 @pytest.fixture

@@ -59,7 +59,8 @@ def test_explain_unknown_issuer_and_no_rule(tmp_path: Path, capsys: pytest.Captu
 def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--listen", "nope"], environ={}) == 2
     assert "--listen='nope': expected HOST:PORT" in capsys.readouterr().err
-    assert main(["serve"], environ={"TRACEGATE_UPSTREAM": "http://ingest.example.com"}) == 2
+    loopback = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--grpc-listen", "off"]
+    assert main(["serve", *loopback], environ={"TRACEGATE_UPSTREAM": "http://ingest.example.com"}) == 2
     assert "TRACEGATE_UPSTREAM" in capsys.readouterr().err
 
 

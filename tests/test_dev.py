@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -61,15 +62,24 @@ class Dev:
         return [json.loads(line) for line in self.lines if line.startswith("{")]
 
     def exports(self, block: int = 0) -> dict[str, str]:
-        """The ``export`` lines of the ``block``-th group printed (0: OTLP/HTTP, 1: OTLP/gRPC)."""
+        """The ``OTEL_*`` variables of the ``block``-th group printed (0: OTLP/HTTP, 1:
+        OTLP/gRPC), as bash has them after the token line and that group are pasted."""
+        token: list[str] = []
         groups: list[dict[str, str]] = []
         for line in self.lines:
-            if line.startswith("export "):
-                name, _, value = line.removeprefix("export ").partition("=")
+            if line.startswith("export TRACEGATE_DEV_TOKEN="):
+                token = [line]
+            elif line.startswith("export OTEL_"):
+                name = line.removeprefix("export ").partition("=")[0]
                 if not groups or name in groups[-1]:
                     groups.append({})
-                groups[-1][name] = value
-        return groups[block] if len(groups) > block else {}
+                groups[-1][name] = line
+        if len(groups) <= block:
+            return {}
+        script = "\n".join(["set -eu", *token, *groups[block].values(), "env -0"])
+        shell = subprocess.run(["bash", "-c", script], capture_output=True, check=True, env={}, text=True)
+        pasted = dict(item.partition("=")[::2] for item in shell.stdout.split("\0") if item)
+        return {name: pasted[name] for name in groups[block]}
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -155,6 +165,7 @@ async def test_dev_real_sdk_export_decisions_more_tokens_reload_and_cleanup(dev:
     await dev.wait_for(lambda line: line.startswith("# sink: POST /traces/otlp/v0.9") and "the account's key" in line)
     printed_token = variables["OTEL_EXPORTER_OTLP_HEADERS"].removeprefix("authorization=Bearer%20")
     assert not [line for line in dev.lines if line.startswith("{") and printed_token in line]
+    assert [line for line in dev.lines if printed_token in line] == [f"export TRACEGATE_DEV_TOKEN={printed_token}"]
 
     # 2. `dev token --claim` mints for the running issuer; a fork is denied by the deny rule.
     code, out, err = await run(
@@ -246,8 +257,8 @@ async def test_the_printed_collector_exporter_is_valid_yaml_naming_the_same_endp
     exporter = block["exporters"]["otlphttp/tracegate"]
     variables = dev.exports()
     assert exporter["endpoint"] == variables["OTEL_EXPORTER_OTLP_ENDPOINT"]
-    token = variables["OTEL_EXPORTER_OTLP_HEADERS"].removeprefix("authorization=Bearer%20")
-    assert exporter["headers"] == {"authorization": f"Bearer {token}"}
+    assert exporter["headers"] == {"authorization": "Bearer ${env:TRACEGATE_DEV_TOKEN}"}  # the Collector's syntax
+    assert variables["OTEL_EXPORTER_OTLP_HEADERS"].startswith("authorization=Bearer%20ey")
 
 
 def test_grpc_variables_appear_once_a_grpc_endpoint_exists() -> None:

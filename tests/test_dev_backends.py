@@ -151,7 +151,7 @@ async def test_dev_backend_sink_checks_the_documented_paths_and_headers(
     assert "service_accounts" not in (policies / "10-dev-rules.yaml").read_text()
 
     http, grpc = dev.exported("OTEL_EXPORTER_OTLP_ENDPOINT"), dev.exported("OTEL_EXPORTER_OTLP_ENDPOINT", 1)
-    token = dev.exported("OTEL_EXPORTER_OTLP_HEADERS").removeprefix("authorization=Bearer%20")
+    token = dev.exported("TRACEGATE_DEV_TOKEN")
     headers = {"authorization": f"Bearer {token}"}
     for signal in case.signals:  # the real SDK's exporters, configured as the printed variables say
         ok, _ = await asyncio.to_thread(sdk_http_export, signal, f"{http}/v1/{signal}", headers)

@@ -80,6 +80,7 @@ async def test_entry_command_with_the_image_environment_starts_and_refuses_forge
         "TRACEGATE_POLICIES": str(ROOT / "policies"),
         "TRACEGATE_DATA_DIR": str(tmp_path / "var-lib-tracegate"),
         "TRACEGATE_LISTEN": f"127.0.0.1:{ingest_port}",
+        "TRACEGATE_GRPC_LISTEN": f":{free_port()}",
         "TRACEGATE_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
         "TRACEGATE_UPSTREAM": sink.url,
     }

@@ -119,17 +119,35 @@ def parse_native(
         ref = secret_ref(entry["marker_token"], "marker_token")
         token = ref if isinstance(ref, SecretRef) else None
         problems += [] if token else [BackendProblem("marker_token", str(ref))]
-    elif wanted and spec.backend in _OWN_TOKEN:
-        problems.append(BackendProblem("marker_token", f"{api[0]} needs marker_token: {_OWN_TOKEN[spec.backend]}"))
     options = {k: entry[k] for k in own if k != "marker_token" and k in entry}
     for key, value in options.items():
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n\0"):
             problems.append(BackendProblem(key, f"{key} must be a non-empty string on one line"))
         elif key == "stack_url" and (problem := check_url(value)):
             problems.append(BackendProblem(key, f"stack_url: {problem}"))
-    if wanted and spec.backend == "grafana-cloud" and "stack_url" not in options:
-        problems.append(BackendProblem("stack_url", "Grafana annotations need stack_url: https://<stack>.grafana.net"))
+    if wanted:
+        written = {p.key for p in problems}
+        problems += [p for p in missing(NativeSpec(spec, token, options)) if p.key not in written]
     return (None, problems) if problems else (NativeSpec(spec, token, options), [])
+
+
+def missing(native: NativeSpec | None, backend: BackendSpec | None = None) -> list[BackendProblem]:
+    """What ``markers: [native]`` needs of an account and does not find: a backend with a
+    native API, the marker_token its vendor requires, Grafana's stack_url. ``native`` as the
+    account was loaded (None: it has no native settings; ``backend`` then says which it is)."""
+    spec = native.backend if native is not None else backend or BackendSpec("lightstep")
+    api = NATIVE_APIS.get(spec.backend)
+    if api is None:
+        have = ", ".join(NATIVE_APIS)
+        message = f"backend {spec.backend} has no native deployment API; use markers: [otlp] (native: {have})"
+        return [BackendProblem("backend", message)]
+    native = native or NativeSpec(spec)
+    problems = []
+    if native.token is None and spec.backend in _OWN_TOKEN:
+        problems.append(BackendProblem("marker_token", f"{api[0]} needs marker_token: {_OWN_TOKEN[spec.backend]}"))
+    if spec.backend == "grafana-cloud" and "stack_url" not in native.options:
+        problems.append(BackendProblem("stack_url", "Grafana annotations need stack_url: https://<stack>.grafana.net"))
+    return problems
 
 
 def resolve_token(native: NativeSpec, environ: Mapping[str, str]) -> tuple[Secret | None, list[BackendProblem]]:

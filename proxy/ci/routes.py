@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
@@ -31,6 +32,7 @@ from proxy.ci.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited
 from proxy.ci.gitea import Classified, classify, repository_instance, repository_name
 from proxy.ci.gitlab_routes import expect_gitlab, handle_gitlab
 from proxy.ci.marker import Marker, is_commit_sha, otlp_json
+from proxy.ci.native_events import store_native
 from proxy.ci.outbox import Added
 from proxy.ci.sender import Sender
 from proxy.ci.signatures import DECOY_SECRETS, presented_signatures, verifies
@@ -41,7 +43,8 @@ from proxy.errors import BodyError, ConfigError, OutboxUnavailable
 from proxy.gate.admission import Refused
 from proxy.gate.runtime import Runtime
 from proxy.identity.forges import ci_facts
-from proxy.policy.webhooks import pinned_instance
+from proxy.policy.model import DEFAULT_MARKERS
+from proxy.policy.webhooks import markers_of, pinned_instance
 
 MAX_DEPLOYMENT_BODY = 4096
 #: More fields than this in a form-encoded delivery is not Gitea's form (it sends one).
@@ -55,13 +58,32 @@ def _answer(status: int, **fields: Any) -> web.Response:
 
 
 async def _store(
-    request: web.Request, *, key: str, digest: str, source: str, account: str, marker: Marker, services: tuple[str, ...]
+    request: web.Request,
+    *,
+    key: str,
+    digest: str,
+    source: str,
+    account: str,
+    marker: Marker,
+    services: tuple[str, ...],
+    markers: frozenset[str] = DEFAULT_MARKERS,
 ) -> Added:
-    """Put the marker in the outbox (durably, before the caller answers 202)."""
-    payload = otlp_json(marker, services, key, time.time_ns())
-    return await request.app[OUTBOX].add(
-        key=key, body_digest=digest, source=source, service_account=account, payload=payload
-    )
+    """Put the marker in the outbox (durably, before the caller answers 202): its OTLP export
+    and/or one native deployment event per service (``markers``). ``stored`` when any of them
+    is new — a half-stored earlier attempt (503) completes on the redelivery — else the first
+    outcome (``duplicate-delivery`` or ``duplicate-body``)."""
+    outbox, now = request.app[OUTBOX], time.time_ns()
+    outcomes: list[Added] = []
+    if "otlp" in markers:
+        payload = otlp_json(marker, services, key, now)
+        outcomes.append(
+            await outbox.add(key=key, body_digest=digest, source=source, service_account=account, payload=payload)
+        )
+    if "native" in markers:
+        outcomes += await store_native(
+            outbox, marker, services, key=key, digest=digest, source=source, account=account, time_unix_nano=now
+        )
+    return "stored" if "stored" in outcomes else outcomes[0]
 
 
 def _gitea_source(headers: CIMultiDictProxy[str]) -> str:
@@ -183,6 +205,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
         account=hook.service_account,
         marker=classified.marker,
         services=hook.services,
+        markers=markers_of(hook),
     )
     if stored != "stored":
         return done(202, "ignored", stored, duplicate=True, **facts)
@@ -323,11 +346,15 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
         await outbox.close()
 
     async def sending(_app: web.Application) -> AsyncIterator[None]:
-        sender = Sender(app[OUTBOX], runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max)
-        task = asyncio.get_running_loop().create_task(sender.run())
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # Its own session for the vendors' native deployment APIs; OTLP goes through the forwarder.
+        async with aiohttp.ClientSession(skip_auto_headers=("User-Agent",)) as session:
+            sender = Sender(
+                app[OUTBOX], runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max, session=session
+            )
+            task = asyncio.get_running_loop().create_task(sender.run())
+            yield
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     # The outbox opens first — before the runtime starts fetching keys — so that an unusable
     # data directory stops start-up before anything else is under way; the sender starts last.

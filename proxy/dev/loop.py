@@ -158,19 +158,27 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
 # --- what to paste -------------------------------------------------------------------------
 
 
+#: The shell variable the banner prints the token into, once; every other line names it.
+TOKEN_VARIABLE = "TRACEGATE_DEV_TOKEN"  # noqa: S105 - a variable name, not its value
+#: OTEL_EXPORTER_OTLP_HEADERS from that variable (percent-encoded: the space is %20).
+HEADERS_FROM_TOKEN = f'export OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer%20${{{TOKEN_VARIABLE}}}"'
+
+
 def export_headers(token: str) -> str:
     # The header value is percent-encoded: the space in "Bearer <token>" becomes %20.
     return f"export OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20{token}"
 
 
 def exporter_variables(token: str, http_endpoint: str, grpc_endpoint: str | None = None) -> list[str]:
-    """The ``OTEL_EXPORTER_OTLP_*`` lines to paste: OTLP/HTTP, and OTLP/gRPC when tracegate
-    has a gRPC listener (see :func:`grpc_endpoint`)."""
+    """The lines to paste into a shell: the token, once, in ``TRACEGATE_DEV_TOKEN``; then
+    the ``OTEL_EXPORTER_OTLP_*`` variables for OTLP/HTTP, and for OTLP/gRPC when tracegate
+    has a gRPC listener (see :func:`grpc_endpoint`), each group complete by itself."""
     lines = [
+        f"export {TOKEN_VARIABLE}={token}",
         "# OTLP/HTTP (protobuf or JSON); the SDK appends /v1/traces, /v1/metrics, /v1/logs",
         f"export OTEL_EXPORTER_OTLP_ENDPOINT={http_endpoint}",
         "export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf",
-        export_headers(token),
+        HEADERS_FROM_TOKEN,
     ]
     if grpc_endpoint is not None:
         lines += [
@@ -178,19 +186,21 @@ def exporter_variables(token: str, http_endpoint: str, grpc_endpoint: str | None
             f"export OTEL_EXPORTER_OTLP_ENDPOINT={grpc_endpoint}",
             "export OTEL_EXPORTER_OTLP_PROTOCOL=grpc",
             "export OTEL_EXPORTER_OTLP_INSECURE=true",
-            export_headers(token),
+            HEADERS_FROM_TOKEN,
         ]
     return lines
 
 
-def collector_exporter(token: str, http_endpoint: str) -> list[str]:
+def collector_exporter(http_endpoint: str) -> list[str]:
     """An OpenTelemetry Collector exporter block (the Collector does not read the
-    ``OTEL_EXPORTER_OTLP_*`` variables; ``otlphttp`` appends ``/v1/<signal>`` itself)."""
+    ``OTEL_EXPORTER_OTLP_*`` variables; ``otlphttp`` appends ``/v1/<signal>`` itself). The
+    token comes from the Collector's environment (``${env:…}``: run it where the token
+    variable was exported)."""
     return [
         "exporters:",
         "  otlphttp/tracegate:",
         f"    endpoint: {http_endpoint}",
-        f'    headers: {{authorization: "Bearer {token}"}}',
+        f'    headers: {{authorization: "Bearer ${{env:{TOKEN_VARIABLE}}}"}}',
     ]
 
 
@@ -360,13 +370,14 @@ def _banner(info: Mapping[str, Any], token: str, grpc: str | None, state: Path) 
     _say(f"# recording sink          {info['sink']}  ({banner(info['backend'])})")
     _say(f"# tracegate               {info['ingest']}  (admin: {info['admin']}/metrics)")
     _say(f"# policy                  {state}/policies  (edit 10-dev-rules.yaml, then kill -HUP {info['pid']})")
-    _say(f"# a token for project_id {DEV_PROJECT_ID}, payments/api on protected main, valid {info['ttl']} s:")
-    _say(token)
-    _say("# paste into the shell that runs your SDK or Collector:")
+    _say(
+        f"# paste into the shell that runs your SDK or Collector; the first line is a token for project_id "
+        f"{DEV_PROJECT_ID}, payments/api on protected main, valid {info['ttl']} s:"
+    )
     for line in exporter_variables(token, info["ingest"], grpc):
         _say(line)
     _say("# or, in an OpenTelemetry Collector's configuration (add it to a pipeline's exporters):")
-    for line in collector_exporter(token, info["ingest"]):
+    for line in collector_exporter(info["ingest"]):
         _say(line)
     _say(f"# more tokens: tracegate dev token --state {state} --claim project_path=a/b --claim ref=main")
     _say("# decisions (audit lines) follow; Ctrl-C stops")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +65,38 @@ def discovery_urls(issuer: str) -> list[str]:
 
 
 class FetchFailed(Exception):
-    """A JWKS or discovery fetch that produced no usable keys; ``result`` is the metric label."""
+    """A JWKS or discovery fetch that produced no usable keys; ``result`` is the metric label,
+    ``url`` what was asked (None: the issuer's current JWKS or discovery URL) and ``cause``
+    what went wrong, for the log line an operator reads (``connection refused``, ``HTTP 500``)."""
 
-    def __init__(self, result: str) -> None:
+    def __init__(self, result: str, *, url: str | None = None, cause: str | None = None) -> None:
         self.result = result
+        self.url = url
+        self.cause = cause or _CAUSES.get(result, result)
         super().__init__(result)
+
+
+#: What a ``result`` means when nothing more specific is known.
+_CAUSES = {
+    "bad-document": "not a JWKS document",
+    "empty": "no usable signing key for the pinned algorithms",
+    "discovery-issuer-mismatch": "the discovery document names another issuer",
+    "discovery-foreign-jwks-uri": "the discovery document's jwks_uri is not on the issuer's origin",
+}
+
+
+def connect_cause(exc: aiohttp.ClientError) -> str:
+    """A client error in a few words: ``connection refused``, ``name not resolved``…"""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate not trusted"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, socket.gaierror):
+            return "name not resolved"
+        code = exc.os_error.errno
+        return os.strerror(code).lower() if isinstance(code, int) and code > 0 else "cannot connect"
+    return type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -180,7 +209,13 @@ class KeySource:
             keys, lifetime = await self._fetch()
         except FetchFailed as exc:
             self._metrics.jwks_fetches.labels(self.issuer.name, exc.result).inc()
-            log.warning("jwks fetch failed", extra={"issuer": self.issuer.name, "result": exc.result})
+            url = exc.url or self._jwks_uri or self.issuer.issuer
+            log.warning(
+                "jwks fetch failed: %s (%s)",
+                url,
+                exc.cause,
+                extra={"issuer": self.issuer.name, "result": exc.result, "url": url},
+            )
             if self.issuer.jwks_uri is None:
                 self._jwks_uri = None  # discover again next time
             return False
@@ -213,31 +248,32 @@ class KeySource:
                     continue
                 raise
             return document
-        raise FetchFailed("not-found")
+        raise FetchFailed("not-found", url=self.issuer.issuer, cause="no OIDC discovery or OAuth metadata (HTTP 404)")
 
     async def _get_json(self, url: str) -> tuple[Any, str | None]:
         try:
             async with self._session.get(url, allow_redirects=False, timeout=FETCH_TIMEOUT) as resp:
                 if resp.status in (404, 410):
-                    raise FetchFailed("not-found")
+                    raise FetchFailed("not-found", url=url, cause=f"HTTP {resp.status}")
                 if resp.status != 200:
-                    raise FetchFailed("http-error")
+                    raise FetchFailed("http-error", url=url, cause=f"HTTP {resp.status}")
+                too_large = f"larger than {MAX_DOCUMENT_BYTES} bytes"
                 if (resp.content_length or 0) > MAX_DOCUMENT_BYTES:
-                    raise FetchFailed("too-large")
+                    raise FetchFailed("too-large", url=url, cause=too_large)
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(65536):
                     body += chunk
                     if len(body) > MAX_DOCUMENT_BYTES:
-                        raise FetchFailed("too-large")
+                        raise FetchFailed("too-large", url=url, cause=too_large)
                 cache_control = resp.headers.get("Cache-Control")
         except TimeoutError:
-            raise FetchFailed("timeout") from None
-        except aiohttp.ClientError:
-            raise FetchFailed("unreachable") from None
+            raise FetchFailed("timeout", url=url, cause=f"no answer within {FETCH_TIMEOUT.total:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise FetchFailed("unreachable", url=url, cause=connect_cause(exc)) from None
         try:
             return untrusted.loads(body), cache_control
         except (ValueError, RecursionError):
-            raise FetchFailed("bad-document") from None
+            raise FetchFailed("bad-document", url=url, cause="not JSON") from None
 
     async def close(self) -> None:
         """Stop a fetch in flight (shielded from its callers, so not cancelled with them):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.backends.native import NATIVE_KEYS, parse_native, resolve_token
 from proxy.backends.profiles import BACKEND_KEYS, parse_backend, resolve_credentials
 from proxy.errors import PolicyLoadError, PolicyProblem
 from proxy.policy.checker import Checker
@@ -28,7 +29,7 @@ from proxy.policy.model import (
 )
 from proxy.policy.source import LDict, read_document
 from proxy.policy.stamps import parse_stamp
-from proxy.policy.webhooks import parse_webhooks
+from proxy.policy.webhooks import native_problems, parse_webhooks
 from proxy.secrets import SecretRef
 
 TOP_LEVEL = ("issuers", "service_accounts", "rules", "webhooks")
@@ -160,7 +161,16 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             continue
         check.keys(
             entry,
-            ("access_token", "signals", "upstream", "grpc_upstream", "upstream_protocol", "stamp", *BACKEND_KEYS),
+            (
+                "access_token",
+                "signals",
+                "upstream",
+                "grpc_upstream",
+                "upstream_protocol",
+                "stamp",
+                *BACKEND_KEYS,
+                *NATIVE_KEYS,
+            ),
             (),
             what,
             line,
@@ -187,9 +197,20 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             protocol = "grpc"
         if spec is None or stamp is None:
             continue
+        # The keys of its native deployment events, as written; what markers: [native] needs
+        # is checked against the webhook entries asking for it (webhooks.native_problems).
+        native, native_found = parse_native(entry, spec, wanted=False)
+        for problem in native_found:
+            named = problem.message.startswith((f"{problem.key} ", f"{problem.key}:"))
+            message = f"{what}.{problem.message}" if named else f"{what}: {problem.message}"
+            check.add(entry.line_of(problem.key) if problem.key in entry else line, message)
         credentials = None
+        native_token = None
         if environ is not None:
             credentials, unresolved = resolve_credentials(spec, environ)
+            if native is not None:
+                native_token, token_found = resolve_token(native, environ)
+                unresolved += token_found
             for problem in unresolved:
                 check.add(entry.line_of(problem.key) if problem.key in entry else line, f"{what}.{problem.message}")
         token = credentials.get("access_token") if credentials is not None else None
@@ -207,6 +228,8 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             upstream_protocol=protocol,
             backend=spec,
             credentials=credentials,
+            native=native,
+            native_token=native_token,
         )
 
 
@@ -335,4 +358,4 @@ def _cross_check(
                 f"{hook.service_account!r}, which may not send traces; add traces to its signals "
                 "or use another account",
             )
-    return problems
+    return problems + native_problems(webhooks, accounts)

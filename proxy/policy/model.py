@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.backends.native import NativeSpec
 from proxy.backends.profiles import Backend, BackendSpec
 from proxy.policy.matchers import Matcher
 from proxy.secrets import Secret, SecretRef
@@ -64,13 +65,22 @@ class ServiceAccount:
     #: ``credentials`` and the settings' defaults (None: not built; the forwarder builds
     #: Lightstep's from ``access_token``).
     routes: Backend | None = field(default=None, repr=False, compare=False)
+    #: Its native deployment-event settings (``marker_token``, ``stack_url``, …: see
+    #: proxy/backends/native.py); None for a backend without a native API.
+    native: NativeSpec | None = field(default=None, compare=False)
+    #: The resolved ``marker_token`` (None: none written, or secrets not resolved).
+    native_token: Secret | None = field(default=None, repr=False, compare=False)
 
 
 def credential_refs(account: ServiceAccount) -> list[SecretRef]:
     """Every secret reference an account's backend reads (watched for rotation)."""
     if account.backend is not None:
-        return [ref for ref in account.backend.credentials.values() if isinstance(ref, SecretRef)]
-    return [account.access_token_ref] if account.access_token_ref is not None else []
+        refs = [ref for ref in account.backend.credentials.values() if isinstance(ref, SecretRef)]
+    else:
+        refs = [account.access_token_ref] if account.access_token_ref is not None else []
+    if account.native is not None and account.native.token is not None:
+        refs.append(account.native.token)
+    return refs
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,10 @@ class Rule:
     service_account: str | None
     services: tuple[str, ...]
     where: Where
+
+
+#: A webhook entry's markers when it names none: a span through the account's OTLP route.
+DEFAULT_MARKERS: frozenset[str] = frozenset({"otlp"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,10 @@ class WebhookSource:
     #: The forge's base URL (``instance:``, normalised) the entry pins: it keys the trace
     #: and bounds the links, whatever host the sender names. None: the sender's.
     instance: str | None = None
+    #: What its markers become: ``otlp`` (a span, the default) and/or ``native`` (the
+    #: backend's own deployment-event API), and the line ``markers:`` is written at.
+    markers: frozenset[str] = DEFAULT_MARKERS
+    markers_line: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ pins is therefore all that binds what is drawn:
 * ``instance`` pins the forge's base URL (as its ID tokens name it in ``iss``): the trace is
   keyed on it, never on ``X-Gitlab-Instance`` or a payload URL, and links that name another
   host are dropped. Without it the sender names the instance (:func:`warnings` again).
+
+What a marker becomes, per entry (``markers:``, default ``[otlp]``): ``otlp``, a span that every
+backend takes; ``native``, the backend's own deployment event (proxy/backends/native.py), for
+an account whose backend has such an API and the settings it needs (:func:`native_problems`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from proxy.backends.native import missing
 from proxy.errors import PolicyProblem
 from proxy.policy.checker import Checker
 from proxy.policy.matchers import Matcher
-from proxy.policy.model import WebhookSource
+from proxy.policy.model import DEFAULT_MARKERS, ServiceAccount, WebhookSource
 from proxy.secrets import SecretUnavailable, resolve
 
 EVENTS = ("push", "tag", "release")
@@ -47,9 +52,37 @@ KEYS = (
     "services",
     "service_name",
     "instance",
+    "markers",
 )
 #: Events that draw CI trace spans, whose trace id is keyed on the forge instance.
 CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job"})
+#: What a marker may become (``markers:``): an OTLP span, the backend's native deployment event.
+MARKERS = ("otlp", "native")
+
+
+def markers_of(hook: WebhookSource) -> frozenset[str]:
+    """What ``hook``'s markers become: ``otlp``, ``native`` or both."""
+    return hook.markers
+
+
+def native_problems(webhooks: Iterable[WebhookSource], accounts: Mapping[str, ServiceAccount]) -> list[PolicyProblem]:
+    """Entries asking ``markers: [native]`` whose service account cannot send them: a backend
+    without a native deployment API (reported at the entry's ``markers:``), or a native setting
+    its vendor needs (``marker_token``, Grafana's ``stack_url``: reported at the account)."""
+    out = []
+    for hook in webhooks:
+        account = accounts.get(hook.service_account)
+        if "native" not in markers_of(hook) or account is None:  # an unknown account is reported already
+            continue
+        line = hook.markers_line or hook.where.line
+        for problem in missing(account.native, account.backend):
+            if problem.key == "backend":
+                message = f"webhook {hook.name!r} asks markers: [native] as service account {account.name!r}, whose "
+                out.append(PolicyProblem(hook.where.file, line, message + problem.message))
+            else:
+                message = f"service account {account.name!r}: {problem.message} (webhook {hook.name!r} asks "
+                out.append(PolicyProblem(account.where.file, account.where.line, message + "markers: [native])"))
+    return out
 
 
 def pinned_instance(hook: WebhookSource) -> str | None:
@@ -110,7 +143,7 @@ def warnings(webhooks: Iterable[WebhookSource]) -> list[PolicyProblem]:
 
 
 def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str, str] | None) -> list[WebhookSource]:
-    out = []
+    out: list[WebhookSource] = []
     for entry, name, what in check.named_entries(
         section, line, "webhook", "webhooks must be a list of entries (- name: …)"
     ):
@@ -140,6 +173,16 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                 check.add(
                     entry.line_of("events"), f"{what}: unknown event {event!r} for {source}; use {', '.join(allowed)}"
                 )
+        markers = check.strings(entry, "markers", what) or tuple(DEFAULT_MARKERS)
+        for marker in markers:
+            if marker not in MARKERS:
+                check.add(
+                    entry.line_of("markers"),
+                    f"{what}: unknown marker {marker!r}; markers lists otlp (a span: every backend), "
+                    "native (the backend's deployment API) or both",
+                )
+        if "markers" in entry and not set(events) & set(EVENTS):
+            check.add(entry.line_of("markers"), f"{what}: markers is for {'/'.join(EVENTS)} events; it lists none")
         service_name = check.string(entry, "service_name", what) or f"ci/{name}"
         refs = check.strings(entry, "refs", what) or ("*",)
         account = check.string(entry, "service_account", what)
@@ -181,6 +224,8 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                 project_ids=project_ids,
                 service_name=service_name,
                 instance=instance,
+                markers=frozenset(m for m in markers if m in MARKERS),
+                markers_line=entry.line_of("markers") if "markers" in entry else entry.line,
             )
         )
     return out

@@ -37,7 +37,7 @@ from proxy.observe import multiproc
 from proxy.observe.audit import AuditLog
 from proxy.observe.logs import redact_aiohttp
 from proxy.observe.metrics import Metrics
-from proxy.policy import Policy
+from proxy.policy import Policy, load_policy
 from proxy.run.gcfreeze import freeze_periodically
 from proxy.run.watch import FileWatch
 from proxy.settings.config import Settings
@@ -174,28 +174,61 @@ async def _listen(site: web.TCPSite, setting: str, address: tuple[str, int]) -> 
         ) from None
 
 
-async def serve(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
-    """Serve until SIGTERM/SIGINT. Raises ConfigError (nothing left open) when tracegate
-    cannot start: the caller prints it as one line and exits 2."""
+def policy_failed(settings: Settings, exc: PolicyLoadError) -> ConfigError:
+    """A first policy that did not load, as one start-up line like the others: the setting,
+    the problems (each with file:line) and the command that lists them one per line."""
+    count = len(exc.problems)
+    shown = " ".join(f"[{n}] {problem}" for n, problem in enumerate(exc.problems[:3], start=1))
+    more = f" [and {count - 3} more]" if count > 3 else ""
+    return ConfigError(
+        f"TRACEGATE_POLICIES={settings.policies}: the policy did not load, {count} problem(s): {shown}{more} "
+        f"— `tracegate check {settings.policies}` lists each"
+    )
+
+
+def load_first_policy(settings: Settings, environ: Mapping[str, str]) -> Policy:
+    """The policy tracegate starts with (blocking: file reads). Raises ConfigError."""
     try:
-        runtime, runners = await start(settings, environ, metrics=metrics)
+        return load_policy(settings.policies, environ=environ)  # as Runtime.load, once for all workers
     except PolicyLoadError as exc:
-        for problem in exc.problems:
-            log.error("policy failed to load: %s", problem)
-        return 2
+        raise policy_failed(settings, exc) from None
+
+
+def _shown(address: tuple[Any, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listening(runtime: Runtime, runners: list[web.AppRunner]) -> dict[str, str]:
+    """Every address tracegate listens on, as bound (a port 0 shows the port it got)."""
+    names = ("listen", "admin", "authz")  # the order start() opens them in
+    where = {name: _shown(runner.addresses[0]) for name, runner in zip(names, runners, strict=False)}
+    where["grpc_listen"] = _shown(runtime.grpc_address) if runtime.grpc_address is not None else "off"
+    return where
+
+
+async def serve(
+    settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None, policy: Policy | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT. Raises ConfigError (nothing left open) when tracegate
+    cannot start, a policy that does not load included: the caller prints it as one line
+    and exits 2."""
+    try:
+        runtime, runners = await start(settings, environ, metrics=metrics, policy=policy)
+    except PolicyLoadError as exc:
+        raise policy_failed(settings, exc) from None
     gc.freeze()  # start-up objects (modules, policy, keys) are never garbage: stop scanning them
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(runtime.reload()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    listen, admin, grpc_listen = settings.listen, settings.admin_listen, settings.grpc_listen
-    where = {"listen": f"{listen[0]}:{listen[1]}", "admin": f"{admin[0]}:{admin[1]}"}
-    where["grpc_listen"] = f"{grpc_listen[0]}:{grpc_listen[1]}" if grpc_listen is not None else "off"
-    if settings.authz_listen is not None:
-        where["authz"] = f"{settings.authz_listen[0]}:{settings.authz_listen[1]}"
+    where = listening(runtime, runners)
+    said = [f"OTLP/HTTP {where['listen']}", f"OTLP/gRPC {where['grpc_listen']}", f"admin {where['admin']}"]
+    if "authz" in where:
+        said.append(f"gateway authz {where['authz']}")
     where["outbox"] = describe(settings.outbox_path, settings.data_dir)  # never the password
-    log.info("tracegate serving", extra=where)
+    log.info("tracegate serving: %s", ", ".join(said), extra=where)
     await stop.wait()
     log.info("draining", extra={"seconds": settings.drain_seconds})
     runtime.draining = True
@@ -214,9 +247,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_one(settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None) -> int:
+def run_one(
+    settings: Settings, environ: Mapping[str, str], metrics: Metrics | None = None, policy: Policy | None = None
+) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve(settings, environ, metrics))
+        return runner.run(serve(settings, environ, metrics, policy))
 
 
 def run(settings: Settings, environ: Mapping[str, str]) -> int:
@@ -224,12 +259,14 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
     ingest, gRPC and admin ports (SO_REUSEPORT: the kernel spreads connections), each with
     its own JWKS cache, token cache and outbox sender; any worker's ``/metrics`` answers for
     all of them (:mod:`proxy.observe.multiproc`). The parent forwards SIGHUP/SIGTERM/SIGINT and
-    exits with the worst worker exit code."""
+    exits with the worst worker exit code. The policy is loaded once, before the fork: a
+    policy that does not load is one ConfigError, not one per worker."""
     if settings.workers == 1:
         return run_one(settings, environ)
+    policy = load_first_policy(settings, environ)
     directory, made = multiproc.enable(os.environ)
     try:
-        return _fork_workers(settings, environ, directory)
+        return _fork_workers(settings, environ, directory, policy)
     finally:
         multiproc.cleanup(directory, made)
 
@@ -243,7 +280,7 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Path) -> int:
+def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Path, policy: Policy) -> int:
     parent = os.getpid()
     pids = []
     for k in range(settings.workers):
@@ -252,7 +289,7 @@ def _fork_workers(settings: Settings, environ: Mapping[str, str], directory: Pat
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with(parent)
             try:
-                code = run_one(settings, environ, Metrics(multiprocess_dir=directory))
+                code = run_one(settings, environ, Metrics(multiprocess_dir=directory), policy)
             except ConfigError as exc:
                 print(f"tracegate: worker {k}: {exc}", file=sys.stderr, flush=True)
                 code = 2

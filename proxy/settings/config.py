@@ -22,7 +22,7 @@ from proxy.settings.values import (
     grpc_target,
     header_name,
     host_port,
-    listener_or_off,
+    listener_beside,
     names,
     non_negative,
     optional_host_port,
@@ -252,9 +252,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "grpc_listen",
         "TRACEGATE_GRPC_LISTEN",
-        "0.0.0.0:4317",
-        listener_or_off,
-        "OTLP/gRPC listener (same TLS settings as the ingest); off disables it.",
+        ":4317",
+        listener_beside,
+        "OTLP/gRPC listener (same TLS settings as the ingest): HOST:PORT, or :PORT on TRACEGATE_LISTEN's host; "
+        "off disables it.",
         flag=True,
     ),
     Option(
@@ -377,6 +378,9 @@ class Settings:
             raise ConfigError(  # the value itself may hold a password: name only its scheme
                 f"TRACEGATE_OUTBOX: unknown scheme {scheme[:20]!r}; use a file path, sqlite:///PATH or postgresql://…"
             )
+        grpc = values["grpc_listen"]
+        if grpc is not None and not grpc[0]:  # :PORT: beside the ingest, never wider than it
+            values["grpc_listen"] = (values["listen"][0], grpc[1])
         if values["tls_client_ca"] and not values["tls_cert"]:
             raise ConfigError("TRACEGATE_TLS_CLIENT_CA needs TRACEGATE_TLS_CERT and TRACEGATE_TLS_KEY (mTLS is TLS)")
         if values["authz_listen"] is not None and not values["authz_dialect"]:

@@ -52,7 +52,6 @@ def workers(value: str) -> int:
     text = value.strip().lower()
     if text == "auto":
         return min(usable_cpus(), MAX_AUTO)
-    number = int(text)
-    if number < 1:
-        raise ValueError("must be a positive integer or auto")
-    return number
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError("expected a positive integer (processes) or auto (one per usable CPU)")
+    return int(text)

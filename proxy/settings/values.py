@@ -19,8 +19,20 @@ def host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a listener, configured on purpose
 
 
-def listener_or_off(value: str) -> tuple[str, int] | None:
-    return None if value.strip().lower() == "off" else host_port(value)
+def listener_beside(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT``, ``off`` (None), or ``:PORT``: the host left empty for ``Settings.load``
+    to fill with the ingest listener's, so that narrowing ``--listen`` to loopback narrows
+    this listener too (it never listens wider than the ingest unless told to)."""
+    text = value.strip()
+    if text.lower() == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    if sep and not host and port.isdigit() and 0 <= int(port) <= 65535:
+        return "", int(port)
+    try:
+        return host_port(text)
+    except ValueError:
+        raise ValueError("expected HOST:PORT, :PORT (on TRACEGATE_LISTEN's host) or off") from None
 
 
 def grpc_target(value: str) -> str:

@@ -46,3 +46,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "tracegate.gracePeriod" -}}
 {{- add .Values.preStopSleepSeconds .Values.drainSeconds 5 -}}
 {{- end -}}
+
+{{/* The authorization listener's own ClusterIP Service (deploy/gateway-api names it tracegate-authz). */}}
+{{- define "tracegate.authzServiceName" -}}
+{{- printf "%s-authz" (include "tracegate.fullname" . | trunc 57 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Where a mountAs: file shared secret appears in the container. */}}
+{{- define "tracegate.authzSecretDir" -}}/etc/tracegate/authz-secret{{- end -}}
+
+{{/* The environment variable a mountAs: env shared secret arrives in (TRACEGATE_AUTHZ_SECRET=env:NAME). */}}
+{{- define "tracegate.authzSecretEnv" -}}AUTHZ_GATEWAY_SECRET{{- end -}}
+
+{{/* The PromQL selector of this release's samples: the labels its ServiceMonitor gives them. */}}
+{{- define "tracegate.promSelector" -}}
+{{- printf "job=%q, namespace=%q" (include "tracegate.fullname" .) .Release.Namespace -}}
+{{- end -}}
