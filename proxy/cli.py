@@ -21,6 +21,7 @@ from proxy.errors import ConfigError, PolicyLoadError
 from proxy.observe import logs
 from proxy.policy import decide, load_policy
 from proxy.policy.model import SIGNALS, Policy, ServiceAccount, Signal
+from proxy.run import gateway_config
 from proxy.secrets import SecretRef
 from proxy.settings.config import OPTIONS, Settings
 
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     from proxy.dev.loop import add_dev_parser
 
     add_dev_parser(sub)
+    gateway_config.add_parser(sub)
     return parser
 
 
@@ -78,6 +80,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal, env)
+        if args.command == "gateway-config":
+            return gateway_config.main(args, env)
         if args.command == "dev":
             from proxy.dev.loop import run_dev_command
 

@@ -1,0 +1,1 @@
+)the request's token is missing or invalid

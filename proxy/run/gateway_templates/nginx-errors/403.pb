@@ -1,0 +1,1 @@
+&this token may not send this telemetry
