@@ -12,6 +12,11 @@ requests cost a hash and a dict lookup, not an RSA verification. The cache holds
 identity as a plain tuple of atoms (:mod:`proxy.identity.token_cache`): its claims as the JSON text
 that was signed, its audit fields escaped once, and its policy decisions as numbers — so
 that 100,000 cached identities add nothing for the cycle collector to walk.
+
+A bearer credential that starts ``aws-sts.`` is not a JWT but a presigned
+``sts:GetCallerIdentity`` request, for an issuer of ``kind: aws`` (:mod:`proxy.identity.aws`):
+checked here, confirmed by STS, then cached and decided like any token, until its
+``X-Amz-Date`` plus the issuer's ``max_age``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from multidict import MultiMapping, istr
 
 from proxy import untrusted
 from proxy.errors import AuthError
+from proxy.identity import aws
+from proxy.identity.forges import audit_identity
 from proxy.identity.keys import KeySource
 from proxy.identity.token_cache import ExpiringCache
 from proxy.observe.audit import claims_fields
@@ -59,8 +66,9 @@ class Identity(NamedTuple):
     exp: float
     #: The verified claims: the JSON text that was signed (see :attr:`claims`).
     payload: str
-    #: The audited claims as audit-line members, bounded and escaped once
-    #: (:func:`proxy.observe.audit.claims_fields`).
+    #: The audit line's identity fields, named alike for every forge
+    #: (:func:`proxy.identity.forges.audit_identity`), bounded and escaped once at
+    #: verification (:func:`proxy.observe.audit.claims_fields`).
     audit: str = claims_fields(None)
     #: The policy's decisions for this token, numbered (:mod:`proxy.policy.memo`); empty when
     #: the verifier was built without a decision book.
@@ -122,6 +130,14 @@ PERMANENT_REFUSALS = frozenset(
         "missing-kid",
         "key-algorithm-mismatch",
         "malformed-claims",
+        "aws-request-malformed",
+        "aws-action-not-allowed",
+        "aws-audience-unsigned",
+        "aws-audience-mismatch",
+        "aws-endpoint-not-allowed",
+        "aws-request-expired",
+        "aws-signature-rejected",
+        "aws-request-rejected",
     }
 )
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub")
@@ -156,10 +172,15 @@ class TokenVerifier:
         cache_size: int = 100_000,
         refusal_ttl: float = 60.0,
         decisions: Callable[[str, Mapping[str, Any]], tuple[int, ...]] | None = None,
+        sts: aws.StsClient | None = None,
     ) -> None:
         """``decisions`` numbers a verified token's policy decisions (issuer name and claims
-        in), kept with it in the cache: :meth:`proxy.policy.memo.DecisionBook.numbers`."""
+        in), kept with it in the cache: :meth:`proxy.policy.memo.DecisionBook.numbers`.
+        ``sts`` asks STS about the ``aws`` issuers' signed requests (default: a client with
+        its own bounds, opening a session per call)."""
         self._issuers = {i.issuer: i for i in policy.issuers.values()}
+        self._aws_issuers = policy.aws_issuers
+        self._sts = sts if sts is not None or not policy.aws_issuers else aws.StsClient()
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
@@ -193,6 +214,8 @@ class TokenVerifier:
         return identity
 
     async def _verify(self, token: str) -> Identity:
+        if token.startswith(aws.TOKEN_PREFIX):
+            return await self._verify_aws(token)
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("token-too-large")
         if not _JWT_SHAPE.match(token):
@@ -236,7 +259,20 @@ class TokenVerifier:
             raise AuthError("audience-mismatch", issuer=issuer.name)
         exp = self._check_times(claims, issuer.name)
         decisions = self._decisions(issuer.name, claims) if self._decisions is not None else ()
-        return Identity(exp + self._leeway, issuer.name, exp, payload, claims_fields(claims), decisions)
+        return Identity(exp + self._leeway, issuer.name, exp, payload, claims_fields(audit_identity(claims)), decisions)
+
+    async def _verify_aws(self, token: str) -> Identity:
+        """A presigned GetCallerIdentity request: checked (proxy/identity/aws.py), then sent
+        to STS, whose answer gives the claims. Good until ``X-Amz-Date + max_age``."""
+        if self._sts is None:
+            raise AuthError("unknown-issuer")
+        request = aws.parse_token(token)
+        issuer = aws.choose_issuer(request, self._aws_issuers, now=self._clock(), leeway=self._leeway)
+        claims = aws.caller_claims(await self._sts.caller(request, issuer.name), issuer)
+        exp = request.signed_at + issuer.max_age
+        payload = json.dumps(claims, separators=(",", ":"))
+        decisions = self._decisions(issuer.name, claims) if self._decisions is not None else ()
+        return Identity(exp, issuer.name, exp, payload, claims_fields(audit_identity(claims)), decisions)
 
     def _check_times(self, claims: dict[str, Any], issuer: str) -> float:
         """``exp``/``iat`` (required) and ``nbf`` against the clock; returns ``exp``. Each

@@ -8,10 +8,14 @@ path writes it, so that no request can fill the log or forge a line.
 
 The request path writes its lines through :meth:`AuditLog.decision`, which yields exactly
 the line ``__call__`` would (same fields, order, bounds and escaping) without building a
-dict and encoding it per request: the audited claims of a verified token are bounded,
-escaped and encoded once (:func:`claims_fields`, kept in the token cache with the identity),
-and the fields a door's decision shares with its other requests (kind, outcome, reason,
-issuer, signal, account, rule, transport) once per distinct combination.
+dict and encoding it per request: the identity fields of a verified token are bounded,
+escaped and encoded once per token (:meth:`AuditLog.identity_fields`), and the fields a
+door's decision shares with its other requests (kind, outcome, reason, issuer, signal,
+account, rule, transport) once per distinct combination.
+
+The identity fields (:data:`AUDITED_CLAIMS`) have one name each whichever forge minted the
+token; which claim fills each is :mod:`proxy.identity.forges`' business, not this module's
+(docs/audit.md shows them side by side).
 
 Lines are buffered and written in batches (at most ``flush_interval`` seconds, or 64 KiB,
 apart) rather than one write per request: per-request writes through ``logging`` were
@@ -29,8 +33,24 @@ from typing import Any
 
 from proxy.untrusted import log_text
 
-#: GitLab CI ID token claims that go into each audit line.
-AUDITED_CLAIMS = ("project_path", "pipeline_id", "job_id", "ref", "user_login", "jti")
+#: The identity fields of each audit line, in order: the same names whichever forge minted
+#: the token (GitLab's claim names, which the line has always used). They are filled from
+#: the claim each forge names the fact by (:func:`proxy.identity.forges.audit_identity`;
+#: the table is in docs/audit.md): ``project_path`` is a GitHub token's ``repository``,
+#: ``pipeline_id`` its ``run_id``, ``user_login`` its ``actor``, and so on.
+AUDITED_CLAIMS = (
+    "forge",
+    "project_path",
+    "project_id",
+    "namespace_id",
+    "pipeline_id",
+    "job_id",
+    "ref",
+    "user_login",
+    "user_id",
+    "sub",
+    "jti",
+)
 _MAX_BUFFER = 64 * 1024
 #: Distinct (kind, outcome, reason, issuer, signal, account, rule, transport) heads kept by
 #: :meth:`AuditLog.decision`; the values are policy names and reason codes, so a policy has
@@ -60,9 +80,10 @@ def _json(value: Any) -> str:
 
 
 def claims_fields(claims: Mapping[str, Any] | None) -> str:
-    """The audited claims as the members of an audit line's JSON object
-    (``"project_path":"…","pipeline_id":"…",…``), bounded and escaped as ``AuditLog``
-    writes them. A verified token's are made once and reused by each of its requests."""
+    """The identity fields (:data:`AUDITED_CLAIMS`, by name) as the members of an audit
+    line's JSON object (``"forge":"…","project_path":"…",…``), bounded and escaped as
+    ``AuditLog`` writes them. A verified token's are made once and reused by each of its
+    requests."""
     claims = claims or {}
     return ",".join(f'"{name}":{_json(claims.get(name))}' for name in AUDITED_CLAIMS)
 
