@@ -29,6 +29,7 @@ _BY_STATUS = {
     403: (PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (RESOURCE_EXHAUSTED, "request body too large"),
     415: (INVALID_ARGUMENT, "this encoding is not accepted by the account's backend; send protobuf"),
+    429: (RESOURCE_EXHAUSTED, "quota exceeded; retry after the Retry-After delay"),
     502: (UNAVAILABLE, "upstream unavailable"),
     503: (UNAVAILABLE, "identity provider keys not yet available; retry"),
     504: (DEADLINE_EXCEEDED, "upstream timed out"),

@@ -20,6 +20,7 @@ from proxy.ci.explain_ci import is_ci
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.observe import logs
 from proxy.policy import decide, load_policy
+from proxy.policy.limits import limit_lines
 from proxy.policy.model import SIGNALS, Policy, ServiceAccount, Signal
 from proxy.run import gateway_config
 from proxy.secrets import SecretRef
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             default = option.default or "unset"
             serve.add_argument(option.flag_name, dest=option.field, help=f"{option.help} [{option.env}, {default}]")
     check = sub.add_parser("check", help="validate a policy repository (secrets need not be present)")
-    check.add_argument("directory")
+    check.add_argument("directory", nargs="?", default="policies", help="the policy directory (default: ./policies)")
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too (rules binding weakly)")
     check.add_argument(
         "--gateway",
@@ -48,16 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("directory")
     what = explain.add_mutually_exclusive_group(required=True)
     what.add_argument("--claims", help="JSON file with a token's claims (iss selects the issuer)")
-    what.add_argument("--payload", help="JSON file with a Gitea/Forgejo webhook payload")
+    what.add_argument(
+        "--payload",
+        help="JSON file with a GitLab, Gitea or Forgejo webhook payload; its forge and event are detected from "
+        "it (GitLab's object_kind; Gitea's and Forgejo's shape) unless --source/--event say",
+    )
     explain.add_argument("--signal", choices=SIGNALS, help="with --claims: check the account may send this signal")
     explain.add_argument(
         "--event",
-        default="push",
         help="with --payload: the X-Gitea-Event (push, create, release, workflow_run, workflow_job) or, "
-        "for gitlab, pipeline / job (default: from object_kind)",
+        "for gitlab, pipeline / job (default: detected from the payload; push if it cannot tell)",
     )
-    explain.add_argument("--source", choices=("gitea", "forgejo", "gitlab"), default="gitea", help="with --payload")
+    explain.add_argument(
+        "--source",
+        choices=("gitea", "forgejo", "gitlab", "github"),
+        help="with --payload: the forge (default: detected, gitlab from object_kind, gitea from Gitea's shape; "
+        "Forgejo sends the same shape, so say forgejo for a source: forgejo entry)",
+    )
     sub.add_parser("demo", help="run a local issuer, sink and tracegate, and send a real trace through")
+    aws_token = sub.add_parser(
+        "aws-token",
+        help="print a signed sts:GetCallerIdentity request for an aws issuer (AWS credentials from "
+        "botocore's default chain)",
+    )
+    aws_token.add_argument("--server-id", required=True, help="the issuer's server_id (X-Tracegate-Server-ID)")
+    aws_token.add_argument(
+        "--sts-endpoint", default="https://sts.amazonaws.com", help="one of the issuer's sts_endpoints [global]"
+    )
+    aws_token.add_argument("--region", help="the signing region [the endpoint's; us-east-1 for the global one]")
+    aws_token.add_argument(
+        "--format",
+        choices=("header", "token", "otel"),
+        default="header",
+        help="header: 'Bearer aws-sts.…' (the Authorization value); token: without 'Bearer '; "
+        "otel: 'authorization=Bearer%%20aws-sts.…' for OTEL_EXPORTER_OTLP_HEADERS [header]",
+    )
     from proxy.dev.loop import add_dev_parser
 
     add_dev_parser(sub)
@@ -74,12 +100,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "check":
             gateway = {"yes": True, "no": False}.get(args.gateway or "", "TRACEGATE_AUTHZ_LISTEN" in env or None)
             return _check(Path(args.directory), strict=args.strict, gateway=gateway)
-        if args.command == "explain" and args.payload and is_ci(args.source, args.event):
-            return _explain_ci(Path(args.directory), Path(args.payload), args.event, args.source)
         if args.command == "explain" and args.payload:
-            return _explain_webhook(Path(args.directory), Path(args.payload), args.event, args.source)
+            source, event = _payload_forge(Path(args.payload), args.source, args.event)
+            if is_ci(source, event):
+                return _explain_ci(Path(args.directory), Path(args.payload), event, source)
+            return _explain_webhook(Path(args.directory), Path(args.payload), event, source)
         if args.command == "explain":
             return _explain(Path(args.directory), Path(args.claims), args.signal, env)
+        if args.command == "aws-token":
+            return _aws_token(args)
         if args.command == "gateway-config":
             return gateway_config.main(args, env)
         if args.command == "dev":
@@ -106,7 +135,38 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return run(settings, environ)
 
 
-def _load_unresolved(directory: Path) -> Policy | None:
+def _aws_token(args: argparse.Namespace) -> int:
+    """Sign now, with botocore's default credential chain (which reads the process's own
+    environment and files: env keys, profiles, SSO, web identity/IRSA, ECS, instance metadata)."""
+    from proxy.urls import check_url
+
+    problem = check_url(args.sts_endpoint)
+    if problem:
+        raise ConfigError(f"--sts-endpoint: {problem}")
+    try:
+        import botocore.session
+    except ImportError:
+        raise ConfigError("aws-token needs botocore: pip install botocore") from None
+    from proxy.identity.aws import presign
+
+    credentials = botocore.session.get_session().get_credentials()
+    if credentials is None:
+        raise ConfigError("no AWS credentials found (botocore's default chain: env, profile, SSO, IRSA, ECS, IMDS)")
+    token = presign(
+        credentials.get_frozen_credentials(), server_id=args.server_id, endpoint=args.sts_endpoint, region=args.region
+    )
+    print({"header": f"Bearer {token}", "token": token, "otel": f"authorization=Bearer%20{token}"}[args.format])
+    return 0
+
+
+def _load_unresolved(directory: Path, command: str = "explain") -> Policy | None:
+    if not directory.is_dir():  # the loader's message names serve's --policies
+        default = (
+            " (with no PATH, check reads ./policies)" if (command, directory) == ("check", Path("policies")) else ""
+        )
+        print(f"{directory}: not a directory{default}; name the policy folder: tracegate {command} PATH")
+        print("1 problem(s) found", file=sys.stderr)
+        return None
     try:
         return load_policy(directory, environ={}, resolve_secrets=False)
     except PolicyLoadError as exc:
@@ -120,11 +180,11 @@ def _check(directory: Path, *, strict: bool = False, gateway: bool | None = None
     """``gateway``: whether the gateway door serves this policy (None: not known)."""
     from proxy.policy.lint import gateway_refusals, warnings
 
-    policy = _load_unresolved(directory)
+    policy = _load_unresolved(directory, "check")
     if policy is None:
         return 1
     print(
-        f"ok: {len(policy.files)} file(s), {len(policy.issuers)} issuer(s), "
+        f"ok: {len(policy.files)} file(s), {len(policy.issuers) + len(policy.aws_issuers)} issuer(s), "
         f"{len(policy.service_accounts)} service account(s), {len(policy.rules)} rule(s), "
         f"{len(policy.webhooks)} webhook(s)"
     )
@@ -138,6 +198,30 @@ def _check(directory: Path, *, strict: bool = False, gateway: bool | None = None
         for note in gateway_refusals(policy, known=False):
             print(note)
     return 1 if refused or (strict and found) else 0
+
+
+def _payload_forge(path: Path, source: str | None, event: str | None) -> tuple[str, str]:
+    """(source, event) for ``explain --payload``: as given, else told by the payload. GitLab
+    names its kind in ``object_kind``; Gitea and Forgejo (one shape: gitea is assumed) by the
+    object their event carries. Raises ConfigError when neither is given nor can be told."""
+    payload = _read_object(path, "payload")
+    kind = payload.get("object_kind")
+    found: tuple[str, str] | None = None
+    if isinstance(kind, str):
+        found = "gitlab", {"pipeline": "pipeline", "build": "job"}.get(kind, kind)
+    elif isinstance(payload.get("repository"), dict):
+        carried = [k for k in ("workflow_job", "workflow_run", "release") if isinstance(payload.get(k), dict)]
+        shape = carried[0] if carried else "create" if "ref_type" in payload else "push" if "after" in payload else None
+        found = ("gitea", shape) if shape else None
+    if source is None and found is None:
+        raise ConfigError(
+            f"{path}: cannot tell the forge from the payload (a GitLab one carries object_kind; a Gitea or Forgejo "
+            "one a repository and workflow_run, workflow_job, release, ref_type or after): pass --source and --event"
+        )
+    source = source or (found[0] if found else "gitea")
+    if event is None:  # a detected event holds for the forge family it was detected for only
+        event = found[1] if found and (found[0] == "gitlab") == (source == "gitlab") else "push"
+    return source, event
 
 
 def _read_object(path: Path, what: str) -> dict[str, Any]:
@@ -178,7 +262,7 @@ def _explain(directory: Path, claims_file: Path, signal: str | None, environ: Ma
             f"→ service account {account.name!r} (signals: {', '.join(sorted(account.signals))}; "
             f"{_credential_sources(account)})"
         )
-        for line in _backend_lines(account, signal, environ):
+        for line in [*_backend_lines(account, signal, environ), *limit_lines(account, decision.rule)]:
             print(f"  {line}")
         if account.stamp:
             from proxy.upstream.stamp import stamp_values

@@ -5,7 +5,10 @@ The OTLP specification's gRPC rules decide the codes: a token problem is
 (issuer keys not yet fetched, an upstream that cannot be reached or throttles) is
 ``UNAVAILABLE``, with a ``google.rpc.RetryInfo`` in ``grpc-status-details-bin`` when a delay
 is known; an upstream timeout is ``DEADLINE_EXCEEDED``; a message over the size limit is
-``RESOURCE_EXHAUSTED`` *without* RetryInfo, which OTLP clients treat as final.
+``RESOURCE_EXHAUSTED`` *without* RetryInfo, which OTLP clients treat as final, while a
+quota refusal (HTTP 429) is ``RESOURCE_EXHAUSTED`` *with* RetryInfo — OTLP's sign that it
+may be retried after the delay — and gRPC's own ``grpc-retry-pushback-ms`` (milliseconds),
+which a gRPC retry policy honours.
 
 Messages are generic on purpose: the precise reason goes to the audit log and metrics.
 ``google.rpc.Status`` is written out by hand (four small messages) rather than pulling
@@ -31,6 +34,7 @@ _REFUSALS: dict[int, tuple[grpc.StatusCode, str]] = {
     403: (grpc.StatusCode.PERMISSION_DENIED, "this token may not send this telemetry"),
     413: (grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large"),
     415: (grpc.StatusCode.INVALID_ARGUMENT, "this encoding is not accepted by the account's backend"),
+    429: (grpc.StatusCode.RESOURCE_EXHAUSTED, "quota exceeded; retry after the pushback delay"),
     502: (grpc.StatusCode.UNAVAILABLE, "upstream unavailable"),
     503: (grpc.StatusCode.UNAVAILABLE, "identity provider keys not yet available; retry"),
     504: (grpc.StatusCode.DEADLINE_EXCEEDED, "upstream timed out"),
@@ -99,6 +103,10 @@ def failure(
 def refusal(status: int, reason: str, retry_after: float | None = None) -> GrpcAnswer:
     """A refusal by admission or a failure tracegate saw (HTTP-style ``status``) as gRPC."""
     code, message = _REFUSALS[status]
+    if status == 429 and retry_after is not None:  # a quota: retryable, after the delay
+        answer = failure(code, message, reason, retry_after, outcome="failed")
+        pushback = ("grpc-retry-pushback-ms", str(max(0, round(retry_after * 1000))))
+        return GrpcAnswer(code, message, reason, trailers=(*answer.trailers, pushback), outcome="failed")
     delay = retry_after if code is grpc.StatusCode.UNAVAILABLE else None
     return failure(code, message, reason, delay, outcome="failed")
 

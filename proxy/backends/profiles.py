@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from proxy.secrets import Secret, SecretRef, SecretUnavailable, resolve
+from proxy.secrets import Secret, SecretRef, SecretUnavailable, parse_ref, resolve
 from proxy.urls import check_grpc_target, check_url
 
 Signal = Literal["traces", "metrics", "logs"]
@@ -312,17 +312,7 @@ def resolve_credentials(spec: BackendSpec, environ: Mapping[str, str]) -> Resolv
 
 def secret_ref(value: Any, what: str) -> SecretRef | str:
     """A secret reference, or the message saying why ``value`` is not one (never echoing it)."""
-    if isinstance(value, str):
-        return f"{what} is written inline; secrets are references: {{env: NAME}} or {{file: /path}}"
-    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in ("env", "file"):
-        return f"{what} must be exactly one of {{env: NAME}} or {{file: /path}}"
-    kind: Literal["env", "file"] = "env" if "env" in value else "file"
-    name = value[kind]
-    if not isinstance(name, str) or not name.strip():
-        return f"{what}: {{{kind}: …}} needs a non-empty name"
-    if kind == "file" and not name.startswith("/"):
-        return f"{what}: {{file: {name}}} must be an absolute path"
-    return SecretRef(kind, name)
+    return parse_ref(value, what)
 
 
 def allowed(bad: str, choices: Any) -> str:

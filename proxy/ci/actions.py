@@ -1,28 +1,33 @@
-"""Gitea / Forgejo Actions: ``workflow_run`` and ``workflow_job`` → the spans of a run's trace.
+"""GitHub, Gitea and Forgejo Actions: ``workflow_run`` and ``workflow_job`` → a run's spans.
 
 Gitea ≥ 1.24 sends both (``modules/structs/hook.go``: ``WorkflowRunPayload``,
-``WorkflowJobPayload``; ``repo_actions.go``: ``ActionWorkflowRun``, ``ActionWorkflowJob``);
-they arrive signed on ``/webhooks/gitea`` like every other Gitea event, and
-:func:`receive` is called once the signature verified. The model is GitLab's
+``WorkflowJobPayload``; ``repo_actions.go``: ``ActionWorkflowRun``, ``ActionWorkflowJob``)
+in GitHub's shape, which GitHub documents (webhook events and payloads: ``workflow_run``,
+``workflow_job``); the one difference read here is the run's times — GitHub's run has
+``run_started_at`` and ``updated_at`` (no ``completed_at``): :data:`RUN_TIMES`. Each door
+calls :func:`receive` once the signature verified. The model is GitLab's
 (:mod:`.pipeline`): the trace is (instance — the entry's ``instance:``, else the one the
-repository's ``html_url`` names —, repository id, run id); the run is the root span
-from ``started_at`` to ``completed_at``; each job attempt (job id, ``run_attempt``) is a
-child span from ``started_at`` to ``completed_at``, its queued time ``started_at -
-created_at``, its steps span events. Unset times are Go's zero time
-``0001-01-01T00:00:00Z`` and count as absent. Only ``completed`` events draw spans.
+repository's ``html_url`` names —, repository id, run id); the run is the root span;
+each job attempt (job id, ``run_attempt``) is a child span from ``started_at`` to
+``completed_at``, its queued time ``started_at - created_at``, its steps span events.
+With ``trace_ids: otel-collector`` the ids and the job's shape are the Collector
+githubreceiver's (:mod:`.trace_ids`): the job span from ``created_at``, a queue span and a
+span per step under it. Unset times (Gitea: Go's zero time ``0001-01-01T00:00:00Z``;
+GitHub: null) count as absent. Only ``completed`` events draw spans.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from proxy.ci import trace_ids
 from proxy.ci.ci_outbox import store_spans
 from proxy.ci.gitea import repository_instance
 from proxy.ci.payload import Skip, get, positive_id, text
 from proxy.ci.pipeline import Attribute, CiSpan, RunId, link_on, parse_time
 from proxy.ci.store import OutboxStore
 from proxy.policy.model import WebhookSource
-from proxy.policy.webhooks import pinned_instance
+from proxy.policy.webhooks import pinned_instance, trace_ids_of
 
 EVENTS = ("workflow_run", "workflow_job")
 MAX_STEPS = 100
@@ -34,12 +39,25 @@ _RESULTS = {
     "canceled": "cancellation",
     "skipped": "skip",
     "timed_out": "timeout",
+    "startup_failure": "error",  # GitHub: the workflow could not start (semconv: an error of the CI system)
+    "stale": "cancellation",  # GitHub: superseded
 }
+#: Where a run's start and end are, per forge: Gitea's run names them as its jobs do.
+RUN_TIMES = {"github": ("run_started_at", "updated_at")}
+GITEA_RUN_TIMES = ("started_at", "completed_at")
 
 
-def run_of(payload: dict[str, Any], run_id: Any, instance: str | None = None) -> RunId | None:
+def run_of(
+    payload: dict[str, Any],
+    run_id: Any,
+    instance: str | None = None,
+    *,
+    scheme: str = trace_ids.TRACEGATE,
+    attempt: str = "1",
+) -> RunId | None:
     """The run's trace: the entry's pinned ``instance``, else the one the repository's
-    ``html_url`` names (:func:`.gitea.repository_instance`); the repository's id. An
+    ``html_url`` names (:func:`.gitea.repository_instance`); the repository's id; the ids of
+    ``scheme`` (``attempt``: the run attempt, which ``otel-collector`` ids key on). An
     ``html_url`` that does not end in ``full_name`` — the value the entry was matched on —
     draws nothing, pinned or not."""
     repo_id, run = positive_id(get(payload, "repository", "id")), positive_id(run_id)
@@ -49,7 +67,7 @@ def run_of(payload: dict[str, Any], run_id: Any, instance: str | None = None) ->
     if named is None and get(payload, "repository", "html_url") is not None:
         return None  # html_url names another repository than the one the entry matched
     chosen = instance or named
-    return RunId(chosen, repo_id, run) if chosen else None
+    return RunId(chosen, repo_id, run, scheme, attempt) if chosen else None
 
 
 def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
@@ -63,26 +81,29 @@ def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[s
     }
 
 
-def run_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
+def run_span(
+    payload: dict[str, Any], instance: str | None = None, *, source: str = "gitea", scheme: str = trace_ids.TRACEGATE
+) -> CiSpan | Skip:
     node = payload.get("workflow_run")
     if not isinstance(node, dict):
         return Skip("malformed-workflow-run")
     if node.get("status") != "completed":
         return Skip("not-final")
-    run = run_of(payload, node.get("id"), instance)
-    start = parse_time(node.get("started_at"))
+    attempt = positive_id(node.get("run_attempt")) or "1"
+    run = run_of(payload, node.get("id"), instance, scheme=scheme, attempt=attempt)
+    began, ended = RUN_TIMES.get(source, GITEA_RUN_TIMES)
+    start = parse_time(node.get(began))
     if run is None or start is None:
         return Skip("malformed-workflow-run")
     conclusion = text(node.get("conclusion"), 32) or "failure"
     result = _RESULTS.get(conclusion, "failure")
-    name = text(get(payload, "workflow", "name")) or text(node.get("display_title")) or text(node.get("path"))
-    name = name or f"run {run.pipeline_id}"
-    attempt = positive_id(node.get("run_attempt")) or "1"
+    name = text(get(payload, "workflow", "name")) or text(node.get("name")) or text(node.get("display_title"))
+    name = name or text(node.get("path")) or f"run {run.pipeline_id}"
     return CiSpan(
         run=run,
         name=f"workflow {name}",
         start_ns=start,
-        end_ns=parse_time(node.get("completed_at")) or start,
+        end_ns=parse_time(node.get(ended)) or start,
         result=result,
         attributes={
             **_common(payload, run, node),
@@ -98,13 +119,17 @@ def run_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | S
     )
 
 
-def job_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
+def job_span(
+    payload: dict[str, Any], instance: str | None = None, *, scheme: str = trace_ids.TRACEGATE
+) -> CiSpan | Skip:
     node = payload.get("workflow_job")
     if not isinstance(node, dict):
         return Skip("malformed-workflow-job")
     if node.get("status") != "completed":
         return Skip("not-final")
-    run, job_id = run_of(payload, node.get("run_id"), instance), positive_id(node.get("id"))
+    attempt = positive_id(node.get("run_attempt")) or "1"
+    run = run_of(payload, node.get("run_id"), instance, scheme=scheme, attempt=attempt)
+    job_id = positive_id(node.get("id"))
     created, started = parse_time(node.get("created_at")), parse_time(node.get("started_at"))
     completed = parse_time(node.get("completed_at"))
     start = started or created or completed
@@ -112,7 +137,6 @@ def job_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | S
         return Skip("malformed-workflow-job")
     conclusion = text(node.get("conclusion"), 32) or "failure"
     result = _RESULTS.get(conclusion, "failure")
-    attempt = positive_id(node.get("run_attempt")) or "1"
     queued = max(started - created, 0) / 1e9 if started is not None and created is not None else None
     name = text(node.get("name")) or job_id
     events: list[tuple[str, int, dict[str, Attribute]]] = []
@@ -127,6 +151,11 @@ def job_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | S
             events.append((f"step {text(get(step, 'name')) or '?'}", at, {"tracegate.cicd.step.result": outcome}))
     failed_steps = [text(get(s, "name"), 64) or "?" for s in steps if get(s, "conclusion") == "failure"]
     failure = f"{conclusion}: {', '.join(failed_steps)}" if failed_steps else conclusion
+    inner: tuple[CiSpan, ...] = ()
+    if scheme == trace_ids.OTEL_COLLECTOR:  # the Collector's shape: created → completed, queue and steps as spans
+        start = created or start
+        inner = _collector_inner(run, job_id, created, started, steps)
+        events = events[:1] if started is not None else []
     return CiSpan(
         run=run,
         name=f"job {name}",
@@ -151,23 +180,86 @@ def job_span(payload: dict[str, Any], instance: str | None = None) -> CiSpan | S
         failure_reason=failure[:256] if result != "success" else None,
         final_state=conclusion,
         events=tuple(events),
+        inner=inner,
     )
 
 
-def spans_for(event: str, payload: dict[str, Any], instance: str | None = None) -> CiSpan | Skip:
-    """The span an authentic run or job event draws, in the trace of ``instance`` (the
-    entry's pinned one) or, when None, of the instance its ``html_url`` names."""
-    return run_span(payload, instance) if event == "workflow_run" else job_span(payload, instance)
+def _collector_inner(
+    run: RunId, job_id: str, created: int | None, started: int | None, steps: list[Any]
+) -> tuple[CiSpan, ...]:
+    """The githubreceiver's queue span (``created_at`` → ``started_at``) and one span per step,
+    children of the job's span, with its ids (:mod:`.trace_ids`). A step's id is over its raw
+    name, so steps sharing a name share an id there: only the first of them is sent. Times
+    in reverse order become a zero-length span at the earlier one's place, as the Collector's
+    ``correctActionTimestamps`` does."""
+    parent = run.job_span_id(job_id)
+    out: list[CiSpan] = []
+    if created is not None and started is not None:
+        own = (trace_ids.collector_queue_span_id(job_id), parent)
+        attributes: dict[str, Attribute] = {"tracegate.cicd.queued_seconds": max(started - created, 0) / 1e9}
+        out.append(_inner(run, job_id, "queue", created, max(started, created), "success", attributes, own))
+    seen: set[str] = set()
+    for step in steps:
+        raw, at = get(step, "name"), parse_time(get(step, "started_at"))
+        if not isinstance(raw, str) or raw in seen or at is None:
+            continue
+        seen.add(raw)
+        outcome = text(get(step, "conclusion"), 32)
+        result = _RESULTS.get(outcome, "failure") if outcome else "skip"
+        end = parse_time(get(step, "completed_at")) or at
+        own = (trace_ids.collector_step_span_id(job_id, raw), parent)
+        attributes = {"tracegate.cicd.step.number": int(positive_id(get(step, "number")) or 0)}
+        out.append(_inner(run, job_id, f"step {raw[:200]}", at, max(end, at), result, attributes, own))
+    return tuple(out)
+
+
+def _inner(
+    run: RunId,
+    job_id: str,
+    name: str,
+    start: int,
+    end: int,
+    result: str,
+    attributes: dict[str, Attribute],
+    own: tuple[str, str],
+) -> CiSpan:
+    return CiSpan(
+        run=run,
+        name=name,
+        start_ns=start,
+        end_ns=end,
+        result=result,
+        attributes={**attributes, "cicd.pipeline.task.run.result": result},
+        job_id=job_id,
+        failure_reason=result if result != "success" else None,
+        own_ids=own,
+    )
+
+
+def spans_for(
+    event: str,
+    payload: dict[str, Any],
+    instance: str | None = None,
+    *,
+    source: str = "gitea",
+    scheme: str = trace_ids.TRACEGATE,
+) -> CiSpan | Skip:
+    """The span an authentic run or job event of ``source`` draws, in the trace of
+    ``instance`` (the entry's pinned one) or, when None, of the instance its ``html_url``
+    names, with the ids of ``scheme`` (the entry's ``trace_ids:``)."""
+    if event == "workflow_run":
+        return run_span(payload, instance, source=source, scheme=scheme)
+    return job_span(payload, instance, scheme=scheme)
 
 
 async def receive(
     outbox: OutboxStore, hook: WebhookSource, source: str, event: str, payload: dict[str, Any]
 ) -> tuple[int, str, str, dict[str, Any]]:
     """An authentic workflow_run / workflow_job for ``hook``: (status, decision, reason,
-    answer fields) for the Gitea door to answer and record."""
+    answer fields) for the Gitea or GitHub door to answer and record."""
     if event not in hook.events:
         return 202, "ignored", "event-not-listed", {}
-    span = spans_for(event, payload, pinned_instance(hook))
+    span = spans_for(event, payload, pinned_instance(hook), source=source, scheme=trace_ids_of(hook))
     if isinstance(span, Skip):
         return 202, "ignored", span.reason, {}
     [outcome] = await store_spans(outbox, [span], source=source, hook=hook)  # routes.outbox_unavailable: 503

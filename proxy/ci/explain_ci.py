@@ -1,5 +1,6 @@
 """``tracegate explain --payload`` for CI events: which entry a GitLab pipeline/job hook or a
-Gitea/Forgejo workflow_run/workflow_job would match, and the spans it would produce.
+GitHub/Gitea/Forgejo workflow_run/workflow_job would match, and the spans it would produce
+(with the entry's ``trace_ids:``).
 
 The same functions as the doors (:mod:`.gitlab`, :mod:`.actions`, :mod:`.gitlab_routes`'s
 matching) so what explain prints is what serving does; only the token or signature is not
@@ -11,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.ci import actions, gitlab
+from proxy.ci import actions, github, gitlab
 from proxy.ci.gitea import repository_name
 from proxy.ci.gitlab_routes import candidates
 from proxy.ci.payload import Skip
 from proxy.ci.pipeline import CiSpan, describe
 from proxy.policy.model import Policy
-from proxy.policy.webhooks import pinned_instance
+from proxy.policy.webhooks import pinned_instance, trace_ids_of
 
 #: ``--event`` spellings for GitLab: the X-Gitlab-Event value or the ``events:`` name.
 GITLAB_EVENTS = {"pipeline": "Pipeline Hook", "job": "Job Hook"} | {v: v for v in ("Pipeline Hook", "Job Hook")}
@@ -52,17 +53,20 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
     else:
         repository = repository_name(payload)
         out(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")
-        hooks = [
-            h
-            for h in policy.webhooks
-            if h.source == source and repository is not None and h.repository.match_text(repository)
-        ]
+        if source == github.SOURCE:  # by repository.id first, as the door matches
+            hooks = github.candidates(policy.webhooks, github.repository_of(payload)[0], repository)
+        else:
+            hooks = [
+                h
+                for h in policy.webhooks
+                if h.source == source and repository is not None and h.repository.match_text(repository)
+            ]
         if not hooks:
             out("refused (unknown-repository): no webhooks entry names it → 401, answered as a wrong signature")
             return 1
         hook = hooks[0]
         one = (
-            actions.spans_for(event, payload, pinned_instance(hook))
+            actions.spans_for(event, payload, pinned_instance(hook), source=source, scheme=trace_ids_of(hook))
             if event in hook.events
             else Skip("event-not-listed")
         )
@@ -74,7 +78,7 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
         return 1
     run = spans[0].run
     out(f"  trace {run.trace_id} (instance {run.instance}, project {run.project_id}, pipeline {run.pipeline_id})")
-    for span in spans:
+    for span in (s for top in spans for s in (top, *top.inner)):
         out(f"  {describe(span)}")
     out(
         f"→ 202; {len(spans)} span(s) as service.name {hook.service_name!r} "

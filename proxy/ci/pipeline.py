@@ -12,9 +12,10 @@ re-run is the same job id with a new ``run_attempt``).
 A webhook entry's ``instance:`` pins it; without one it is the sender's word
 (``X-Gitlab-Instance``, a payload URL). Either way a span's links are kept only on that
 instance (:func:`link_on`).
-Ids are SHA-256 over the NUL-joined parts, cut to 16 bytes (trace) and 8 bytes (span): not
-secret, only stable — anyone who knows a project's and pipeline's ids can compute them, as
-anyone who can read the pipeline can.
+Which ids a run's spans carry is the webhook entry's choice (``trace_ids:``,
+:mod:`.trace_ids`): tracegate's own (SHA-256 over the NUL-joined parts, the default) or
+the OpenTelemetry Collector githubreceiver's, so that its traces and tracegate's coincide.
+Not secret, only stable — anyone who can read the pipeline can compute them.
 
 Attributes follow the OpenTelemetry CI/CD and VCS semantic conventions (``cicd.*``,
 ``vcs.*``); the stage and the triggering user, which those do not cover, go under
@@ -23,7 +24,6 @@ Attributes follow the OpenTelemetry CI/CD and VCS semantic conventions (``cicd.*
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -32,6 +32,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy import __version__
+from proxy.ci import trace_ids
+from proxy.ci.trace_ids import job_span_id as job_span_id  # tracegate's derivation, re-exported
+from proxy.ci.trace_ids import pipeline_span_id as pipeline_span_id
+from proxy.ci.trace_ids import trace_id as trace_id
 
 SCOPE = "tracegate.cicd"
 #: OTLP span status codes.
@@ -92,28 +96,6 @@ def origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def trace_id(instance: str, project_id: str, pipeline_id: str) -> str:
-    """32 hex digits, never all zeros."""
-    value = _digest("tracegate-cicd-trace", instance, project_id, pipeline_id)[:32]
-    return value if value.strip("0") else "1" * 32
-
-
-def pipeline_span_id(instance: str, project_id: str, pipeline_id: str) -> str:
-    value = _digest("tracegate-cicd-pipeline", instance, project_id, pipeline_id)[:16]
-    return value if value.strip("0") else "1" * 16
-
-
-def job_span_id(instance: str, project_id: str, pipeline_id: str, job_id: str, attempt: str = "") -> str:
-    """A job attempt's span. GitLab: ``attempt`` is empty (every retry is a new job id);
-    Gitea/Forgejo: the ``run_attempt``."""
-    value = _digest("tracegate-cicd-job", instance, project_id, pipeline_id, job_id, attempt)[:16]
-    return value if value.strip("0") else "1" * 16
-
-
 def traceparent(instance: str, project_id: str, pipeline_id: str, job_id: str, attempt: str = "") -> str:
     """The W3C ``traceparent`` whose parent is the job's span (sampled)."""
     trace = trace_id(instance, project_id, pipeline_id)
@@ -155,24 +137,42 @@ def parse_time(value: Any) -> int | None:
 
 @dataclass(frozen=True)
 class RunId:
-    """Which trace: the forge instance, the project (repository) id, the pipeline (run) id."""
+    """Which trace: the forge instance, the project (repository) id, the pipeline (run) id —
+    and whose ids it carries (``scheme``, :mod:`.trace_ids`). ``attempt`` is the run attempt,
+    which only ``otel-collector`` ids depend on (there each attempt is its own trace)."""
 
     instance: str
     project_id: str
     pipeline_id: str
+    scheme: str = trace_ids.TRACEGATE
+    attempt: str = "1"
 
     @property
     def trace_id(self) -> str:
+        if self.scheme == trace_ids.OTEL_COLLECTOR:
+            return trace_ids.collector_trace_id(self.pipeline_id, self.attempt)
         return trace_id(self.instance, self.project_id, self.pipeline_id)
 
     @property
     def root_span_id(self) -> str:
+        if self.scheme == trace_ids.OTEL_COLLECTOR:
+            return trace_ids.collector_root_span_id(self.pipeline_id, self.attempt)
         return pipeline_span_id(self.instance, self.project_id, self.pipeline_id)
+
+    def job_span_id(self, job_id: str, attempt: str = "") -> str:
+        """A job attempt's span: tracegate's over the run and (job, attempt); the Collector's
+        over the job id alone (GitHub's check run id, new on every attempt)."""
+        if self.scheme == trace_ids.OTEL_COLLECTOR:
+            return trace_ids.collector_job_span_id(job_id)
+        return job_span_id(self.instance, self.project_id, self.pipeline_id, job_id, attempt)
 
 
 @dataclass(frozen=True)
 class CiSpan:
-    """One finished pipeline or job attempt, ready to encode. ``job_id`` None: the root."""
+    """One finished pipeline or job attempt, ready to encode. ``job_id`` None: the root.
+    ``inner`` spans travel with it in the same export and outbox row (the Collector's queue
+    and step spans under ``otel-collector`` ids); such a span names its own ids in
+    ``own_ids`` (span id, parent span id)."""
 
     run: RunId
     name: str
@@ -186,15 +186,21 @@ class CiSpan:
     failure_reason: str | None = None
     final_state: str = ""  # the forge's own final status, part of the outbox key
     events: tuple[tuple[str, int, dict[str, Attribute]], ...] = field(default=())
+    inner: tuple[CiSpan, ...] = field(default=())
+    own_ids: tuple[str, str] | None = None
 
     @property
     def span_id(self) -> str:
+        if self.own_ids is not None:
+            return self.own_ids[0]
         if self.job_id is None:
             return self.run.root_span_id
-        return job_span_id(self.run.instance, self.run.project_id, self.run.pipeline_id, self.job_id, self.attempt)
+        return self.run.job_span_id(self.job_id, self.attempt)
 
     @property
     def parent_span_id(self) -> str:
+        if self.own_ids is not None:
+            return self.own_ids[1]
         return "" if self.job_id is None else self.run.root_span_id
 
     def outbox_key(self, source: str) -> str:
@@ -207,6 +213,8 @@ class CiSpan:
         the key: it is the sender's to change, and a key on it let one span be sent twice."""
         what = "pipeline" if self.job_id is None else f"job:{self.job_id}:{self.attempt}"
         run = self.run
+        if run.scheme != trace_ids.TRACEGATE:  # other ids, another span: keys before the choice stay as they were
+            what = f"{what}:{run.scheme}"
         return ":".join(("ci", source, run.instance, run.project_id, run.pipeline_id, what, self.final_state))
 
 
@@ -242,7 +250,7 @@ def span_json(span: CiSpan) -> dict[str, Any]:
         "traceId": span.run.trace_id,
         "spanId": span.span_id,
         "name": span.name,
-        "kind": KIND_SERVER if span.job_id is None else KIND_INTERNAL,
+        "kind": KIND_SERVER if span.job_id is None and span.own_ids is None else KIND_INTERNAL,
         "startTimeUnixNano": str(span.start_ns),
         "endTimeUnixNano": str(max(span.end_ns, span.start_ns)),
         "attributes": _attributes(span.attributes),
@@ -259,7 +267,8 @@ def otlp_json(spans: list[CiSpan], service_name: str, provider: str) -> bytes:
     """An ExportTraceServiceRequest (OTLP/JSON) carrying ``spans`` under one resource."""
     resource = _attributes({"service.name": service_name, "vcs.provider.name": provider})
     scope = {"name": SCOPE, "version": __version__}
-    scope_spans = [{"scope": scope, "spans": [span_json(s) for s in spans]}]
+    encoded = [span_json(s) for top in spans for s in (top, *top.inner)]
+    scope_spans = [{"scope": scope, "spans": encoded}]
     request = {"resourceSpans": [{"resource": {"attributes": resource}, "scopeSpans": scope_spans}]}
     return json.dumps(request, separators=(",", ":")).encode()
 

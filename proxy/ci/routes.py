@@ -1,5 +1,6 @@
 """HTTP endpoints that become deployment markers: ``POST /webhooks/gitea`` (Gitea and
-Forgejo, HMAC-signed) and ``POST /v1/deployments`` (a GitLab job with its ID token).
+Forgejo, HMAC-signed) and ``POST /v1/deployments`` (a GitLab job with its ID token); it
+registers every webhook door (GitLab's and GitHub's live in their own modules).
 
 Both answer 202 only after the event is durably in the outbox; refusals store nothing. A
 Gitea delivery for a repository no entry names is answered exactly as a wrong signature
@@ -30,9 +31,10 @@ from proxy.answers import refusal
 from proxy.ci import actions
 from proxy.ci.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited
 from proxy.ci.gitea import Classified, classify, repository_instance, repository_name
+from proxy.ci.github_routes import expect_github, handle_github
 from proxy.ci.gitlab_routes import expect_gitlab, handle_gitlab
-from proxy.ci.marker import Marker, is_commit_sha, otlp_json
-from proxy.ci.native_events import store_native
+from proxy.ci.marker import Marker, is_commit_sha
+from proxy.ci.marker_outbox import store_marker
 from proxy.ci.outbox import Added
 from proxy.ci.sender import Sender
 from proxy.ci.signatures import DECOY_SECRETS, presented_signatures, verifies
@@ -68,22 +70,18 @@ async def _store(
     services: tuple[str, ...],
     markers: frozenset[str] = DEFAULT_MARKERS,
 ) -> Added:
-    """Put the marker in the outbox (durably, before the caller answers 202): its OTLP export
-    and/or one native deployment event per service (``markers``). ``stored`` when any of them
-    is new — a half-stored earlier attempt (503) completes on the redelivery — else the first
-    outcome (``duplicate-delivery`` or ``duplicate-body``)."""
-    outbox, now = request.app[OUTBOX], time.time_ns()
-    outcomes: list[Added] = []
-    if "otlp" in markers:
-        payload = otlp_json(marker, services, key, now)
-        outcomes.append(
-            await outbox.add(key=key, body_digest=digest, source=source, service_account=account, payload=payload)
-        )
-    if "native" in markers:
-        outcomes += await store_native(
-            outbox, marker, services, key=key, digest=digest, source=source, account=account, time_unix_nano=now
-        )
-    return "stored" if "stored" in outcomes else outcomes[0]
+    """Put the marker in the outbox, durably, before the caller answers 202 (:mod:`.marker_outbox`)."""
+    return await store_marker(
+        request.app[OUTBOX],
+        key=key,
+        digest=digest,
+        source=source,
+        account=account,
+        marker=marker,
+        services=services,
+        time_unix_nano=time.time_ns(),
+        markers=markers,
+    )
 
 
 def _gitea_source(headers: CIMultiDictProxy[str]) -> str:
@@ -233,7 +231,8 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
         return _deployment_refused(request, admitted)
     identity, rule = admitted.identity, admitted.decision.rule
     claims = identity.claims
-    facts = ci_facts(admitted.policy.issuers[identity.issuer].issuer, claims)
+    issuer = admitted.policy.issuers.get(identity.issuer)  # None: an AWS caller, no CI claims
+    facts = ci_facts(issuer.issuer, claims) if issuer is not None else None
     source = facts.provider if facts is not None else "oidc"
 
     def done(status: int, decision_: str, reason: str, **more: Any) -> web.Response:
@@ -364,6 +363,7 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
     app.router.add_post("/webhooks/gitea", handle_gitea, expect_handler=expect_refusal(_gitea_refuses, webhook_limit))
 
     app.router.add_post("/webhooks/gitlab", handle_gitlab, expect_handler=expect_gitlab)
+    app.router.add_post("/webhooks/github", handle_github, expect_handler=expect_github)
     app.router.add_post(
         "/v1/deployments",
         handle_deployment,

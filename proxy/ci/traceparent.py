@@ -17,10 +17,23 @@ GitHub and Forgejo Actions tokens work too (:func:`job_of`): the trace is the ru
 own span when the token names the job (``check_run_id``, with ``run_attempt``), else the
 run's root span, so that the spans of every job of one run share one trace.
 
+Whose ids: the choice (``trace_ids:``, :mod:`.trace_ids`) of the first webhook entry that
+names the token's repository — for a GitHub token, a ``source: github`` entry binding its
+``repository_id`` (else its name) on its instance — so that the job's spans join the trace
+its team draws; ``tracegate`` when no entry names it. With ``otel-collector`` ids the trace
+is the Collector githubreceiver's for (``run_id``, ``run_attempt``), the parent its job span
+for ``check_run_id`` (else its root span), and ``?step=NAME`` answers the span of the step
+of that name instead (its ids are over the raw step name).
+
 ``format``: ``traceparent`` (default; ``text/plain``), ``resource`` (``key=value,…`` for
-``OTEL_RESOURCE_ATTRIBUTES``, values percent-encoded) or ``json`` (both). Nothing is sent
-upstream. The ids are not secret (anyone who can read the pipeline can compute them); the
-token check is there so the answer is only ever derived from claims the issuer signed.
+``OTEL_RESOURCE_ATTRIBUTES``, values percent-encoded), ``env`` (``NAME=value`` lines after
+the OpenTelemetry environment-variable carrier, spec ``context/env-carriers.md``:
+``TRACEPARENT``, ``TRACESTATE`` — empty: the trace is new to the job, and a state left from
+another trace must not ride along —, ``OTEL_RESOURCE_ATTRIBUTES``; nothing in them needs
+shell quoting, so they can be appended to ``$GITHUB_ENV`` or sourced with ``set -a``) or
+``json`` (all of them). Nothing is sent upstream. The ids are not secret (anyone who can
+read the pipeline can compute them); the token check is there so the answer is only ever
+derived from claims the issuer signed.
 """
 
 from __future__ import annotations
@@ -32,12 +45,17 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from proxy.ci import github, trace_ids
 from proxy.ci.pipeline import instance_of, pipeline_span_id, trace_id, traceparent
 from proxy.doors.ingest import RUNTIME
 from proxy.gate.admission import Refused, admit
-from proxy.identity.forges import ci_facts
+from proxy.identity.forges import ci_facts, forge_of
+from proxy.policy.model import WebhookSource
+from proxy.policy.webhooks import pinned_instance, trace_ids_of
 
-FORMATS = ("traceparent", "resource", "json")
+FORMATS = ("traceparent", "resource", "env", "json")
+#: Longest ``?step=`` name taken (GitHub bounds step names far below this).
+MAX_STEP = 512
 _MESSAGES = {
     400: "bad request",
     401: "the request's token is missing or invalid",
@@ -91,7 +109,40 @@ def resource_attributes(claims: Mapping[str, Any], instance: str, issuer_url: st
         "vcs.ref.head.revision": claims.get("sha"),
         "vcs.repository.url.full": repository_url,
     }
-    return ",".join(f"{k}={quote(v[:256], safe='')}" for k, v in values.items() if isinstance(v, str) and v)
+    # Percent-encoded (``~`` too, which quote() keeps): no character a shell reads specially.
+    encoded = {k: quote(v[:256], safe="").replace("~", "%7E") for k, v in values.items() if isinstance(v, str) and v}
+    return ",".join(f"{k}={v}" for k, v in encoded.items())
+
+
+def scheme_for(hooks: tuple[WebhookSource, ...], issuer_url: str, claims: Mapping[str, Any], instance: str) -> str:
+    """Whose ids the token's job carries: the ``trace_ids:`` of the first entry naming its
+    repository on its instance (GitHub tokens: :func:`.github.candidates`, by
+    ``repository_id`` first), else tracegate's. Other forges' entries can only choose
+    tracegate (``tracegate check`` refuses the rest)."""
+    if forge_of(issuer_url, claims) != github.SOURCE:
+        return trace_ids.TRACEGATE
+    facts = ci_facts(issuer_url, claims)
+    name = facts.repository if facts is not None else None
+    named = github.candidates(hooks, _claim_id(claims, "repository_id"), name)
+    found = [h for h in named if pinned_instance(h) in (None, instance)]
+    return trace_ids_of(found[0]) if found else trace_ids.TRACEGATE
+
+
+def collector_parent(claims: Mapping[str, Any], step: str | None) -> str | None:
+    """The W3C ``traceparent`` in the Collector githubreceiver's trace: its job span when the
+    token names the job (``check_run_id``), or the named step's span; else the run's root.
+    None when the token names no run, or a step without a job."""
+    run, attempt = _claim_id(claims, "run_id"), _claim_id(claims, "run_attempt") or "1"
+    job = _claim_id(claims, "check_run_id")
+    if run is None or (step is not None and job is None):
+        return None
+    if step is not None and job is not None:
+        span = trace_ids.collector_step_span_id(job, step)
+    elif job is not None:
+        span = trace_ids.collector_job_span_id(job)
+    else:
+        span = trace_ids.collector_root_span_id(run, attempt)
+    return f"00-{trace_ids.collector_trace_id(run, attempt)}-{span}-01"
 
 
 def _text(status: int, *, retry_after: int | None = None) -> web.Response:
@@ -115,13 +166,28 @@ async def handle_traceparent(request: web.Request) -> web.Response:
         admitted.record("refused", "unknown-format")
         return _text(400)
     claims = admitted.identity.claims
-    issuer_url = admitted.policy.issuers[admitted.identity.issuer].issuer
-    job = job_of(issuer_url, claims)
+    issuer = admitted.policy.issuers.get(admitted.identity.issuer)  # None: an AWS caller, no job claims
+    issuer_url = issuer.issuer if issuer is not None else ""
+    job = job_of(issuer_url, claims) if issuer is not None else None
     if job is None:
         admitted.record("refused", "token-lacks-job-claims")
         return _text(400)
+    step = request.query.get("step")
+    if step is not None and (not step or len(step) > MAX_STEP or not step.isprintable()):
+        admitted.record("refused", "bad-step")
+        return _text(400)
     instance, project_id, pipeline_id, job_id, attempt = job
-    if job_id is not None:
+    scheme = scheme_for(admitted.policy.webhooks, issuer_url, claims, instance)
+    if scheme == trace_ids.OTEL_COLLECTOR:
+        found = collector_parent(claims, step)
+        if found is None:
+            admitted.record("refused", "token-lacks-job-claims")
+            return _text(400)
+        parent = found
+    elif step is not None:  # tracegate draws steps as span events: there is no step span to parent on
+        admitted.record("refused", "steps-are-not-spans")
+        return _text(400)
+    elif job_id is not None:
         parent = traceparent(instance, project_id, pipeline_id, job_id, attempt)
     else:  # the token does not name its job: the run's root span
         root = pipeline_span_id(instance, project_id, pipeline_id)
@@ -132,7 +198,11 @@ async def handle_traceparent(request: web.Request) -> web.Response:
     resource = resource_attributes(claims, instance, issuer_url)
     if fmt == "resource":
         return web.Response(text=resource + "\n")
-    body = {"traceparent": parent, "otel_resource_attributes": resource}
+    if fmt == "env":
+        lines = [f"TRACEPARENT={parent}", "TRACESTATE="]
+        lines += [f"OTEL_RESOURCE_ATTRIBUTES={resource}"] if resource else []
+        return web.Response(text="\n".join(lines) + "\n")
+    body = {"traceparent": parent, "tracestate": "", "otel_resource_attributes": resource, "trace_ids": scheme}
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 

@@ -21,6 +21,10 @@ service account ``ci`` of the chosen backend; both rewritten on every start: the
 and ``10-dev-rules.yaml`` (written once; edit it and send SIGHUP to the dev process to reload,
 as with ``serve``). A rules file written before ``--backend`` existed defines ``ci`` itself:
 it keeps serving Lightstep, and another backend asks for its ``service_accounts:`` to go.
+``20-dev-webhooks.yaml`` (rewritten on every start, :mod:`proxy.dev.forges`) holds a GitLab
+and a Gitea webhook entry; the banner prints the ``curl`` lines that send the bundled payloads,
+whose GitLab job span is the one ``GET /v1/traceparent`` answers for the dev token. The whole
+policy passes ``tracegate check --strict``.
 
 The stand-ins come from :mod:`proxy.dev.standins`, imported only when ``dev`` runs; the
 request path imports neither module. Everything listens on loopback only.
@@ -42,6 +46,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.dev import forges
 from proxy.dev.backends import (
     DOCUMENTED,
     account_in_own_file,
@@ -51,6 +56,7 @@ from proxy.dev.backends import (
     check_http,
     key_variable,
 )
+from proxy.dev.spans import TRACE_SERVICE, span_lines
 from proxy.dev.state import (
     AUDIENCE,
     DEFAULT_STATE,
@@ -78,7 +84,7 @@ rules:
   - name: no-forks
     issuer: gitlab
     effect: deny
-    when: {{project_path: "*/forks/*"}}
+    when: {{project_path: {{match: "*/forks/*", case: insensitive}}}}
   - name: my-project
     issuer: gitlab
     when: {{project_id: "{project_id}"}}
@@ -279,6 +285,11 @@ async def run_dev(
     def received(request: Received) -> None:
         seen = check_http(backend, key.reveal(), request.method, request.path, request.headers, len(request.body))
         _say(f"# sink: {seen}")
+        if DOCUMENTED[backend].signal_of(request.path) == "traces":
+            for line in span_lines(
+                request.body, request.headers.get("Content-Type"), request.headers.get("Content-Encoding")
+            ):
+                _say(f"# sink: {line}")
         sink.received.clear()  # long-running: keep nothing
 
     sink.on_receive = received
@@ -294,6 +305,7 @@ async def run_dev(
         account.unlink(missing_ok=True)
     if not rules.exists():
         rules.write_text(RULES_YAML.format(project_id=DEV_PROJECT_ID))
+    forges.write(state, issuer.url)
     runners: list[Any] = []
     try:
         flags = {
@@ -346,6 +358,7 @@ async def run_dev(
         for name in ("state.json", "signing-key.pem"):
             with contextlib.suppress(FileNotFoundError):
                 (state / name).unlink()
+        forges.remove(state)
     _say("# tracegate dev stopped")
     return 0
 
@@ -357,6 +370,8 @@ async def _relay_grpc(grpc_sink: Any, backend: str, key: str, stop: asyncio.Even
             await asyncio.wait_for(stop.wait(), 0.2)
         for call in grpc_sink.received:
             _say(f"# grpc sink: {check_grpc(backend, key, call.method, call.metadata, len(call.body))}")
+            for line in span_lines(call.body) if call.method.startswith(TRACE_SERVICE) else []:
+                _say(f"# grpc sink: {line}")
         grpc_sink.received.clear()
 
 
@@ -380,6 +395,8 @@ def _banner(info: Mapping[str, Any], token: str, grpc: str | None, state: Path) 
     for line in collector_exporter(info["ingest"]):
         _say(line)
     _say(f"# more tokens: tracegate dev token --state {state} --claim project_path=a/b --claim ref=main")
+    for line in forges.banner(state, info["ingest"], TOKEN_VARIABLE, secrets.token_hex(4)):
+        _say(line)
     _say("# decisions (audit lines) follow; Ctrl-C stops")
     _say("# ready")
 

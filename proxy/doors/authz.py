@@ -190,6 +190,9 @@ class AuthzDoor:
         # A signed ``exp`` of Infinity or NaN (JSON allows neither, Python's parser both) is not cacheable.
         seconds = max(0, min(self.max_age, math.floor(remaining))) if math.isfinite(remaining) else 0
         rule = admitted.decision.rule
+        quotas = self.runtime.gate.quotas
+        if quotas is not None and rule is not None and quotas.covers(rule.name):
+            seconds = 0  # a quota counts every request: a cached allow would go uncounted
         # The account's whole credential header set, by the backend's own names (Lightstep's
         # key under TRACEGATE_AUTHZ_KEY_HEADER, as before profiles).
         credentials = {self.key_header if name == LIGHTSTEP_KEY else name: value for name, value in route.reveal()}
@@ -207,7 +210,7 @@ class AuthzDoor:
 
     def _deny(self, refused: Refused, content_type: str | None) -> web.Response:
         response = refusal(refused.status, content_type, retry_after=refused.retry_after)
-        if refused.status == 503:
+        if refused.status in (429, 503):  # retryable: never cached past its Retry-After
             response.headers["X-Accel-Expires"] = "0"
             response.headers["Cache-Control"] = "no-store"
         else:

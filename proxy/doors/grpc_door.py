@@ -193,6 +193,12 @@ class GrpcDoor:
         if isinstance(after, bytes):  # Export is unary: a second message is not OTLP
             admitted.record("failed", "more-than-one-message", bytes_in=len(request))
             return await self._answer(context, refusal(400, "more-than-one-message"))
+        quotas, rule = runtime.gate.quotas, admitted.decision.rule
+        if quotas is not None and rule is not None:  # its bytes, now known, before anything goes upstream
+            over = quotas.take_bytes(rule.name, len(request), runtime.monotonic(), runtime.clock)
+            if over is not None:
+                admitted.record("refused", over.reason, bytes_in=len(request))
+                return await self._answer(context, refusal(429, over.reason, over.wait))
         if admitted.account.stamp:  # grpcio has already inflated a gzip message
             try:
                 request = stamp_protobuf(request, stamp_for(admitted.account, admitted.identity))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from multidict import MultiMapping
 
 from proxy.errors import AuthError
+from proxy.gate.quota import Exhausted
 from proxy.identity.identify import Identity, extract_token
 from proxy.observe.audit import claims_fields
 from proxy.policy.evaluate import Decision
@@ -40,7 +41,7 @@ _NO_CLAIMS = claims_fields(None)
 @dataclass(frozen=True)
 class Refused:
     """The request may not pass. ``status`` is the HTTP status the refusal maps to (401,
-    403 or 503); each door translates it into its own protocol (a gRPC status, say)."""
+    403, 429 or 503); each door translates it into its own protocol (a gRPC status, say)."""
 
     status: int
     reason: str
@@ -131,6 +132,14 @@ async def admit(
     if not decision.allowed or decision.account is None:
         _record(runtime, signal, transport, mode, "denied", decision.reason, identity=identity, decision=decision)
         return Refused(403, decision.reason)
+    quotas = gate.quotas  # per-identity limits (quota.py): None when the policy sets none
+    if quotas is not None and decision.rule is not None:
+        over = quotas.admit(decision.rule.name, transport, mode, headers, runtime.monotonic(), runtime.clock)
+        if isinstance(over, Exhausted):
+            _record(runtime, signal, transport, mode, "refused", over.reason, identity=identity, decision=decision)
+            return Refused(429, over.reason, over.retry_after)
+        if over:  # its size is known once it has streamed: charged when recorded
+            return Metered(runtime, gate.policy, identity, decision, decision.account, signal, transport, mode)
     return Admitted(runtime, gate.policy, identity, decision, decision.account, signal, transport, mode)
 
 
@@ -139,3 +148,16 @@ def refuse(runtime: Runtime, *, signal: str, transport: str, reason: str, status
     recorded like any other."""
     _record(runtime, signal, transport, mode, "refused", reason)
     return Refused(status, reason)
+
+
+class Metered(Admitted):
+    """An admission whose bytes are charged to its quotas when it is recorded: an OTLP/HTTP
+    upload without a Content-Length, whose size is known only once it has streamed."""
+
+    __slots__ = ()
+
+    def record(self, outcome: str, reason: str, *, bytes_in: int = 0, upstream_status: int | str | None = None) -> None:
+        quotas = self.runtime.gate.quotas
+        if quotas is not None and self.decision.rule is not None and bytes_in:
+            quotas.settle(self.decision.rule.name, bytes_in, self.runtime.monotonic(), self.runtime.clock)
+        super().record(outcome, reason, bytes_in=bytes_in, upstream_status=upstream_status)

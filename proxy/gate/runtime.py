@@ -20,14 +20,18 @@ import aiohttp
 
 from proxy.backends.profiles import Defaults, Signal, build_backend
 from proxy.errors import ConfigError, PolicyLoadError
+from proxy.gate.quota import Quotas, build_quotas
 from proxy.identity.identify import Identity, TokenVerifier
 from proxy.identity.keys import KeySource
 from proxy.observe.audit import AuditLog
 from proxy.observe.metrics import Metrics
 from proxy.policy import Decision, Policy, decide, load_policy
 from proxy.policy.memo import DecisionBook
+from proxy.policy.model import credential_refs
+from proxy.secrets import SecretRef
 from proxy.settings import tls
 from proxy.settings.config import Settings
+from proxy.settings.secret_stores import SecretStores
 from proxy.upstream.forward import Forwarder
 from proxy.upstream.headers import HeaderPolicy
 from proxy.upstream.pool import UpstreamPool
@@ -41,6 +45,8 @@ class Gate:
     verifier: TokenVerifier
     #: The verifier numbers each token's decisions in this book (None: decided per request).
     book: DecisionBook | None = None
+    #: The policy's quotas (proxy/gate/quota.py; None: it sets no limits).
+    quotas: Quotas | None = None
 
     def decide(self, identity: Identity, signal: str | None) -> Decision:
         """The policy's decision for a verified identity: made once, when its token was
@@ -90,6 +96,9 @@ class Runtime:
         self.tls_reload_hooks: list[Callable[[], None]] = []
         #: Reloads attempted so far (SIGHUP or file watch), so the watch knows its files were read.
         self.reload_attempts = 0
+        #: Secrets kept in AWS Secrets Manager or Vault: read with each load, refreshed between.
+        self.secret_stores = SecretStores(environ, registry=metrics.registry, clock=monotonic)
+        self._secret_refresh: asyncio.Task[None] | None = None
 
     @property
     def gate(self) -> Gate:
@@ -97,9 +106,10 @@ class Runtime:
             raise RuntimeError("tracegate runtime used before start()")
         return self._gate
 
-    def load(self) -> Policy:
-        """Load the policy directory with secrets resolved (blocking: file reads)."""
-        return load_policy(self.settings.policies, environ=self.environ)
+    def load(self, *, fresh_secrets: bool = True) -> Policy:
+        """Load the policy directory with secrets resolved (blocking: file and store reads).
+        ``fresh_secrets=False``: store references as last read (a refresh has just read them)."""
+        return load_policy(self.settings.policies, environ=self.secret_stores.environ(fresh=fresh_secrets))
 
     async def start(self, policy: Policy) -> None:
         """Open the shared sessions and serve ``policy``. Never waits for an issuer."""
@@ -124,6 +134,9 @@ class Runtime:
         self._key_session = aiohttp.ClientSession()
         self._install(policy)
         self._loaded()
+        if self.secret_stores.settings.refresh > 0:
+            rotated = self.secret_stores.run(lambda: self.reload(fresh_secrets=False))
+            self._secret_refresh = asyncio.get_running_loop().create_task(rotated)
 
     def _loaded(self) -> None:
         self.metrics.policy_loads.labels("ok").inc()
@@ -132,6 +145,9 @@ class Runtime:
 
     async def close(self) -> None:
         self.audit.flush()
+        if self._secret_refresh is not None:
+            self._secret_refresh.cancel()
+            await asyncio.gather(self._secret_refresh, return_exceptions=True)
         for task in self._source_tasks.values():
             task.cancel()
         await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
@@ -173,7 +189,9 @@ class Runtime:
             cache_size=self.settings.token_cache_size,
             decisions=book.numbers,
         )
-        self._gate = Gate(policy, verifier, book)
+        self.secret_stores.serving(store_users(policy))
+        previous = self._gate.quotas if self._gate is not None else None
+        self._gate = Gate(policy, verifier, book, build_quotas(policy, self.monotonic(), previous))
 
     def _reload_tls(self) -> None:
         files = self.settings.tls
@@ -202,14 +220,14 @@ class Runtime:
     def issuers_without_keys(self) -> list[str]:
         return sorted(name for name, source in self._sources.items() if not source.ready)
 
-    async def reload(self) -> bool:
-        """Reload policies, secret files and the TLS certificate. True if the new policy now
-        serves. Each part is all-or-nothing: a failed part keeps what it had."""
+    async def reload(self, *, fresh_secrets: bool = True) -> bool:
+        """Reload policies, secrets (files and stores) and the TLS certificate. True if the new
+        policy now serves. Each part is all-or-nothing: a failed part keeps what it had."""
         async with self._reload_lock:
             self.reload_attempts += 1
             self._reload_tls()
             try:
-                policy = await asyncio.to_thread(self.load)
+                policy = await asyncio.to_thread(self.load, fresh_secrets=fresh_secrets)
             except PolicyLoadError as exc:
                 for problem in exc.problems:
                     log.error("policy reload failed; the previous policy keeps serving: %s", problem)
@@ -220,6 +238,13 @@ class Runtime:
             self._loaded()
             log.info("policy reloaded from %d file(s)", len(policy.files))
             return True
+
+
+def store_users(policy: Policy) -> dict[SecretRef, str]:
+    """Each secret-store reference of ``policy`` and the service account it is counted under."""
+    users = {ref: hook.service_account for hook in policy.webhooks for ref in hook.secret_refs}
+    users |= {ref: name for name, account in policy.service_accounts.items() for ref in credential_refs(account)}
+    return {ref: user for ref, user in users.items() if ref.in_store}
 
 
 def with_routes(policy: Policy, defaults: Defaults) -> Policy:

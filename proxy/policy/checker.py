@@ -5,13 +5,13 @@ of the loader: the loader imports the sections, never the other way round."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from proxy.errors import PolicyProblem
 from proxy.policy.matchers import claim_text
 from proxy.policy.model import Where
 from proxy.policy.source import LDict, LList
-from proxy.secrets import SecretRef
+from proxy.secrets import SecretRef, parse_ref
 from proxy.urls import check_grpc_target, check_url
 
 
@@ -91,22 +91,11 @@ class Checker:
         return tuple(out)
 
     def secret_ref(self, value: Any, line: int, what: str) -> SecretRef | None:
-        if isinstance(value, str):
-            # Never echo the value: it may be the secret itself.
-            self.add(line, f"{what} is written inline; secrets are references: {{env: NAME}} or {{file: /path}}")
+        ref = parse_ref(value, what)  # its messages never echo the value: it may be the secret itself
+        if isinstance(ref, str):
+            self.add(line, ref)
             return None
-        if not isinstance(value, LDict) or len(value) != 1 or next(iter(value)) not in ("env", "file"):
-            self.add(line, f"{what} must be exactly one of {{env: NAME}} or {{file: /path}}")
-            return None
-        kind: Literal["env", "file"] = "env" if "env" in value else "file"
-        name = value[kind]
-        if not isinstance(name, str) or not name.strip():
-            self.add(line, f"{what}: {{{kind}: …}} needs a non-empty name")
-            return None
-        if kind == "file" and not name.startswith("/"):
-            self.add(line, f"{what}: {{file: {name}}} must be an absolute path")
-            return None
-        return SecretRef(kind, name)
+        return ref
 
     def url(self, entry: LDict, key: str, what: str) -> str | None:
         value = self.string(entry, key, what)

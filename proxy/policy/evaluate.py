@@ -47,7 +47,7 @@ def decide(
 ) -> Decision:
     """Decide for a token of ``issuer`` (the policy's issuer name). ``signal`` None skips the
     signal check (deployment markers and explain without a signal)."""
-    if issuer not in policy.issuers:
+    if not policy.knows_issuer(issuer):
         return Decision(False, UNKNOWN_ISSUER)
     trace: list[str] = []
     allow: Rule | None = None

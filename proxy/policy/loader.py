@@ -8,6 +8,7 @@ checks their references for form only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,25 +17,36 @@ from proxy.backends.native import NATIVE_KEYS, parse_native, resolve_token
 from proxy.backends.profiles import BACKEND_KEYS, parse_backend, resolve_credentials
 from proxy.errors import PolicyLoadError, PolicyProblem
 from proxy.policy.checker import Checker
+from proxy.policy.limits import parse_limits
 from proxy.policy.matchers import Matcher
 from proxy.policy.model import (
     ALLOWED_ALGORITHMS,
+    DEFAULT_STS_ENDPOINTS,
+    MAX_AWS_MAX_AGE,
     SIGNALS,
+    AwsIssuer,
     Issuer,
     Policy,
     Rule,
     ServiceAccount,
     Signal,
     Where,
+    endpoint_origin,
 )
 from proxy.policy.source import LDict, read_document
 from proxy.policy.stamps import parse_stamp
 from proxy.policy.webhooks import native_problems, parse_webhooks
 from proxy.secrets import SecretRef
+from proxy.urls import check_url
 
 TOP_LEVEL = ("issuers", "service_accounts", "rules", "webhooks")
 #: Claims that identify a project or person; a bare ``*`` on them needs ``allow_any: true``.
 BROAD_CLAIMS = ("project_path", "namespace_path", "sub")
+#: An ``aws`` issuer's ``server_id``: sent as a signed header, so visible ASCII, no spaces.
+_SERVER_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+#: What binds an ``aws`` allow rule to accounts: exact account ids, or ARNs in a fixed account.
+_AWS_ACCOUNT = re.compile(r"^\d{12}$")
+_AWS_ARN_IN_ACCOUNT = re.compile(r"^arn:aws[a-z-]*:(?:iam|sts)::\d{12}:")
 
 
 def policy_files(directory: Path) -> list[Path]:
@@ -67,6 +79,7 @@ def load_policy(
 
     problems: list[PolicyProblem] = []
     issuers: dict[str, Issuer] = {}
+    aws_issuers: dict[str, AwsIssuer] = {}
     accounts: dict[str, ServiceAccount] = {}
     rules: list[Rule] = []
     webhooks = []
@@ -86,7 +99,7 @@ def load_policy(
             check.keys(top, TOP_LEVEL, (), "a policy file")
             for section, names in defined.items():
                 names.update(_section_names(top, section))
-            _issuers(check, top, issuers)
+            _issuers(check, top, issuers, aws_issuers)
             _accounts(check, top, accounts, environ if resolve_secrets else None)
             for rule in _rules(check, top):
                 if rule.name in rule_names:
@@ -101,10 +114,11 @@ def load_policy(
             )
         problems += check.problems
 
-    problems += _cross_check(issuers, accounts, rules, webhooks, defined)
+    problems += _cross_check({**issuers, **aws_issuers}, accounts, rules, webhooks, defined)
+    problems += _aws_cross_check(aws_issuers, rules)
     if problems:
         raise PolicyLoadError(problems)
-    return Policy(issuers, accounts, tuple(rules), tuple(webhooks), tuple(str(f) for f in files))
+    return Policy(issuers, accounts, tuple(rules), tuple(webhooks), tuple(str(f) for f in files), aws_issuers)
 
 
 def _section_names(top: LDict, key: str) -> tuple[str, ...]:
@@ -112,7 +126,7 @@ def _section_names(top: LDict, key: str) -> tuple[str, ...]:
     return tuple(str(name) for name in section) if isinstance(section, LDict) else ()
 
 
-def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
+def _issuers(check: Checker, top: LDict, out: dict[str, Issuer], aws_out: dict[str, AwsIssuer]) -> None:
     section = top.get("issuers")
     if section is None:
         return
@@ -120,13 +134,24 @@ def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
     for name, entry in (section or {}).items():
         line = section.line_of(name) if section is not None else 0
         what = f"issuer {name!r}"
-        if name in out:
-            check.add(line, f"{what} is also defined at {out[name].where}; names must be unique")
+        if name in out or name in aws_out:
+            check.add(line, f"{what} is also defined at {(out.get(name) or aws_out[name]).where}; names must be unique")
             continue
         entry = check.mapping(entry, line, what)
         if entry is None:
             continue
-        check.keys(entry, ("issuer", "audiences", "jwks_uri", "algorithms"), ("issuer", "audiences"), what, line)
+        kind = entry.get("kind", "oidc")
+        if kind == "aws":
+            aws = _aws_issuer(check, str(name), entry, line, what)
+            if aws is not None:
+                aws_out[name] = aws
+            continue
+        if kind != "oidc":
+            check.add(entry.line_of("kind"), f"{what}.kind must be oidc (the default) or aws, not {kind!r}")
+            continue
+        check.keys(
+            entry, ("kind", "issuer", "audiences", "jwks_uri", "algorithms"), ("issuer", "audiences"), what, line
+        )
         url = check.url(entry, "issuer", what)
         audiences = check.strings(entry, "audiences", what)
         jwks_uri = check.url(entry, "jwks_uri", what)
@@ -143,6 +168,41 @@ def _issuers(check: Checker, top: LDict, out: dict[str, Issuer]) -> None:
                     entry.line_of("issuer"), f"{what}: remove the trailing '/'; iss must equal the issuer exactly"
                 )
             out[name] = Issuer(name, url, audiences, jwks_uri, algorithms, check.where(line))
+
+
+def _aws_issuer(check: Checker, name: str, entry: LDict, line: int, what: str) -> AwsIssuer | None:
+    """``kind: aws``: ``server_id`` (required), ``sts_endpoints`` (default: the global
+    endpoint), ``max_age`` (seconds, default and most 900)."""
+    check.keys(entry, ("kind", "server_id", "sts_endpoints", "max_age"), ("server_id",), what, line)
+    server_id = check.string(entry, "server_id", what)
+    if server_id is not None and not _SERVER_ID.match(server_id):
+        check.add(
+            entry.line_of("server_id"),
+            f"{what}.server_id must be 1-256 visible ASCII characters, no spaces (it is a signed header's value)",
+        )
+        server_id = None
+    endpoints: list[str] = []
+    for url in check.strings(entry, "sts_endpoints", what) or DEFAULT_STS_ENDPOINTS:
+        problem = check_url(url)
+        if problem is None and url.split("://", 1)[1].rstrip("/").count("/"):
+            problem = f"{url!r} must be an origin (https://sts.REGION.amazonaws.com), without a path"
+        if problem is not None:
+            check.add(entry.line_of("sts_endpoints"), f"{what}.sts_endpoints: {problem}")
+            return None
+        endpoints.append(endpoint_origin(url))
+    max_age = entry.get("max_age", MAX_AWS_MAX_AGE)
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or not 1 <= max_age <= MAX_AWS_MAX_AGE:
+        check.add(
+            entry.line_of("max_age"),
+            f"{what}.max_age must be whole seconds from 1 to {MAX_AWS_MAX_AGE} "
+            f"(AWS refuses a signature older than that), not {max_age!r}",
+        )
+        return None
+    if server_id is None:
+        return None
+    return AwsIssuer(
+        name, f"aws:{name}", (server_id,), server_id, tuple(dict.fromkeys(endpoints)), max_age, check.where(line)
+    )
 
 
 def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], environ: Mapping[str, str] | None) -> None:
@@ -168,6 +228,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
                 "grpc_upstream",
                 "upstream_protocol",
                 "stamp",
+                "limits",
                 *BACKEND_KEYS,
                 *NATIVE_KEYS,
             ),
@@ -190,6 +251,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             check.add(entry.line_of("signals"), f"{what}: unknown signal {bad[0]!r}; use traces, metrics or logs")
         upstream = check.url(entry, "upstream", what)
         stamp = parse_stamp(check, entry["stamp"], entry.line_of("stamp"), what) if "stamp" in entry else ()
+        limits = parse_limits(check, entry["limits"], entry.line_of("limits"), what) if "limits" in entry else None
         grpc_upstream = check.grpc_target(entry, "grpc_upstream", what)
         protocol = entry.get("upstream_protocol", "grpc")
         if protocol not in ("grpc", "http"):
@@ -230,6 +292,7 @@ def _accounts(check: Checker, top: LDict, out: dict[str, ServiceAccount], enviro
             credentials=credentials,
             native=native,
             native_token=native_token,
+            limits=limits,
         )
 
 
@@ -241,7 +304,7 @@ def _rules(check: Checker, top: LDict) -> list[Rule]:
     for entry, name, what in entries:
         check.keys(
             entry,
-            ("name", "issuer", "effect", "when", "service_account", "allow_any", "services"),
+            ("name", "issuer", "effect", "when", "service_account", "allow_any", "services", "limits"),
             ("name", "issuer"),
             what,
         )
@@ -261,9 +324,12 @@ def _rules(check: Checker, top: LDict) -> list[Rule]:
         when = _when(check, entry, what, allow_any)
         services = check.strings(entry, "services", what) or ()
         issuer = check.string(entry, "issuer", what)
+        limits = parse_limits(check, entry["limits"], entry.line_of("limits"), what) if "limits" in entry else None
+        if effect == "deny" and "limits" in entry:
+            check.add(entry.line_of("limits"), f"{what} denies; remove limits (they apply to what a rule allows)")
         if issuer is None or when is None:
             continue
-        rules.append(Rule(name, issuer, effect, when, account, services, check.where(entry.line)))
+        rules.append(Rule(name, issuer, effect, when, account, services, check.where(entry.line), limits))
     return rules
 
 
@@ -306,8 +372,46 @@ def _matcher(check: Checker, block: LDict, claim: str, what: str) -> Matcher | N
     return Matcher(patterns, case_insensitive=case == "insensitive") if patterns is not None else None
 
 
+def _aws_cross_check(aws_issuers: dict[str, AwsIssuer], rules: list[Rule]) -> list[PolicyProblem]:
+    """Two ``aws`` issuers may not share a ``server_id`` (a signed request names only that),
+    and every allow rule of one must pin AWS accounts: anyone can create an AWS account with
+    a role named ``ci-deploy``, so ``role: ci-*`` alone would admit the world."""
+    problems = []
+    seen: dict[str, AwsIssuer] = {}
+    for aws in aws_issuers.values():
+        if aws.server_id in seen:
+            problems.append(
+                PolicyProblem(
+                    aws.where.file,
+                    aws.where.line,
+                    f"issuer {aws.name!r} has the same server_id as {seen[aws.server_id].name!r}; "
+                    "a signed request could not tell them apart: merge them or change one",
+                )
+            )
+        seen[aws.server_id] = aws
+    for rule in rules:
+        if rule.issuer not in aws_issuers or rule.effect != "allow":
+            continue
+        matchers = dict(rule.when)
+        account, arn = matchers.get("account"), matchers.get("arn")
+        if (account is not None and all(_AWS_ACCOUNT.match(p) for p in account.patterns)) or (
+            arn is not None and all(_AWS_ARN_IN_ACCOUNT.match(p) for p in arn.patterns)
+        ):
+            continue
+        problems.append(
+            PolicyProblem(
+                rule.where.file,
+                rule.where.line,
+                f"rule {rule.name!r} allows callers of aws issuer {rule.issuer!r} without pinning their AWS "
+                'account: add account: "123456789012" (12 digits, quoted; a list for several) or arn patterns '
+                "that start arn:aws:sts::<account>: — any AWS account can name a role like yours",
+            )
+        )
+    return problems
+
+
 def _cross_check(
-    issuers: dict[str, Issuer],
+    issuers: Mapping[str, Issuer | AwsIssuer],
     accounts: dict[str, ServiceAccount],
     rules: list[Rule],
     webhooks: list[Any],
@@ -323,7 +427,7 @@ def _cross_check(
 
     known_issuers = ", ".join(sorted(issuers)) or "none"
     known_accounts = ", ".join(sorted(accounts)) or "none"
-    seen_urls: dict[str, Issuer] = {}
+    seen_urls: dict[str, Issuer | AwsIssuer] = {}
     for issuer in issuers.values():
         if issuer.issuer in seen_urls:
             add(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from proxy.backends.native import NativeSpec
 from proxy.backends.profiles import Backend, BackendSpec
@@ -39,6 +40,63 @@ class Issuer:
     where: Where
 
 
+#: The STS endpoint an ``aws`` issuer allows when it names none: the global one.
+DEFAULT_STS_ENDPOINTS = ("https://sts.amazonaws.com",)
+#: A SigV4 signature is good for 15 minutes (AWS refuses older ones), so no longer here.
+MAX_AWS_MAX_AGE = 900
+
+
+@dataclass(frozen=True)
+class AwsIssuer:
+    """An issuer of ``kind: aws``: callers present a presigned ``sts:GetCallerIdentity``
+    request (proxy/identity/aws.py) and STS says who signed it. ``issuer`` and ``audiences``
+    mirror an OIDC issuer's, so that the identity's ``iss``/``aud`` claims and ``explain``
+    read alike: ``iss`` is ``aws:<name>``, the one audience is ``server_id``."""
+
+    name: str
+    #: ``aws:<name>``: the ``iss`` claim of its identities (never a URL, so never an OIDC issuer's).
+    issuer: str
+    #: ``(server_id,)``.
+    audiences: tuple[str, ...]
+    #: The value of ``X-Tracegate-Server-ID`` the request must be signed with.
+    server_id: str
+    #: Origins (``https://host[:port]``, normalised) the signed request may name.
+    sts_endpoints: tuple[str, ...]
+    #: Seconds after its ``X-Amz-Date`` that a signed request is accepted (and cached).
+    max_age: int
+    where: Where
+
+
+def endpoint_origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, as an ``aws`` issuer's ``sts_endpoints`` hold it and
+    as a signed request's URL is compared with them: the host lowercased, the scheme's
+    default port left out. Raises ValueError for a URL without a host or with a bad port."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port
+    if not host or parts.scheme not in ("https", "http"):
+        raise ValueError("not an http(s) URL with a host")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != (443 if parts.scheme == "https" else 80):
+        netloc += f":{port}"
+    return f"{parts.scheme}://{netloc}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``limits:`` of a service account or a rule: what one process admits (enforced by
+    proxy/gate/quota.py, written as proxy/policy/limits.py reads it). Rates are per second,
+    a burst is its bucket's size (defaults: one second's worth), bytes are the request body
+    as sent (compressed if it was), and ``daily_bytes`` is spent per UTC day. None: not
+    limited. Compared without ``where``: a reload keeps the state of a limit that only moved."""
+
+    requests_per_second: float | None = None
+    requests_burst: int | None = None
+    bytes_per_second: float | None = None
+    bytes_burst: int | None = None
+    daily_bytes: int | None = None
+    where: Where = field(default=Where("", 0), compare=False)
+
+
 @dataclass(frozen=True)
 class ServiceAccount:
     name: str
@@ -70,6 +128,8 @@ class ServiceAccount:
     native: NativeSpec | None = field(default=None, compare=False)
     #: The resolved ``marker_token`` (None: none written, or secrets not resolved).
     native_token: Secret | None = field(default=None, repr=False, compare=False)
+    #: Its quotas, per tracegate process (None: none).
+    limits: Limits | None = None
 
 
 def credential_refs(account: ServiceAccount) -> list[SecretRef]:
@@ -92,6 +152,8 @@ class Rule:
     service_account: str | None
     services: tuple[str, ...]
     where: Where
+    #: Quotas shared by every identity this rule admits, per process (None: none).
+    limits: Limits | None = None
 
 
 #: A webhook entry's markers when it names none: a span through the account's OTLP route.
@@ -105,7 +167,7 @@ class WebhookSource:
     project's path); CI spans carry ``service_name`` as their resource's service.name."""
 
     name: str
-    source: Literal["gitea", "forgejo", "gitlab"]
+    source: Literal["gitea", "forgejo", "gitlab", "github"]
     repository: Matcher
     secret_refs: tuple[SecretRef, ...]
     events: frozenset[str]
@@ -122,6 +184,9 @@ class WebhookSource:
     #: What its markers become: ``otlp`` (a span, the default) and/or ``native`` (the
     #: backend's own deployment-event API), and the line ``markers:`` is written at.
     markers: frozenset[str] = DEFAULT_MARKERS
+    #: Whose ids its CI spans carry (``trace_ids:``, :mod:`proxy.ci.trace_ids`): tracegate's
+    #: derivation or the OpenTelemetry Collector's.
+    trace_ids: str = "tracegate"
     markers_line: int = 0
 
 
@@ -132,9 +197,13 @@ class Policy:
     rules: tuple[Rule, ...]
     webhooks: tuple[WebhookSource, ...] = ()
     files: tuple[str, ...] = ()
+    #: Issuers of ``kind: aws``, apart from ``issuers`` (whose entries each get a JWKS key
+    #: source): names are unique across both.
+    aws_issuers: dict[str, AwsIssuer] = field(default_factory=dict)
 
-    def issuer_by_url(self, url: str) -> Issuer | None:
-        for issuer in self.issuers.values():
-            if issuer.issuer == url:
-                return issuer
-        return None
+    def knows_issuer(self, name: str) -> bool:
+        return name in self.issuers or name in self.aws_issuers
+
+    def issuer_by_url(self, url: str) -> Issuer | AwsIssuer | None:
+        found: list[Issuer | AwsIssuer] = [*self.issuers.values(), *self.aws_issuers.values()]
+        return next((issuer for issuer in found if issuer.issuer == url), None)

@@ -1,17 +1,23 @@
 """The ``webhooks:`` section of the policy files: which repositories may send, signed how.
 
-Trust, per entry: its secret (a Gitea/Forgejo HMAC key, a GitLab token) is the whole of
+Trust, per entry: its secret (a GitHub/Gitea/Forgejo HMAC key, a GitLab token) is the whole of
 what authenticates a delivery, so whoever holds it can write any payload. What the entry
 pins is therefore all that binds what is drawn:
 
-* ``project_id`` (GitLab) pins the projects by their immutable ids; such an entry never
-  matches by path. An entry with ``repository:`` only matches the path the payload names,
-  and then the payload's ``project.id`` — the key of the trace its spans join — is the
-  sender's word: :func:`warnings` says so, and ``project_id`` with ``repository`` in one
-  entry is refused (split it: one entry binds ids, another a path glob).
+* ``project_id`` (GitLab) and ``repository_id`` (GitHub) pin the projects by their
+  immutable ids; such an entry never matches by path. An entry with ``repository:`` only
+  matches the path the payload names, and then the payload's ``project.id`` (or
+  ``repository.id``) — the key of the trace its spans join — is the sender's word:
+  :func:`warnings` says so, and an id with ``repository`` in one entry is refused (split it:
+  one entry binds ids, another a path glob).
 * ``instance`` pins the forge's base URL (as its ID tokens name it in ``iss``): the trace is
   keyed on it, never on ``X-Gitlab-Instance`` or a payload URL, and links that name another
   host are dropped. Without it the sender names the instance (:func:`warnings` again).
+
+Which ids its CI spans carry (``trace_ids:``, default ``tracegate``; :mod:`proxy.ci.trace_ids`):
+tracegate's own, or the OpenTelemetry Collector githubreceiver's (``otel-collector``, GitHub
+entries only); ``gitlab`` is refused until GitLab publishes its derivation. ``GET
+/v1/traceparent`` follows the choice of the entry naming the job's repository.
 
 What a marker becomes, per entry (``markers:``, default ``[otlp]``): ``otlp``, a span that every
 backend takes; ``native``, the backend's own deployment event (proxy/backends/native.py), for
@@ -32,19 +38,63 @@ from proxy.policy.model import DEFAULT_MARKERS, ServiceAccount, WebhookSource
 from proxy.secrets import SecretUnavailable, resolve
 
 EVENTS = ("push", "tag", "release")
+#: Events that draw deployment markers (GitHub's tags arrive as pushes of ``refs/tags/…``).
+MARKER_EVENTS = (*EVENTS, "deployment_status")
 #: What each source may send (``events:``), and what an entry listens to when it lists none.
 #: pipeline/job and workflow_run/workflow_job become CI traces (see ``proxy/ci/pipeline.py``).
 SOURCE_EVENTS = {
     "gitea": ("push", "tag", "release", "workflow_run", "workflow_job"),
     "forgejo": ("push", "tag", "release", "workflow_run", "workflow_job"),
     "gitlab": ("pipeline", "job"),
+    "github": ("push", "release", "deployment_status", "workflow_run", "workflow_job"),
 }
-DEFAULT_EVENTS = {"gitea": EVENTS, "forgejo": EVENTS, "gitlab": ("pipeline", "job")}
+DEFAULT_EVENTS = {
+    "gitea": EVENTS,
+    "forgejo": EVENTS,
+    "gitlab": ("pipeline", "job"),
+    "github": ("push", "release", "deployment_status"),
+}
+#: ``trace_ids:`` — whose ids an entry's CI spans carry (derived in proxy/ci/trace_ids.py), the
+#: forges each can derive them for, and why not the others: what ``tracegate check`` says.
+TRACE_IDS = ("tracegate", "otel-collector", "gitlab")
+TRACE_IDS_SOURCES = {"tracegate": ("gitea", "forgejo", "gitlab", "github"), "otel-collector": ("github",)}
+_COLLECTOR_GITHUB_ONLY = "the Collector's githubreceiver derives ids for GitHub runs"
+TRACE_IDS_REFUSED = {
+    ("gitlab", ""): (
+        "GitLab derives its CI Job Telemetry trace id from the root pipeline's id but has not published how "
+        "(gitlab-org/gitlab#590587 shows zero-padded hex only as an example; its span ids are internal), and a "
+        "job of a child pipeline cannot learn its root pipeline's id from its ID token; use tracegate"
+    ),
+    ("otel-collector", "gitlab"): (
+        f"{_COLLECTOR_GITHUB_ONLY}; its gitlabreceiver keys the trace on the pipeline's finished_at, which a "
+        "running job cannot know, so a job's own spans could never join it; use tracegate"
+    ),
+    ("otel-collector", "gitea"): (
+        f"{_COLLECTOR_GITHUB_ONLY}; a Gitea or Forgejo job's token names no job (check_run_id), so a job's own "
+        "spans could not find their parent; use tracegate"
+    ),
+}
+TRACE_IDS_REFUSED["otel-collector", "forgejo"] = TRACE_IDS_REFUSED["otel-collector", "gitea"]
+
+
+def trace_ids_problem(choice: str, source: str) -> str | None:
+    """Why an entry of ``source`` may not choose ``choice``, or None when it may."""
+    if choice not in TRACE_IDS:
+        return f"must be one of {', '.join(TRACE_IDS)}"
+    refused = TRACE_IDS_REFUSED.get((choice, "")) or TRACE_IDS_REFUSED.get((choice, source))
+    if refused is None and source not in TRACE_IDS_SOURCES.get(choice, ()):
+        refused = f"{choice} ids are not defined for source {source}"
+    return refused
+
+
+#: Where each source names the immutable id an entry may bind (``project_id`` / ``repository_id``).
+ID_KEYS = {"gitlab": "project_id", "github": "repository_id"}
 KEYS = (
     "name",
     "source",
     "repository",
     "project_id",
+    "repository_id",
     "secret",
     "events",
     "refs",
@@ -53,11 +103,17 @@ KEYS = (
     "service_name",
     "instance",
     "markers",
+    "trace_ids",
 )
 #: Events that draw CI trace spans, whose trace id is keyed on the forge instance.
 CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job"})
 #: What a marker may become (``markers:``): an OTLP span, the backend's native deployment event.
 MARKERS = ("otlp", "native")
+
+
+def trace_ids_of(hook: WebhookSource) -> str:
+    """Whose ids ``hook``'s CI spans carry: ``tracegate`` (the default) or ``otel-collector``."""
+    return hook.trace_ids
 
 
 def markers_of(hook: WebhookSource) -> frozenset[str]:
@@ -129,6 +185,16 @@ def warnings(webhooks: Iterable[WebhookSource]) -> list[PolicyProblem]:
                     "other entry binds by id; pin project_id (Settings → General → Project ID)",
                 )
             )
+        if str(hook.source) == "github" and not hook.project_ids:
+            out.append(
+                PolicyProblem(
+                    where.file,
+                    where.line,
+                    f"warning: webhook {name!r} names GitHub repositories by name only: a renamed or deleted "
+                    "repository's name can be taken by another, and whoever holds its secret chooses the "
+                    "repository id its traces are keyed on; pin repository_id (the API's repository.id)",
+                )
+            )
         if hook.events & CI_EVENTS and pinned_instance(hook) is None:
             out.append(
                 PolicyProblem(
@@ -151,18 +217,19 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
         raw_source = entry.get("source")
         source = raw_source if isinstance(raw_source, str) else ""
         if source not in SOURCE_EVENTS:
-            check.add(entry.line_of("source"), f"{what}: source must be gitea, forgejo or gitlab")
+            check.add(entry.line_of("source"), f"{what}: source must be gitea, forgejo or gitlab, or github")
         repository = check.strings(entry, "repository", what)
         if repository and Matcher(repository).matches_everything:
             check.add(entry.line_of("repository"), f"{what}: a bare '*' repository lets any repository send; name it")
         project_ids = _project_ids(check, entry, what, source)
-        if "repository" not in entry and "project_id" not in entry:
-            which = "project_id (preferred: it never changes) or repository" if source == "gitlab" else "repository"
+        id_key = ID_KEYS.get(source)
+        if "repository" not in entry and not any(k in entry for k in ID_KEYS.values()):
+            which = f"{id_key} (preferred: it never changes) or repository" if id_key else "repository"
             check.add(entry.line, f"{what} is missing {which}")
-        if source == "gitlab" and "repository" in entry and "project_id" in entry:
+        if id_key and "repository" in entry and id_key in entry:
             check.add(
                 entry.line_of("repository"),
-                f"{what}: project_id and repository in one entry; an entry binds project ids (preferred: they "
+                f"{what}: {id_key} and repository in one entry; an entry binds ids (preferred: they "
                 "never change) or a path glob, not both: drop repository, or split the entry in two",
             )
         instance = _instance(check, entry, what)
@@ -181,14 +248,20 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                     f"{what}: unknown marker {marker!r}; markers lists otlp (a span: every backend), "
                     "native (the backend's deployment API) or both",
                 )
-        if "markers" in entry and not set(events) & set(EVENTS):
-            check.add(entry.line_of("markers"), f"{what}: markers is for {'/'.join(EVENTS)} events; it lists none")
+        marking = [e for e in MARKER_EVENTS if e in events]
+        if "markers" in entry and not marking:
+            kinds = [e for e in SOURCE_EVENTS.get(source, ()) if e in MARKER_EVENTS] or EVENTS
+            check.add(entry.line_of("markers"), f"{what}: markers is for {'/'.join(kinds)} events; it lists none")
         service_name = check.string(entry, "service_name", what) or f"ci/{name}"
         refs = check.strings(entry, "refs", what) or ("*",)
         account = check.string(entry, "service_account", what)
         services = check.strings(entry, "services", what) or ()
-        if not services and set(events) & set(EVENTS):
-            check.add(entry.line, f"{what} is missing 'services' (the services its {'/'.join(EVENTS)} markers go to)")
+        if not services and marking:
+            check.add(entry.line, f"{what} is missing 'services' (the services its {'/'.join(marking)} markers go to)")
+        trace_choice = check.string(entry, "trace_ids", what) or "tracegate"
+        refused = trace_ids_problem(trace_choice, source) if source in SOURCE_EVENTS else None
+        if refused is not None:
+            check.add(entry.line_of("trace_ids"), f"{what}.trace_ids {trace_choice[:40]!r}: {refused}")
         refs_secret = entry.get("secret")
         secret_list = refs_secret if isinstance(refs_secret, list) else [refs_secret] if refs_secret is not None else []
         secret_refs = [check.secret_ref(r, entry.line_of("secret"), f"{what}.secret") for r in secret_list]
@@ -205,14 +278,15 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                     check.add(entry.line_of("secret"), f"{what}.secret: {exc}; set it or fix the reference")
         if source not in SOURCE_EVENTS or not (repository or project_ids) or account is None:
             continue
-        if set(events) & set(EVENTS) and not services:
+        if marking and not services:
             continue
         if any(r is None for r in secret_refs) or not secret_refs:
             continue
         out.append(
             WebhookSource(
                 name=name,
-                source=cast(Literal["gitea", "forgejo", "gitlab"], source),
+                # github is a source the shared model's Literal does not list yet (proxy/policy/model.py)
+                source=cast(Literal["gitea", "forgejo", "gitlab", "github"], source),
                 repository=Matcher(repository or ()),
                 secret_refs=tuple(r for r in secret_refs if r is not None),
                 events=frozenset(events),
@@ -226,6 +300,7 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                 instance=instance,
                 markers=frozenset(m for m in markers if m in MARKERS),
                 markers_line=entry.line_of("markers") if "markers" in entry else entry.line,
+                trace_ids=trace_choice if refused is None else "tracegate",
             )
         )
     return out
@@ -247,21 +322,26 @@ def _instance(check: Checker, entry: Any, what: str) -> str | None:
 
 
 def _project_ids(check: Checker, entry: Any, what: str, source: str) -> frozenset[str]:
-    """GitLab ``project_id``: one id or a list, numbers as GitLab shows them (Settings → General)."""
-    if "project_id" not in entry:
+    """GitLab ``project_id`` / GitHub ``repository_id`` (:data:`ID_KEYS`): one id or a list,
+    numbers as the forge shows them (GitLab: Settings → General; GitHub: the API's
+    ``repository.id``, the ID token's ``repository_id``). Kept as the entry's ``project_ids``."""
+    for key, owner in ((k, s) for s, k in ID_KEYS.items()):
+        if key in entry and source != owner:
+            mine = ID_KEYS.get(source)
+            check.add(entry.line_of(key), f"{what}: {key} is for source: {owner}; use {mine or 'repository'}")
+    key = ID_KEYS.get(source, "")
+    if key not in entry:
         return frozenset()
-    if source != "gitlab":
-        check.add(entry.line_of("project_id"), f"{what}: project_id is for source: gitlab; use repository")
-        return frozenset()
-    raw = entry.get("project_id")
+    raw = entry.get(key)
     items = list(raw) if isinstance(raw, list) else [raw]
     out = set()
     for item in items:
         text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
-        if not isinstance(text, str) or not text.isdecimal() or int(text) <= 0:
-            check.add(entry.line_of("project_id"), f"{what}.project_id must hold positive project ids (numbers)")
+        if not isinstance(text, str) or not text.isdecimal() or int(text) <= 0 or len(text) > 19:
+            noun = "project" if source == "gitlab" else "repository"
+            check.add(entry.line_of(key), f"{what}.{key} must hold positive {noun} ids (numbers)")
             return frozenset()
         out.add(str(int(text)))
     if not out:
-        check.add(entry.line_of("project_id"), f"{what}.project_id must not be empty")
+        check.add(entry.line_of(key), f"{what}.{key} must not be empty")
     return frozenset(out)

@@ -41,6 +41,7 @@ from proxy.policy import Policy, load_policy
 from proxy.run.gcfreeze import freeze_periodically
 from proxy.run.watch import FileWatch
 from proxy.settings.config import Settings
+from proxy.settings.secret_stores import SecretStores
 from proxy.settings.tls import server_context
 
 log = logging.getLogger("tracegate")
@@ -189,7 +190,8 @@ def policy_failed(settings: Settings, exc: PolicyLoadError) -> ConfigError:
 def load_first_policy(settings: Settings, environ: Mapping[str, str]) -> Policy:
     """The policy tracegate starts with (blocking: file reads). Raises ConfigError."""
     try:
-        return load_policy(settings.policies, environ=environ)  # as Runtime.load, once for all workers
+        # As Runtime.load, once for all workers; store references ({aws_secret:}, {vault:}) read now.
+        return load_policy(settings.policies, environ=SecretStores(environ).environ())
     except PolicyLoadError as exc:
         raise policy_failed(settings, exc) from None
 

@@ -2,7 +2,7 @@
 
 Read from an injected mapping (``environ=``), never from ``os.environ`` directly, so tests
 and the demo build settings without touching the process environment. ``OPTIONS`` is the
-one table of every setting; the README's configuration table is written from it.
+one table of every setting; the settings table of docs/operations.md is written from it.
 """
 
 from __future__ import annotations
