@@ -236,6 +236,95 @@ async def test_dev_real_sdk_export_decisions_more_tokens_reload_and_cleanup(dev:
     assert again.returncode == 0
 
 
+async def bash(*lines: str) -> str:
+    """Run printed lines as a user pasting them would (bash, with this environment's PATH)."""
+    code, out, err = await run("bash", "-c", "\n".join(["set -eu", *lines]))
+    assert code == 0, err
+    return out
+
+
+async def test_dev_webhook_payloads_draw_the_pipeline_trace_that_traceparent_names(dev: Dev) -> None:
+    """The printed curl lines deliver the bundled payloads as GitLab and Gitea would; the job
+    span the GitLab job hook draws is the span /v1/traceparent answers for the dev token."""
+    curls = [line for line in dev.lines if line.startswith("curl ")]
+    assert [line.split("/webhooks/")[1].split()[0] for line in curls] == ["gitlab"] * 2 + ["gitea"] * 3
+    answers = [json.loads(await bash(line)) for line in curls]
+    assert answers == [
+        {"accepted": True, "reason": "stored", "spans": 1},
+        {"accepted": True, "reason": "stored", "spans": 1},
+        {"accepted": True, "reason": "stored"},
+        {"accepted": True, "reason": "stored"},
+        {"accepted": True, "reason": "stored", "services": ["payments-api"]},
+    ]
+    token = next(line for line in dev.lines if line.startswith("export TRACEGATE_DEV_TOKEN="))
+    parent = next(line for line in dev.lines if line.startswith("export TRACEPARENT="))
+    version, trace, job_span, flags = (await bash(token, parent, 'printf %s "$TRACEPARENT"')).split("-")
+    assert (version, flags, len(trace), len(job_span)) == ("00", "01", 32, 16)
+
+    # What the sink (playing Lightstep) received: the pipeline's root span and the job span under it.
+    root = await dev.wait_for(lambda line: line.startswith("# sink:   span 'pipeline Build and test' "))
+    assert root.startswith(f"# sink:   span 'pipeline Build and test' trace {trace} span ")
+    assert root.endswith(" parent -")
+    root_span = root.split(" span ")[-1].split()[0]
+    await dev.wait_for(
+        lambda line: line == f"# sink:   span 'job unit-tests' trace {trace} span {job_span} parent {root_span}"
+    )
+    # The Gitea run: its own trace, the job under the run; and the push's deployment marker.
+    run_line = await dev.wait_for(lambda line: line.startswith("# sink:   span 'workflow CI' trace "))
+    gitea_trace, run_span = run_line.split(" trace ")[1].split(" span ")[0], run_line.split(" span ")[-1].split()[0]
+    assert gitea_trace != trace
+    await dev.wait_for(
+        lambda line: (
+            line.startswith(f"# sink:   span 'job test' trace {gitea_trace} span ")
+            and line.endswith(f" parent {run_span}")
+        )
+    )
+    await dev.wait_for(lambda line: line.startswith("# sink:   span 'deployment api@main (push)' "))
+    await dev.wait_for(lambda _: len([r for r in dev.audit() if r["event"] == "outbox"]) == 5)
+    assert {r["decision"] for r in dev.audit() if r["event"] == "outbox"} == {"delivered"}
+    sunk = [line for line in dev.lines if line.startswith("# sink: POST /traces/otlp/v0.9 ")]
+    assert len(sunk) == 5 and all("the account's key; as Lightstep documents it" in line for line in sunk)
+
+    # No secret is printed: the curl lines read them from the state directory.
+    secrets = [(dev.state / "secrets" / name).read_text() for name in ("gitlab-webhook-token", "gitea-webhook-secret")]
+    assert all(len(secret) >= 32 and not [line for line in dev.lines if secret in line] for secret in secrets)
+    assert all(path.stat().st_mode & 0o077 == 0 for path in (dev.state / "secrets").iterdir())
+    dev.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(dev.process.wait(), 20) == 0
+    assert not list((dev.state / "secrets").iterdir())
+
+
+async def test_dev_policy_passes_check_strict_and_explain_tells_the_forge_of_its_payloads(dev: Dev) -> None:
+    policies = str(dev.state / "policies")
+    code, out, err = await run(sys.executable, "-m", "proxy", "check", "--strict", policies)
+    assert (code, out.splitlines()) == (
+        0,
+        ["ok: 4 file(s), 1 issuer(s), 1 service account(s), 2 rule(s), 2 webhook(s)"],
+    )
+    trace = {}
+    for name, source, entry in (("gitlab-job", "gitlab", "dev-gitlab"), ("gitea-workflow-job", "gitea", "dev-gitea")):
+        payload = str(dev.state / "payloads" / f"{name}.json")
+        code, out, err = await run(sys.executable, "-m", "proxy", "explain", policies, "--payload", payload)
+        assert code == 0, out + err
+        assert out.startswith(f"{source} ") and f"entry {entry!r}" in out
+        trace[source] = out.split("  trace ")[1].split()[0]
+    # The same trace as /v1/traceparent names for the dev token.
+    token = next(line for line in dev.lines if line.startswith("export TRACEGATE_DEV_TOKEN="))
+    parent = next(line for line in dev.lines if line.startswith("export TRACEPARENT="))
+    assert (await bash(token, parent, 'printf %s "$TRACEPARENT"')).split("-")[1] == trace["gitlab"]
+
+
+def test_the_bundled_payloads_are_the_documented_examples() -> None:
+    from importlib.resources import files
+
+    from proxy.dev.forges import DELIVERIES
+
+    examples = Path(__file__).parent.parent / "examples" / "webhooks"
+    for delivery in DELIVERIES:
+        bundled = (files("proxy.dev") / "payloads" / delivery.file).read_bytes()
+        assert bundled == (examples / delivery.file).read_bytes(), delivery.file
+
+
 def test_claims_follow_gitlab_derivations() -> None:
     claims = dev_claims("http://127.0.0.1:1", parse_claims(["project_path=a/b/c", "ref=v1", "ref_type=tag"]), 60)
     assert claims["namespace_path"] == "a/b"
