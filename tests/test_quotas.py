@@ -237,6 +237,36 @@ async def test_rule_limits_apply_to_what_the_rule_admits(
     assert quota_lines(tg) == [("refused", "quota-requests", "docs-ci", "docs", "http")]
 
 
+async def test_a_refusal_charges_none_of_the_limits_it_was_checked_against(
+    start_tracegate: Callable[..., Any], issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
+) -> None:
+    clock = Clock()
+    unprotected = textwrap.indent(
+        textwrap.dedent("""\
+        - name: payments-unprotected
+          issuer: gitlab
+          when: {project_path: "payments/*", ref_protected: "false"}
+          service_account: payments-ci
+        """),
+        "  ",
+    )
+    policy = quota_policy(
+        issuer.url,
+        payments="{requests_per_second: 0.1, requests_burst: 2}",
+        payments_rule="{requests_per_second: 0.1, requests_burst: 1}",
+    )
+    tg = await started(start_tracegate, policy + unprotected, clock)
+    post, protected, other = Poster(client, tg), issuer.mint(), issuer.mint(ref_protected="false")
+    assert (await post(protected))[0] == 200  # the account: 1 left; the rule: none
+    assert (await post(protected))[0] == 429  # the rule's refusal: the account keeps its 1
+    assert [(await post(other))[0], (await post(other))[0]] == [200, 429]  # now the account's is spent
+    assert [line[1:4] for line in quota_lines(tg)] == [
+        ("quota-requests", "payments-ci", "payments-protected"),
+        ("quota-requests", "payments-ci", "payments-unprotected"),
+    ]
+    assert len(sink.received) == 2
+
+
 async def test_a_reload_keeps_the_buckets_of_unchanged_limits(
     start_tracegate: Callable[..., Any], issuer: StandInIssuer, sink: Sink, client: aiohttp.ClientSession
 ) -> None:

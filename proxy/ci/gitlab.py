@@ -13,16 +13,27 @@ intermediate events (``created``, ``pending``, ``running``…) are acknowledged 
 When an entry does not subscribe to job events, the pipeline hook's ``builds[]`` give the job
 spans instead — but ``builds[]`` holds only the latest attempt of each job, so retried
 attempts are then missing: subscribe to Job events for them.
+
+A downstream pipeline (``source: parent_pipeline`` for a child pipeline, ``pipeline`` for a
+multi-project one) carries ``source_pipeline``: the upstream ``project`` (``id``,
+``web_url``, ``path_with_namespace``), its ``pipeline_id`` and the ``job_id`` of the trigger
+job (``lib/gitlab/data_builder/pipeline.rb``, ``source_pipeline_attrs``). Its root span is
+then drawn twice: in its own trace, as every downstream job hook and ID token name it (a
+job hook carries no ``source_pipeline``, a token no upstream ids), and in the upstream
+pipeline's trace as a child of the trigger job's span (:class:`.pipeline.Upstream`), each
+linked to the other. GitLab sends no hook for a trigger job (``Ci::Bridge#execute_hooks``
+raises ``NotImplementedError``; ``builds[]`` lists builds only), so that parent span is
+never drawn: the downstream root hangs under an id the upstream trace does not hold.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.ci.payload import Skip, get, positive_id, text
-from proxy.ci.pipeline import Attribute, CiSpan, RunId, instance_of, link_on, origin_of, parse_time
+from proxy.ci.pipeline import Attribute, CiSpan, RunId, Upstream, instance_of, link_on, origin_of, parse_time
 
 FINAL = frozenset({"success", "failed", "canceled", "skipped"})
 TIMEOUT_REASONS = frozenset({"job_execution_timeout", "stuck_or_timeout_failure"})
@@ -146,6 +157,18 @@ def _job_span(
     )
 
 
+def upstream_of(payload: dict[str, Any], run: RunId) -> Upstream | None:
+    """The trigger job of a downstream pipeline, from ``source_pipeline``, on ``run``'s
+    instance (a multi-project pipeline's upstream is on the same GitLab); None when the
+    hook names none, or names the pipeline itself."""
+    source = payload.get("source_pipeline")
+    project = positive_id(get(source, "project", "id"))
+    pipeline, job = positive_id(get(source, "pipeline_id")), positive_id(get(source, "job_id"))
+    if project is None or pipeline is None or job is None or (project, pipeline) == (run.project_id, run.pipeline_id):
+        return None
+    return Upstream(RunId(run.instance, project, pipeline, run.scheme), job)
+
+
 def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -> Spans | Skip:
     attrs = payload.get("object_attributes")
     project_id, path = project_of(payload)
@@ -162,6 +185,7 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
     run = RunId(instance, project_id, pipeline_id)
     ref, sha = text(attrs.get("ref")), text(attrs.get("sha"), 64)
     common = _common(payload, run, ref, sha)
+    upstream = upstream_of(payload, run)
     listed = payload.get("builds")
     builds = [b for b in listed if isinstance(b, dict)] if isinstance(listed, list) else []
     failed = [
@@ -187,11 +211,17 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
             "tracegate.cicd.queued_seconds": q if (q := _number(attrs.get("queued_duration"))) is not None else "",
             "tracegate.actor.login": text(get(payload, "user", "username")) or "",
             "vcs.ref.head.type": "tag" if attrs.get("tag") is True else "branch",
+            "tracegate.cicd.upstream.project.id": upstream.run.project_id if upstream else "",
+            "tracegate.cicd.upstream.pipeline.id": upstream.run.pipeline_id if upstream else "",
+            "tracegate.cicd.upstream.job.id": upstream.job_id if upstream else "",
         },
         failure_reason="; ".join(failed)[:256] if result == "failure" and failed else None,
         final_state=status,
+        links=((upstream.run.trace_id, upstream.span_id),) if upstream else (),
     )
     spans = [root]
+    if upstream is not None:  # the same root in the upstream trace, under the trigger job
+        spans.append(replace(root, upstream=upstream, links=((run.trace_id, run.root_span_id),)))
     if with_jobs:
         web = _web(payload, instance)
         for build in builds:

@@ -17,6 +17,11 @@ Which ids a run's spans carry is the webhook entry's choice (``trace_ids:``,
 the OpenTelemetry Collector githubreceiver's, so that its traces and tracegate's coincide.
 Not secret, only stable — anyone who can read the pipeline can compute them.
 
+A downstream pipeline (GitLab's child and multi-project pipelines) stays one trace of its
+own, as its jobs' hooks and ID tokens name only it; when its pipeline hook says which job
+triggered it, its root span is drawn once more in the upstream pipeline's trace, as a child
+of that job's span (:class:`Upstream`), each of the two linked to the other.
+
 Attributes follow the OpenTelemetry CI/CD and VCS semantic conventions (``cicd.*``,
 ``vcs.*``); the stage and the triggering user, which those do not cover, go under
 ``tracegate.*``. Times are the forge's own, to the nanosecond it gives.
@@ -168,11 +173,30 @@ class RunId:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """The job that triggered a downstream run: its run (the upstream pipeline's trace) and
+    its job id, whose span — as tracegate derives it, whether or not any hook draws it —
+    parents the downstream run's root span in that trace. GitLab: ``source_pipeline``'s
+    ``project.id``, ``pipeline_id`` and ``job_id`` (the trigger job, which sends no hook of
+    its own)."""
+
+    run: RunId
+    job_id: str
+    attempt: str = ""
+
+    @property
+    def span_id(self) -> str:
+        return self.run.job_span_id(self.job_id, self.attempt)
+
+
+@dataclass(frozen=True)
 class CiSpan:
     """One finished pipeline or job attempt, ready to encode. ``job_id`` None: the root.
     ``inner`` spans travel with it in the same export and outbox row (the Collector's queue
     and step spans under ``otel-collector`` ids); such a span names its own ids in
-    ``own_ids`` (span id, parent span id)."""
+    ``own_ids`` (span id, parent span id). A root with ``upstream`` is drawn in the upstream
+    run's trace, a child of the triggering job's span; ``links`` are (trace id, span id) of
+    spans in other traces (the same run drawn there)."""
 
     run: RunId
     name: str
@@ -188,6 +212,12 @@ class CiSpan:
     events: tuple[tuple[str, int, dict[str, Attribute]], ...] = field(default=())
     inner: tuple[CiSpan, ...] = field(default=())
     own_ids: tuple[str, str] | None = None
+    upstream: Upstream | None = None
+    links: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def trace_id(self) -> str:
+        return self.upstream.run.trace_id if self.upstream is not None else self.run.trace_id
 
     @property
     def span_id(self) -> str:
@@ -201,6 +231,8 @@ class CiSpan:
     def parent_span_id(self) -> str:
         if self.own_ids is not None:
             return self.own_ids[1]
+        if self.upstream is not None:
+            return self.upstream.span_id
         return "" if self.job_id is None else self.run.root_span_id
 
     def outbox_key(self, source: str) -> str:
@@ -215,6 +247,9 @@ class CiSpan:
         run = self.run
         if run.scheme != trace_ids.TRACEGATE:  # other ids, another span: keys before the choice stay as they were
             what = f"{what}:{run.scheme}"
+        if self.upstream is not None:  # the same run's root, drawn in the upstream trace: another span
+            up = self.upstream
+            what = f"{what}:upstream:{up.run.project_id}:{up.run.pipeline_id}:{up.job_id}:{up.attempt}"
         return ":".join(("ci", source, run.instance, run.project_id, run.pipeline_id, what, self.final_state))
 
 
@@ -247,7 +282,7 @@ def span_json(span: CiSpan) -> dict[str, Any]:
         {"timeUnixNano": str(at), "name": name, "attributes": _attributes(attrs)} for name, at, attrs in span.events
     ]
     body: dict[str, Any] = {
-        "traceId": span.run.trace_id,
+        "traceId": span.trace_id,
         "spanId": span.span_id,
         "name": span.name,
         "kind": KIND_SERVER if span.job_id is None and span.own_ids is None else KIND_INTERNAL,
@@ -260,6 +295,8 @@ def span_json(span: CiSpan) -> dict[str, Any]:
         body["parentSpanId"] = span.parent_span_id
     if events:
         body["events"] = events
+    if span.links:
+        body["links"] = [{"traceId": trace, "spanId": other} for trace, other in span.links]
     return body
 
 
@@ -277,6 +314,8 @@ def describe(span: CiSpan) -> str:
     """One line for ``tracegate explain``: name, ids, times, result."""
     seconds = (span.end_ns - span.start_ns) / 1e9
     parent = f" parent {span.parent_span_id}" if span.parent_span_id else " (root)"
+    if span.upstream is not None:
+        parent = f" in upstream trace {span.trace_id}{parent}"
     start = datetime.fromtimestamp(span.start_ns / 1e9, UTC).isoformat(timespec="seconds")
     return f"span {span.span_id}{parent} {span.name!r}: {start} + {seconds:.1f}s, result {span.result}" + (
         f" ({span.failure_reason})" if span.failure_reason else ""

@@ -163,6 +163,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
         return done(400, "refused", "bad-json")
     if not isinstance(payload, dict):
         return done(400, "refused", "bad-json")
+    payload = actions.with_repository(payload)  # Forgejo's run/job events name it inside run
     repository = repository_name(payload)
     candidates = [
         hook
@@ -182,7 +183,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
         # The entry pins another instance than html_url names: the pinned one is used.
         "sender_instance": named if pinned and named and named != pinned else None,
     }
-    if event in actions.EVENTS:  # Actions runs become CI trace spans (proxy/ci/actions.py)
+    if actions.listed_as(event) is not None:  # Actions runs become CI trace spans (proxy/ci/actions.py)
         status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, source, event, payload)
         return done(status, decision, reason, **more, **facts)
     classified = classify(source, event, delivery, payload, instance=pinned)

@@ -41,10 +41,12 @@ EVENTS = ("push", "tag", "release")
 #: Events that draw deployment markers (GitHub's tags arrive as pushes of ``refs/tags/…``).
 MARKER_EVENTS = (*EVENTS, "deployment_status")
 #: What each source may send (``events:``), and what an entry listens to when it lists none.
-#: pipeline/job and workflow_run/workflow_job become CI traces (see ``proxy/ci/pipeline.py``).
+#: pipeline/job and workflow_run/workflow_job become CI traces (see ``proxy/ci/pipeline.py``);
+#: Forgejo's ``workflow_run_<status>``/``workflow_job_<status>`` are listed as workflow_run/
+#: workflow_job, its ``action_run_success|failure|recover`` as action_run (proxy/ci/actions.py).
 SOURCE_EVENTS = {
     "gitea": ("push", "tag", "release", "workflow_run", "workflow_job"),
-    "forgejo": ("push", "tag", "release", "workflow_run", "workflow_job"),
+    "forgejo": ("push", "tag", "release", "workflow_run", "workflow_job", "action_run"),
     "gitlab": ("pipeline", "job"),
     "github": ("push", "release", "deployment_status", "workflow_run", "workflow_job"),
 }
@@ -106,7 +108,7 @@ KEYS = (
     "trace_ids",
 )
 #: Events that draw CI trace spans, whose trace id is keyed on the forge instance.
-CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job"})
+CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job", "action_run"})
 #: What a marker may become (``markers:``): an OTLP span, the backend's native deployment event.
 MARKERS = ("otlp", "native")
 
