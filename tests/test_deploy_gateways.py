@@ -35,8 +35,8 @@ from proxy.doors.authz import SECRET_HEADER
 from tests.conftest import PAYMENTS_KEY, Tracegate, environ, policy_yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-README = Path(__file__).resolve().parent.parent / "README.md"
-#: The profile whose header names its user writes: the shipped lists cannot know them (README).
+GATEWAY_DOC = Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
+#: The profile whose header names its user writes: the shipped lists cannot know them (docs/gateway.md).
 USER_NAMED = "otlp"
 #: The headers a client's token may come in (proxy/identity/identify.py): the check reads them.
 TOKEN_HEADERS = frozenset({"authorization", "lightstep-access-token"})
@@ -99,8 +99,8 @@ def test_the_credential_header_list_is_every_name_a_profile_sets() -> None:
         "x-honeycomb-team",
         "x-honeycomb-dataset",
     } <= credential_headers()
-    # The README's gateway section documents the list, as each shipped file's header does.
-    section = README.read_text().split("## Gateway mode", 1)[1].split("\n## ", 1)[0]
+    # The gateway mode page documents the list, as each shipped file's header does.
+    section = GATEWAY_DOC.read_text()
     for path in (
         "nginx/tracegate-gateway.conf",
         "envoy/envoy.yaml",

@@ -1,7 +1,9 @@
-"""The README's examples, run for real, so the README cannot drift from the code.
+"""The examples of the README and of the documentation pages (``docs/*.md``), run for real,
+so that neither can drift from the code.
 
 How to mark an example: put a second word after the fence's language (the info string).
-GitHub still highlights by the first word; the second says how this test checks it.
+GitHub and the site (superfences' ``relaxed_headers``) still highlight by the first word;
+the second says how this test checks it.
 Unmarked fences are illustrations and are not checked; an unknown second word fails
 (a typo must not silently skip an example).
 
@@ -52,6 +54,8 @@ from tests.system import require_program
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
+#: Where examples live: the README (the front door) and every page of the site.
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MARKS = ("console run", "sh run", "sh live", "yaml policy", "yaml policy-fragment", "yaml gitlab-ci")
 _FENCE = re.compile(r"^(`{3,}|~{3,})([^`]*)$")
 GITEA_SECRET = "readme-hook-secret-0123456789"
@@ -70,6 +74,7 @@ webhooks:
 
 @dataclass(frozen=True)
 class Example:
+    source: str
     line: int
     info: str
     text: str
@@ -79,10 +84,10 @@ class Example:
         return " ".join(self.info.split()[:2])
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}"
+        return f"{self.source}:{self.line}"
 
 
-def fences(text: str) -> list[Example]:
+def fences(text: str, source: str = "README.md") -> list[Example]:
     """Every fenced block (CommonMark: a run of 3+ backticks or tildes, closed by a run of
     the same character at least as long)."""
     found, lines, i = [], text.splitlines(), 0
@@ -97,12 +102,12 @@ def fences(text: str) -> list[Example]:
         ):
             body.append(lines[j])
             j += 1
-        found.append(Example(i + 1, opening.group(2).strip(), "\n".join(body) + "\n"))
+        found.append(Example(source, i + 1, opening.group(2).strip(), "\n".join(body) + "\n"))
         i = j + 1
     return found
 
 
-EXAMPLES = fences(README.read_text())
+EXAMPLES = [e for doc in DOCUMENTS for e in fences(doc.read_text(), doc.relative_to(ROOT).as_posix())]
 
 
 def marked(mark: str) -> list[Example]:
@@ -130,6 +135,9 @@ def test_every_mark_is_known_and_the_core_examples_are_marked() -> None:
     unknown = [f"{e}: {e.info!r}" for e in EXAMPLES if len(e.info.split()) > 1 and e.mark not in MARKS]
     assert not unknown, f"unknown example marks (known: {', '.join(MARKS)})"
     assert marked("console run") and marked("yaml policy")
+    # The README keeps its policy example; the pages carry the rest.
+    assert next(e.source for e in marked("yaml policy")) == "README.md"
+    assert {e.source for e in EXAMPLES if e.mark in MARKS} - {"README.md"}
 
 
 def console_steps(text: str) -> list[tuple[str, list[str]]]:
@@ -147,7 +155,7 @@ def console_steps(text: str) -> list[tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("example", marked("console run"), ids=str)
-def test_console_examples_print_what_the_readme_shows(example: Example) -> None:
+def test_console_examples_print_what_the_page_shows(example: Example) -> None:
     for command, expected in console_steps(example.text):
         want_exit = re.search(r"#\s*exit (\d+)\s*$", command)
         result = _bash(command, _env())

@@ -1,10 +1,10 @@
-"""The README's ``docker run`` works as written with the starter policy and one variable.
+"""The ``docker run`` of docs/deploy-docker.md works as written with the starter policy and one variable.
 
 No image can be built here, so the container's entry command (the Dockerfile's
 ENTRYPOINT + CMD, ``tracegate serve``) runs as a process with the Dockerfile's ``ENV``,
-translated: the policy volume becomes the host directory the README mounts, the data
+translated: the policy volume becomes the host directory the page mounts, the data
 volume a temp directory, and the listeners loopback on free ports (tests listen on
-127.0.0.1 only). The variables are the ones the README passes with ``-e``. The starter's
+127.0.0.1 only). The variables are the ones the page passes with ``-e``. The starter's
 issuer (gitlab.com) is unreachable from here: tracegate must start and serve anyway.
 """
 
@@ -29,7 +29,7 @@ from proxy.policy import load_policy
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-README = (ROOT / "README.md").read_text()
+DOCKER_DOC = (ROOT / "docs" / "deploy-docker.md").read_text()
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -51,14 +51,14 @@ def dockerfile_command() -> list[str]:
     return [*json.loads(entry.group(1)), *json.loads(cmd.group(1))]
 
 
-def readme_docker_run() -> list[str]:
-    block = README.split("### Docker", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+def documented_docker_run() -> list[str]:
+    block = DOCKER_DOC.split("```sh", 1)[1].split("```", 1)[0]
     line = next(c for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("docker run"))
     return shlex.split(line)
 
 
-def test_readme_docker_run_mounts_the_starter_and_passes_exactly_the_variables_it_needs() -> None:
-    words = readme_docker_run()
+def test_documented_docker_run_mounts_the_starter_and_passes_exactly_the_variables_it_needs() -> None:
+    words = documented_docker_run()
     volumes = [words[i + 1] for i, w in enumerate(words) if w == "-v"]
     variables = {words[i + 1] for i, w in enumerate(words) if w == "-e"}
     mounts = {target: source.replace("$PWD", str(ROOT)) for source, target, *_ in (v.split(":") for v in volumes)}
