@@ -43,7 +43,7 @@ from tests.conftest import PAYMENTS_KEY, Tracegate, environ
 from tests.grpc_clients import call
 from tests.test_stamp import _spans
 
-README = Path(__file__).parent.parent / "README.md"
+AWS_DOC = Path(__file__).parent.parent / "docs" / "ci-aws.md"
 ACCOUNT = "123456789012"
 OTHER_ACCOUNT = "222222222222"
 SERVER_ID = "tracegate.test"
@@ -581,11 +581,10 @@ def test_the_aws_token_command_signs_with_the_default_credential_chain(
     assert "no AWS credentials found" in done.stderr
 
 
-async def test_the_readme_boto3_snippet_makes_a_token_tracegate_accepts(
+async def test_the_documented_boto3_snippet_makes_a_token_tracegate_accepts(
     moto: tuple[Moto, Principals], sts: StsRecorder, aws_tg: Tracegate, client: aiohttp.ClientSession
 ) -> None:
-    text = README.read_text()
-    section = text[text.index("### AWS IAM callers") :]
+    section = AWS_DOC.read_text()
     snippet = section[section.index("```python\n") + 10 : section.index("```", section.index("```python\n") + 10)]
     session = boto3.Session(
         aws_access_key_id=moto[1].ci.access_key,
@@ -593,7 +592,7 @@ async def test_the_readme_boto3_snippet_makes_a_token_tracegate_accepts(
         aws_session_token=moto[1].ci.token,
     )
     namespace: dict[str, Any] = {}
-    exec(compile(snippet, "README snippet", "exec"), namespace)  # our own README
+    exec(compile(snippet, "docs/ci-aws.md snippet", "exec"), namespace)  # our own documentation
     header = namespace["tracegate_aws_header"](SERVER_ID, endpoint=sts.url, session=session)
     assert (await post_traces(client, aws_tg, header.removeprefix("Bearer "))).status == 200
 

@@ -4,7 +4,7 @@ tracegate — and the choices no job could join refused by ``tracegate check``.
 
 The algorithms, as written where they are published:
 
-* tracegate (README "CI pipelines as traces", proxy/ci/trace_ids.py): SHA-256 of the
+* tracegate (docs/pipeline-traces.md, proxy/ci/trace_ids.py): SHA-256 of the
   NUL-joined ("tracegate-cicd-trace", instance, project id, run id), first 32 hex digits;
   the root span the same over "tracegate-cicd-pipeline", first 16; a job's over
   ("tracegate-cicd-job", instance, project, run, job id, attempt), first 16.
