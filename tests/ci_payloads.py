@@ -161,3 +161,47 @@ def gitea_job(status: str = "completed", attempt: int = 1) -> dict[str, Any]:
         if status == "queued":
             job["started_at"] = "0001-01-01T00:00:00Z"
     return body
+
+
+# Downstream pipelines of pipeline 99001 (GitLab's pipeline hook for a pipeline with a
+# source pipeline: lib/gitlab/data_builder/pipeline.rb, source_pipeline_attrs): the trigger
+# jobs (bridges, which send no hook of their own) 880020 and 880021.
+CHILD_PIPELINE_ID, CHILD_JOB_ID, BRIDGE_CHILD = 99002, 880030, 880020
+DOWNSTREAM_PROJECT_ID, DOWNSTREAM_PIPELINE_ID, BRIDGE_DOWNSTREAM = 5252, 99003, 880021
+
+
+def gitlab_downstream_pipeline(
+    pipeline_id: int, *, project_id: int, source: str, job_id: int, status: str = "success"
+) -> dict[str, Any]:
+    """The Pipeline Hook of a pipeline triggered by job ``job_id`` of pipeline 99001 (project
+    4242): ``source`` ``parent_pipeline`` (a child pipeline, same project) or ``pipeline`` (a
+    multi-project pipeline); ``source_pipeline`` names the upstream project, pipeline and job."""
+    body = gitlab_pipeline(status, project_id=project_id)
+    attrs = body["object_attributes"]
+    attrs.update(id=pipeline_id, iid=pipeline_id - 98700, source=source, name=f"downstream {pipeline_id}")
+    attrs["url"] = attrs["url"].replace(str(PIPELINE_ID), str(pipeline_id))
+    if project_id != PROJECT_ID:
+        body["project"].update(
+            path_with_namespace="payments/deploy", web_url="https://gitlab.example.com/payments/deploy"
+        )
+        attrs["url"] = f"https://gitlab.example.com/payments/deploy/-/pipelines/{pipeline_id}"
+    body["source_pipeline"] = {
+        "project": {
+            "id": PROJECT_ID,
+            "web_url": "https://gitlab.example.com/payments/api",
+            "path_with_namespace": "payments/api",
+        },
+        "job_id": job_id,
+        "pipeline_id": PIPELINE_ID,
+    }
+    for offset, build in enumerate(body["builds"]):
+        build["id"] = pipeline_id * 10 + offset
+    return body
+
+
+def gitlab_child_job() -> dict[str, Any]:
+    """The Job Hook of the child pipeline's job: it names its own pipeline only."""
+    body = gitlab_job(880010)
+    body.update(build_id=CHILD_JOB_ID, pipeline_id=CHILD_PIPELINE_ID)
+    body["commit"]["id"] = CHILD_PIPELINE_ID
+    return body

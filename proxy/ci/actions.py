@@ -170,7 +170,7 @@ def job_span(
     node = payload.get("workflow_job")
     if not isinstance(node, dict):
         return Skip("malformed-workflow-job")
-    status = node.get("status")
+    status = text(node.get("status"), 32) or ""
     if status in FORGEJO_FINAL and not node.get("conclusion"):  # Forgejo's: the status is the outcome
         node = {**node, "status": "completed", "conclusion": status}
     elif status != "completed":

@@ -25,7 +25,7 @@ GITLAB_EVENTS = {"pipeline": "Pipeline Hook", "job": "Job Hook"} | {v: v for v i
 
 
 def is_ci(source: str, event: str) -> bool:
-    return source == "gitlab" or event in actions.EVENTS
+    return source == "gitlab" or actions.listed_as(event) is not None
 
 
 def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, out: Callable[[str], None]) -> int:
@@ -51,6 +51,7 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
         spans: list[CiSpan] = [] if isinstance(drawn, Skip) else drawn.spans
         reason = drawn.reason if isinstance(drawn, Skip) else ""
     else:
+        payload = actions.with_repository(payload)  # Forgejo's run/job events name it inside run
         repository = repository_name(payload)
         out(f"{source} {event} for repository {repository!r} (signatures are not checked by explain)")
         if source == github.SOURCE:  # by repository.id first, as the door matches
@@ -67,7 +68,7 @@ def explain(policy: Policy, payload: dict[str, Any], event: str, source: str, ou
         hook = hooks[0]
         one = (
             actions.spans_for(event, payload, pinned_instance(hook), source=source, scheme=trace_ids_of(hook))
-            if event in hook.events
+            if actions.listed_as(event) in hook.events
             else Skip("event-not-listed")
         )
         spans = [] if isinstance(one, Skip) else [one]

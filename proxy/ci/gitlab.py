@@ -21,9 +21,11 @@ job (``lib/gitlab/data_builder/pipeline.rb``, ``source_pipeline_attrs``). Its ro
 then drawn twice: in its own trace, as every downstream job hook and ID token name it (a
 job hook carries no ``source_pipeline``, a token no upstream ids), and in the upstream
 pipeline's trace as a child of the trigger job's span (:class:`.pipeline.Upstream`), each
-linked to the other. GitLab sends no hook for a trigger job (``Ci::Bridge#execute_hooks``
-raises ``NotImplementedError``; ``builds[]`` lists builds only), so that parent span is
-never drawn: the downstream root hangs under an id the upstream trace does not hold.
+linked to the other — the second as an ``inner`` span of the first, so that both travel in
+one outbox row and the run is still one run (one root, for its metrics too). GitLab sends no
+hook for a trigger job (``Ci::Bridge#execute_hooks`` raises ``NotImplementedError``;
+``builds[]`` lists builds only), so that parent span is never drawn: the downstream root
+hangs under an id the upstream trace does not hold.
 """
 
 from __future__ import annotations
@@ -219,9 +221,9 @@ def pipeline_spans(payload: dict[str, Any], instance: str, *, with_jobs: bool) -
         final_state=status,
         links=((upstream.run.trace_id, upstream.span_id),) if upstream else (),
     )
+    if upstream is not None:  # the same root in the upstream trace, under the trigger job: one row, one run
+        root = replace(root, inner=(replace(root, upstream=upstream, links=((run.trace_id, run.root_span_id),)),))
     spans = [root]
-    if upstream is not None:  # the same root in the upstream trace, under the trigger job
-        spans.append(replace(root, upstream=upstream, links=((run.trace_id, run.root_span_id),)))
     if with_jobs:
         web = _web(payload, instance)
         for build in builds:

@@ -193,10 +193,10 @@ class Upstream:
 class CiSpan:
     """One finished pipeline or job attempt, ready to encode. ``job_id`` None: the root.
     ``inner`` spans travel with it in the same export and outbox row (the Collector's queue
-    and step spans under ``otel-collector`` ids); such a span names its own ids in
-    ``own_ids`` (span id, parent span id). A root with ``upstream`` is drawn in the upstream
-    run's trace, a child of the triggering job's span; ``links`` are (trace id, span id) of
-    spans in other traces (the same run drawn there)."""
+    and step spans under ``otel-collector`` ids, which name their own ids in ``own_ids``
+    (span id, parent span id); a downstream run's root drawn again in its upstream run's
+    trace, which has ``upstream``: a child of the triggering job's span there). ``links``
+    are (trace id, span id) of spans in other traces: the same run drawn there."""
 
     run: RunId
     name: str
