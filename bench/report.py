@@ -137,6 +137,13 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, started: flo
         for body in ("1KB", "20KB", "1MB", "20KB+gzip"):
             ru, rs = st[f"d {body}"], st[f"stamped {body}"]
             lines.append(f"| {body} | {ru.rps:,.0f} | {rs.rps:,.0f} | {rs.rps / ru.rps:.2f} | {rs.p99:.2f} |")
+    if "baseline" in results or "profiles" in results:
+        from bench.compare import baseline_lines, profiles_lines
+
+        if "baseline" in results:
+            lines += ["", *baseline_lines(results, str(args.baseline))]
+        if "profiles" in results:
+            lines += ["", *profiles_lines(results)]
     lines += [
         "",
         "## Growth: payload size (8 connections)",

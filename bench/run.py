@@ -17,6 +17,13 @@ Section ``stamp`` (``--only stamp``): d's process with one token of an account w
   h–k  OTLP/gRPC (``--only grpc``; its own letters, apart from the gateway's h and i): sink,
        bare grpc.aio forwarder, nginx grpc_pass, tracegate (bench/grpc_bench.py)
 
+Section ``baseline`` (``--baseline DIR``, e.g. a ``git worktree add /tmp/baseline <commit>``):
+  d0   tracegate started from DIR (PYTHONPATH and working directory), d's flags, sink, tokens and
+       policy; c, d0 and d at 1 KB / 20 KB / 1 MB, interleaved in alternating order, with the
+       per-round ratios d/d0 (bench/compare.py).
+Section ``profiles``: d's process with d's token (Lightstep) against one of an account with
+``backend: grafana-cloud`` whose ``upstream:`` is the same sink ("d grafana"), 20 KB, interleaved.
+
 Run through bench/run (which installs wrk, nginx and the Python extras). Everything listens
 on 127.0.0.1 and is stopped at the end. Writes bench/results/<date>.md and .png.
 """
@@ -145,18 +152,25 @@ class Bench:
     # --- servers --------------------------------------------------------------------
 
     def _spawn(
-        self, name: str, argv: list[str], url: str, *, env: dict[str, str] | None = None, with_children: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        *,
+        env: dict[str, str] | None = None,
+        with_children: bool = False,
+        cwd: Path | None = None,
     ) -> Server:
         log = (self.work / f"{name}.log").open("wb")
         process = subprocess.Popen(  # noqa: S603 - our own fixed argv
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
         )
         server = Server(name, url, process, with_children)
         self.servers.append(server)
         return server
 
-    def nginx(self, name: str, server_block: str) -> Server:
-        port = free_port()
+    def nginx(self, name: str, server_block: str, port: int | None = None) -> Server:
+        port = port or free_port()
         prefix = self.work / name
         prefix.mkdir()
         conf = prefix / "nginx.conf"
@@ -197,13 +211,27 @@ class Bench:
         server.also.append(decider)
         return server
 
-    def tracegate(self, name: str, upstream: str, *extra: str, env_extra: dict[str, str] | None = None) -> Server:
+    def tracegate(
+        self,
+        name: str,
+        upstream: str,
+        *extra: str,
+        env_extra: dict[str, str] | None = None,
+        policies: Path | None = None,
+        source: Path | None = None,
+    ) -> Server:
+        """``source``: another tracegate source tree to run (PYTHONPATH and working directory
+        set to it, so neither this checkout nor its editable install is imported)."""
+        from bench.compare import GRAFANA_ENV, source_env
+
         port, admin = free_port(), free_port()
         env = {
             "LS_TOKEN_BENCH": "bench-lightstep-key-0123456789",
+            **GRAFANA_ENV,
             "TRACEGATE_UPSTREAM_PATH_TRACES": "/v1/traces",
             "TRACEGATE_DATA_DIR": str(self.work / name),
             "TRACEGATE_TOKEN_CACHE_SIZE": "200000",
+            **(source_env(source) if source else {}),
             **(env_extra or {}),
         }
         argv = [
@@ -212,7 +240,7 @@ class Bench:
             "proxy",
             "serve",
             "--policies",
-            str(self.work / "policies"),
+            str(policies or self.work / "policies"),
             "--listen",
             f"127.0.0.1:{port}",
             "--admin-listen",
@@ -223,7 +251,7 @@ class Bench:
             "off",
             *extra,
         ]
-        server = self._spawn(name, argv, f"http://127.0.0.1:{port}", env=env)
+        server = self._spawn(name, argv, f"http://127.0.0.1:{port}", env=env, cwd=source)
         server.admin = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
         return server
 
@@ -312,13 +340,29 @@ class Bench:
             errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
         )
 
-    async def interleaved(self, cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Run]:
-        """Run each case once per round, in turn; return each case's median run."""
+    async def interleaved(
+        self,
+        cases: dict[str, Callable[[], Any]],
+        rounds: int,
+        *,
+        alternate: bool = False,
+        raw: dict[str, list[Run]] | None = None,
+    ) -> dict[str, Run]:
+        """Run each case once per round, in turn; return each case's median run. ``alternate``:
+        every other round in reverse order, so that no case always runs after the same one;
+        ``raw`` receives every round's runs (for per-round paired ratios)."""
         runs: dict[str, list[Run]] = {name: [] for name in cases}
         for r in range(rounds):
-            for name, case in cases.items():
+            order = list(cases.items())
+            for name, case in reversed(order) if alternate and r % 2 else order:
                 runs[name].append(await case())
-                print(f"  round {r + 1}/{rounds} {name:28s} {runs[name][-1].rps:9.0f} req/s", flush=True)
+                last = runs[name][-1]
+                print(
+                    f"  round {r + 1}/{rounds} {name:28s} {last.rps:9.0f} req/s {last.cpu_per_1k:7.3f} CPU s/1k",
+                    flush=True,
+                )
+        if raw is not None:
+            raw.update(runs)
         return {name: median_run(rs) for name, rs in runs.items()}
 
 
@@ -403,9 +447,15 @@ def write(work: Path, name: str, data: bytes) -> Path:
 
 
 async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: float) -> int:
+    from bench import compare
+
     issuer = bench.issuer
     (work / "policies").mkdir()
     (work / "policies" / "bench.yaml").write_text(POLICY.format(issuer=issuer.url))
+    sink_port = free_port()  # the Grafana account's upstream: names the sink
+    policies_baseline = compare.write_policies(work, POLICY.format(issuer=issuer.url), f"http://127.0.0.1:{sink_port}")
+    if args.baseline:
+        print(f"baseline: d0 runs proxy from {compare.check_source_tree(PY, args.baseline)}", flush=True)
 
     print("payloads: generating OTLP trace exports with the OpenTelemetry SDK encoder", flush=True)
     sizes = {"1KB": 1 * KB, "20KB": 20 * KB, "256KB": 256 * KB, "1MB": 1024 * KB, "4MB": 4096 * KB}
@@ -445,12 +495,17 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     stamped = token_file(
         "stamped.tokens", [issuer.mint(project_path="stamped/api", project_id="5151", exp=int(time.time()) + 4 * 3600)]
     )
+    grafana_token = issuer.mint(
+        project_path="grafana/api", project_id=compare.GRAFANA_PROJECT_ID, exp=int(time.time()) + 4 * 3600
+    )
+    grafana = token_file("grafana.tokens", [grafana_token])
 
     sink = bench.nginx(
         "sink",
-        """
-      server { listen 127.0.0.1:PORT; keepalive_timeout 300s;
-        location / { default_type application/x-protobuf; return 200 ""; } }""",
+        f"""
+      server {{ listen 127.0.0.1:PORT; keepalive_timeout 300s;{compare.sink_locations()}
+        location / {{ default_type application/x-protobuf; return 200 ""; }} }}""",
+        sink_port,
     )
     nginx_proxy = bench.nginx(
         "nginx-proxy",
@@ -469,6 +524,11 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     tg = {name: bench.tracegate(f"tracegate-{name}", sink.url, *extra) for name in "defg"}
     gateway_nocache = bench.gateway("gateway-nocache", sink, cache=False)
     gateway_cached = bench.gateway("gateway-cached", sink, cache=True)
+    d0: Server | None = None
+    d_same: Server | None = None
+    if args.baseline:  # d0 and a d of this tree both reading the one policy d0 can load
+        d0 = bench.tracegate("tracegate-d0", sink.url, *extra, policies=policies_baseline, source=args.baseline)
+        d_same = bench.tracegate("tracegate-d-baseline-policy", sink.url, *extra, policies=policies_baseline)
     await bench.wait_ready()
 
     contenders: dict[str, tuple[Server, Path | None]] = {
@@ -486,13 +546,16 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
     refusing = {tg["f"].name, tg["g"].name}
     for server, toks in contenders.values():
         await bench.wrk(server, bodies["1KB"], toks, duration=1, expect_2xx=server.name not in refusing)
+    for same_load in (d0, d_same):
+        if same_load is not None:
+            await bench.wrk(same_load, bodies["1KB"], one, duration=1)
 
     def case(server: Server, toks: Path | None, body: str, **kw: Any) -> Callable[[], Any]:
         encoding = "gzip" if body.endswith("+gzip") else ""
         expect = server.name not in refusing
         return lambda: bench.wrk(server, bodies[body], toks, encoding=encoding, expect_2xx=expect, **kw)
 
-    results: dict[str, Any] = {"payload_bytes": actual}
+    results: dict[str, Any] = {"payload_bytes": actual, "rounds": {}}
     only = set(args.only.split(",")) if args.only else None
 
     def wanted(section: str) -> bool:
@@ -532,6 +595,25 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
         stamp_cases["d 20KB+gzip"] = case(tg["d"], one, "20KB+gzip")
         stamp_cases["stamped 20KB+gzip"] = case(tg["d"], stamped, "20KB+gzip")
         results["stamp"] = await bench.interleaved(stamp_cases, args.rounds)
+
+    if d0 is not None and d_same is not None and wanted("baseline"):
+        print(f"baseline: c, d0 ({args.baseline}) and d × 1KB/20KB/1MB protobuf", flush=True)
+        results["baseline"] = await bench.interleaved(
+            compare.baseline_cases(case, contenders["c aiohttp forwarder"], (d0, one), (d_same, one)),
+            args.rounds,
+            alternate=True,
+            raw=results["rounds"].setdefault("baseline", {}),
+        )
+
+    if wanted("profiles"):
+        print("profiles: d's process, Lightstep token vs grafana-cloud token, 20KB protobuf", flush=True)
+        await compare.preflight(tg["d"].url, bodies["20KB"].read_bytes(), tokens[0], grafana_token)
+        results["profiles"] = await bench.interleaved(
+            compare.profile_cases(case, contenders["d tracegate"], grafana),
+            args.rounds,
+            alternate=True,
+            raw=results["rounds"].setdefault("profiles", {}),
+        )
 
     if wanted("size"):
         print("growth: payload size 1KB → 4MB (c, d)", flush=True)
@@ -618,11 +700,15 @@ async def run_all(bench: Bench, work: Path, args: argparse.Namespace, started: f
                 {
                     k: v if k in ("memory", "profile") else {n: vars(r) for n, r in v.items()}
                     for k, v in results.items()
-                    if k != "payload_bytes"
+                    if k not in ("payload_bytes", "rounds")
                 },
                 indent=1,
             )
         )
+        if "baseline" in results:
+            print("\n".join(["", *compare.baseline_lines(results, str(args.baseline))]))
+        if "profiles" in results:
+            print("\n".join(["", *compare.profiles_lines(results)]))
         return 0
 
     from bench.report import write_report
@@ -678,10 +764,20 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        help="comma list of main,gateway,matrix,stamp,size,connections,tokens,grpc,memory,workers,profile: run those "
-        "and print figures without writing a report (for profiling work; profile runs py-spy on c and d)",
+        help="comma list of main,gateway,matrix,stamp,baseline,profiles,size,connections,tokens,grpc,memory,workers,"
+        "profile: run those and print figures without writing a report (for profiling work; profile runs py-spy on "
+        "c and d; baseline needs --baseline)",
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another tracegate source tree (git worktree add /tmp/baseline <commit>): contender d0, run from it "
+        "with d's flags, sink and tokens, against c and d at 1KB/20KB/1MB (section baseline)",
+    )
+    args = parser.parse_args()
+    if args.only and "baseline" in args.only.split(",") and not args.baseline:
+        parser.error("--only baseline needs --baseline DIR (a tracegate source tree)")
+    return args
 
 
 if __name__ == "__main__":

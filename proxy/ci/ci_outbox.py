@@ -5,7 +5,8 @@ hooks of the same run, delivered in any order, by any number of replicas, any nu
 times, store each pipeline and job span once per final event; the sender then delivers each
 at least once and a resend carries the same ids. Every span is durably stored before the
 door answers 202; if storing fails half-way the door answers 503, the forge redelivers, and
-the spans already stored are recognised as duplicates.
+the spans already stored are recognised as duplicates. An entry with ``metrics: [cicd]`` also
+stores each run's semantic-convention metrics (:mod:`.cicd_metrics`), keyed by the same event.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from proxy.ci.cicd_metrics import store_run_metrics
 from proxy.ci.outbox import Added
 from proxy.ci.pipeline import CiSpan, otlp_json
 from proxy.ci.store import OutboxStore
@@ -34,4 +36,6 @@ async def store_spans(outbox: OutboxStore, spans: Sequence[CiSpan], *, source: s
                 payload=otlp_json([span], hook.service_name, source),
             )
         )
+        if "cicd" in hook.metrics:  # after the span: a 503 between them is redelivered, both stay once
+            await store_run_metrics(outbox, span, source=source, hook=hook)
     return outcomes

@@ -34,7 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy import untrusted
-from proxy.ci import actions, github
+from proxy.ci import actions, dora_facts, github
 from proxy.ci.door import OUTBOX, read_limited
 from proxy.ci.gitea import Classified, repository_instance
 from proxy.ci.marker_outbox import store_marker
@@ -151,6 +151,13 @@ async def handle_github(request: web.Request) -> web.Response:
         status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, github.SOURCE, event, payload)
         return done(status, decision, reason, **more, **facts)
     classified = github.markers_for(event, delivery, payload, instance=pinned)
+    # metrics: [dora]: pushes and deployments, failed ones too, are facts (proxy/ci/dora_facts.py)
+    failed = not isinstance(classified, Classified) and classified.reason == "deployment-not-successful"
+    recorded = (failed or isinstance(classified, Classified)) and await dora_facts.record(
+        request.app[OUTBOX], hook, event, payload
+    )
+    if recorded and failed:
+        return done(202, "accepted", "stored", **facts)
     if not isinstance(classified, Classified):
         if classified.reason == "repository-mismatch":
             return done(400, "refused", classified.reason, **facts)

@@ -1,4 +1,5 @@
-"""OTLP/JSON to OTLP/protobuf, for the trace bodies tracegate makes itself (markers, CI spans).
+"""OTLP/JSON to OTLP/protobuf, for the bodies tracegate makes itself (markers, CI spans, and the
+delivery metrics of :mod:`.metric_points`).
 
 The outbox stores what tracegate builds as OTLP/JSON (:mod:`.marker`, :mod:`.pipeline`). A
 backend whose traces route takes protobuf only (``Route.json`` false: New Relic, Dynatrace,
@@ -26,6 +27,7 @@ import json
 from typing import Any
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 PROTOBUF = "application/x-protobuf"
@@ -56,5 +58,28 @@ def traces_to_protobuf(body: bytes) -> bytes:
         message = json_format.ParseDict(document, ExportTraceServiceRequest())
     except (AttributeError, TypeError, json_format.ParseError) as exc:
         raise ValueError(f"not an OTLP/JSON trace export: {type(exc).__name__}") from None
+    encoded: bytes = message.SerializeToString()
+    return encoded
+
+
+def metrics_to_protobuf(body: bytes) -> bytes:
+    """An OTLP/JSON ExportMetricsServiceRequest as its protobuf encoding (a metrics route that
+    takes no JSON: Grafana Cloud, Datadog, Dynatrace…). Exemplars' trace and span ids are hex
+    in OTLP/JSON, as span ids are (tracegate writes none; one that does is converted). Raises
+    ValueError for a body that is not such an export."""
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("an OTLP/JSON export is a JSON object")
+    try:
+        for resource_metrics in document.get("resourceMetrics", ()):
+            for scope_metrics in resource_metrics.get("scopeMetrics", ()):
+                for metric in scope_metrics.get("metrics", ()):
+                    for kind in ("sum", "gauge", "histogram", "exponentialHistogram", "summary"):
+                        for point in (metric.get(kind) or {}).get("dataPoints", ()):
+                            for exemplar in point.get("exemplars", ()):
+                                _hex_ids_to_base64(exemplar)
+        message = json_format.ParseDict(document, ExportMetricsServiceRequest())
+    except (AttributeError, TypeError, json_format.ParseError) as exc:
+        raise ValueError(f"not an OTLP/JSON metrics export: {type(exc).__name__}") from None
     encoded: bytes = message.SerializeToString()
     return encoded

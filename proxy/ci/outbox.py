@@ -8,6 +8,10 @@ Idempotency: an event's ``key`` (the delivery id) is unique, so a redelivery is 
 and stored once; an identical signed body within ``dedupe_window`` seconds is also one
 event (a manual redelivery in Gitea has a new id and the same body).
 
+Delivery facts (``facts``): the pushes and deployments the DORA keys are derived from
+(:mod:`.dora_facts`), one row per fact key, stored once however often it is delivered; a
+deployment's ``settle_at``/``window_at`` say when its points are due (:mod:`.dora_settle`).
+
 No secret is stored: only the service account's name; its key is looked up at send time.
 SQLite is blocking, so every call runs on one dedicated thread, which also serialises
 access to the single connection. A failing disk or file becomes
@@ -45,9 +49,25 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_due ON events (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS events_digest ON events (body_digest, received_at);
+CREATE TABLE IF NOT EXISTS facts (
+    key TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at_ns INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    settle_at REAL,
+    window_at REAL
+);
+CREATE INDEX IF NOT EXISTS facts_scope ON facts (scope, at_ns);
+CREATE INDEX IF NOT EXISTS facts_settle ON facts (settle_at);
+CREATE INDEX IF NOT EXISTS facts_window ON facts (window_at);
 """
 
 Added = Literal["stored", "duplicate-delivery", "duplicate-body"]
+#: Which of a fact's due times :meth:`Outbox.settle_fact` clears.
+Due = Literal["settle", "window"]
+_FACT_COLUMNS = "key, scope, kind, at_ns, body, received_at, settle_at, window_at"
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,29 @@ class Pending:
     payload: bytes
     attempts: int
     received_at: float
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A stored delivery fact: ``at_ns`` the event's own time (the forge's), ``received_at``
+    when tracegate first stored it (its clock, seconds), and when its points are due."""
+
+    key: str
+    scope: str
+    kind: str
+    at_ns: int
+    body: str
+    received_at: float
+    settle_at: float | None
+    window_at: float | None
+
+
+def due_times(now: float, settle: float | None, window_ends: float | None) -> tuple[float | None, float | None]:
+    """(``settle_at``, ``window_at``) of a fact received at ``now``: ``settle`` seconds after it
+    arrived, and ``settle`` seconds after the later of its arrival and ``window_ends``."""
+    if settle is None:
+        return None, None
+    return now + settle, (max(now, window_ends) + settle if window_ends is not None else None)
 
 
 class Outbox:
@@ -217,6 +260,64 @@ class Outbox:
             }
 
         return await self._run(query)
+
+    async def add_fact(
+        self, *, key: str, scope: str, kind: str, at_ns: int, body: str, settle: float | None, window_ends: float | None
+    ) -> bool:
+        """Store a delivery fact once (True: it is new). ``settle``: seconds after now its
+        first points are due (None: it has none); ``window_ends``: when its failure window
+        closes (seconds since the epoch)."""
+        now = self._clock()
+        settle_at, window_at = due_times(now, settle, window_ends)
+
+        def insert(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                f"INSERT OR IGNORE INTO facts ({_FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (key, scope, kind, at_ns, body, now, settle_at, window_at),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(insert)
+
+    async def due_facts(self, grace: float, limit: int = 100) -> list[Fact]:
+        """Facts with points due at least ``grace`` seconds ago, in event-time order."""
+        until = self._clock() - grace
+        return await self._run(
+            lambda db: [
+                Fact(*row)
+                for row in db.execute(
+                    f"SELECT {_FACT_COLUMNS} FROM facts WHERE settle_at <= ? OR window_at <= ?"  # noqa: S608
+                    " ORDER BY at_ns, key LIMIT ?",
+                    (until, until, limit),
+                ).fetchall()
+            ]
+        )
+
+    async def scope_facts(self, scope: str, since_ns: int) -> list[Fact]:
+        """Every fact of ``scope`` from ``since_ns`` (event time) on."""
+        return await self._run(
+            lambda db: [
+                Fact(*row)
+                for row in db.execute(
+                    f"SELECT {_FACT_COLUMNS} FROM facts WHERE scope = ? AND at_ns >= ? ORDER BY at_ns, key",  # noqa: S608
+                    (scope, since_ns),
+                ).fetchall()
+            ]
+        )
+
+    async def settle_fact(self, key: str, which: Due) -> None:
+        column = "settle_at" if which == "settle" else "window_at"
+        await self._run(lambda db: db.execute(f"UPDATE facts SET {column} = NULL WHERE key = ?", (key,)))  # noqa: S608
+
+    async def prune_facts(self, before_ns: int) -> int:
+        """Forget settled facts whose events are older than ``before_ns``."""
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM facts WHERE at_ns < ? AND settle_at IS NULL AND window_at IS NULL", (before_ns,)
+                ).rowcount
+            )
+        )
 
     async def prune(self) -> int:
         """Forget delivered events older than the dedupe window (failed ones are kept)."""

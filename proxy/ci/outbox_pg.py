@@ -17,6 +17,7 @@ one process, so that replicas may receive, dedupe and send the same events toget
   :class:`~proxy.errors.OutboxUnavailable`, and the route answers 503.
 - **Migrations** are numbered, each applied once in its own transaction under a
   transaction-scoped advisory lock, so replicas starting together apply them exactly once.
+  Migration 2 adds the delivery facts the DORA keys are derived from (:mod:`.dora_facts`).
 
 Times are the replicas' own clocks (seconds since the epoch, as in SQLite): keep the nodes'
 clocks in sync (NTP), as Kubernetes nodes are. The connection string is a
@@ -33,7 +34,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from proxy.ci.outbox import Added, Pending
+from proxy.ci.outbox import Added, Due, Fact, Pending, due_times
 from proxy.errors import OutboxUnavailable
 from proxy.secrets import Secret
 
@@ -70,6 +71,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             received_at DOUBLE PRECISION NOT NULL
         );
         CREATE INDEX tracegate_outbox_digests_received ON tracegate_outbox_digests (received_at);
+        """,
+    ),
+    (
+        2,
+        "delivery facts for the DORA keys",
+        """
+        CREATE TABLE tracegate_delivery_facts (
+            key TEXT PRIMARY KEY,
+            scope TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at_ns BIGINT NOT NULL,
+            body TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            settle_at DOUBLE PRECISION,
+            window_at DOUBLE PRECISION
+        );
+        CREATE INDEX tracegate_delivery_facts_scope ON tracegate_delivery_facts (scope, at_ns);
+        CREATE INDEX tracegate_delivery_facts_settle ON tracegate_delivery_facts (settle_at)
+            WHERE settle_at IS NOT NULL;
+        CREATE INDEX tracegate_delivery_facts_window ON tracegate_delivery_facts (window_at)
+            WHERE window_at IS NOT NULL;
         """,
     ),
 )
@@ -114,6 +136,20 @@ UPDATE tracegate_outbox_events
 SET state = $2, attempts = attempts + 1, last_result = $3, next_attempt_at = COALESCE($4, next_attempt_at)
 WHERE id = $1
 """
+_FACT_COLUMNS = "key, scope, kind, at_ns, body, received_at, settle_at, window_at"
+_ADD_FACT = f"""
+INSERT INTO tracegate_delivery_facts ({_FACT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (key) DO NOTHING
+RETURNING 1
+"""  # noqa: S608
+_DUE_FACTS = f"""
+SELECT {_FACT_COLUMNS} FROM tracegate_delivery_facts
+WHERE settle_at <= $1 OR window_at <= $1
+ORDER BY at_ns, key LIMIT $2
+"""  # noqa: S608
+_SCOPE_FACTS = f"""
+SELECT {_FACT_COLUMNS} FROM tracegate_delivery_facts WHERE scope = $1 AND at_ns >= $2 ORDER BY at_ns, key
+"""  # noqa: S608
 _STATS = """
 SELECT count(*) FILTER (WHERE state = 'pending'),
        min(received_at) FILTER (WHERE state = 'pending'),
@@ -282,6 +318,39 @@ class PostgresOutbox:
             }
 
         return await self._run(query)
+
+    async def add_fact(
+        self, *, key: str, scope: str, kind: str, at_ns: int, body: str, settle: float | None, window_ends: float | None
+    ) -> bool:
+        now = self._clock()
+        settle_at, window_at = due_times(now, settle, window_ends)
+        added = await self._run(
+            lambda db: db.fetchval(_ADD_FACT, key, scope, kind, at_ns, body, now, settle_at, window_at)
+        )
+        return added is not None
+
+    async def due_facts(self, grace: float, limit: int = 100) -> list[Fact]:
+        until = self._clock() - grace
+        rows = await self._run(lambda db: db.fetch(_DUE_FACTS, until, limit))
+        return [Fact(*row) for row in rows]
+
+    async def scope_facts(self, scope: str, since_ns: int) -> list[Fact]:
+        rows = await self._run(lambda db: db.fetch(_SCOPE_FACTS, scope, since_ns))
+        return [Fact(*row) for row in rows]
+
+    async def settle_fact(self, key: str, which: Due) -> None:
+        column = "settle_at" if which == "settle" else "window_at"
+        sql = f"UPDATE tracegate_delivery_facts SET {column} = NULL WHERE key = $1"  # noqa: S608
+        await self._run(lambda db: db.execute(sql, key))
+
+    async def prune_facts(self, before_ns: int) -> int:
+        status = await self._run(
+            lambda db: db.execute(
+                "DELETE FROM tracegate_delivery_facts WHERE at_ns < $1 AND settle_at IS NULL AND window_at IS NULL",
+                before_ns,
+            )
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def prune(self) -> int:
         """Forget delivered events and body digests older than the dedupe window."""

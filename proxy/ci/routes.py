@@ -28,8 +28,9 @@ from multidict import CIMultiDictProxy
 
 from proxy import untrusted
 from proxy.answers import refusal
-from proxy.ci import actions
+from proxy.ci import actions, dora_facts
 from proxy.ci.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited
+from proxy.ci.dora_settle import Settler
 from proxy.ci.gitea import Classified, classify, repository_instance, repository_name
 from proxy.ci.github_routes import expect_github, handle_github
 from proxy.ci.gitlab_routes import expect_gitlab, handle_gitlab
@@ -195,6 +196,7 @@ async def handle_gitea(request: web.Request) -> web.Response:
         return done(202, "ignored", "event-not-listed", **facts)
     if not hook.refs.match_text(classified.ref):
         return done(202, "ignored", "ref-not-listed", **facts)
+    await dora_facts.record(request.app[OUTBOX], hook, event, payload)  # metrics: [dora] only; before the marker
     digest = hashlib.sha256(f"{source}\0{event}\0".encode() + signed).hexdigest()
     stored = await _store(
         request,
@@ -224,8 +226,9 @@ def _deployment_refused(request: web.Request, refused: Refused) -> web.StreamRes
 async def handle_deployment(request: web.Request) -> web.StreamResponse:
     """A CI job (GitLab, GitHub Actions, Forgejo Actions) marks its deploy. Every fact
     comes from the verified token (proxy/identity/forges.py); the body may only narrow the services
-    to those the matched rule lists. A marker is a trace span, so the token's account must
-    be allowed to send traces."""
+    to those the matched rule lists, and say ``"result": "failure"`` (a failed deployment: no
+    marker, only the DORA fact of an entry with ``metrics: [dora]``, :mod:`.dora_facts`). A
+    marker is a trace span, so the token's account must be allowed to send traces."""
     runtime = request.app[RUNTIME]
     admitted = await admit_http(request, signal="traces", mode="deployment")
     if isinstance(admitted, Refused):
@@ -250,7 +253,10 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
         return done(exc.status, "refused", exc.reason)
     except (ValueError, RecursionError):
         return done(400, "refused", "bad-json")
-    if not isinstance(body, dict) or set(body) - {"service", "environment"}:
+    if not isinstance(body, dict) or set(body) - {"service", "environment", "result"}:
+        return done(400, "refused", "unknown-field")
+    result = body.get("result", "success")
+    if result not in dora_facts.RESULTS:
         return done(400, "refused", "unknown-field")
     allowed = rule.services
     if not allowed:
@@ -282,6 +288,19 @@ async def handle_deployment(request: web.Request) -> web.StreamResponse:
         environment=facts.environment,
         extra=facts.extra,
     )
+    # The DORA facts first (an entry with metrics: [dora] naming the job's repository), then the
+    # markers: one outbox event per (job, service) each, so a retried call stores nothing new.
+    counted = []
+    job, hooks, now = f"{identity.issuer}:{facts.job_key}", admitted.policy.webhooks, time.time_ns()
+    for service in services:
+        if await dora_facts.record_job_deployment(
+            request.app[OUTBOX], hooks, facts, claims, job=job, service=service, result=result, at_ns=now
+        ):
+            counted.append(service)
+    if result != "success":  # a failed deployment draws no marker
+        if counted:
+            return done(202, "accepted", "stored", services=counted)
+        return done(202, "ignored", "deployment-not-successful")
     # One outbox event per (job, service): a job that marks all its services and then one of
     # them again draws each marker once, and one that marks them one call at a time draws all.
     stored_services = []
@@ -351,10 +370,13 @@ def add_webhook_routes(app: web.Application, runtime: Runtime) -> None:
             sender = Sender(
                 app[OUTBOX], runtime, base=settings.outbox_retry_base, cap=settings.outbox_retry_max, session=session
             )
-            task = asyncio.get_running_loop().create_task(sender.run())
+            loop = asyncio.get_running_loop()
+            # The settler stores the DORA points that come due (metrics: [dora]); the sender sends them.
+            tasks = [loop.create_task(sender.run()), loop.create_task(Settler(app[OUTBOX]).run())]
             yield
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # The outbox opens first — before the runtime starts fetching keys — so that an unusable
     # data directory stops start-up before anything else is under way; the sender starts last.

@@ -1,8 +1,10 @@
 """The background sender: delivers outbox events upstream until the upstream takes them.
 
-Two kinds of event (:func:`proxy.ci.native_events.is_native`): an OTLP trace export (a marker,
-a CI span) goes through the forwarder on the account's traces route — stored as OTLP/JSON, it
-is re-encoded as protobuf for a route that takes no JSON (:mod:`.otlp_proto`); a native
+Three kinds of event (:func:`proxy.ci.native_events.is_native`,
+:func:`proxy.ci.metric_points.is_metrics`): an OTLP trace export (a marker, a CI span) goes
+through the forwarder on the account's traces route, an OTLP metrics export (delivery metrics)
+on its metrics route — stored as OTLP/JSON, each is re-encoded as protobuf for a route that
+takes no JSON (:mod:`.otlp_proto`); a native
 deployment event becomes the vendor's request (proxy/backends/native.py), built now from the
 account's current settings and sent with this sender's own session.
 
@@ -39,7 +41,8 @@ import aiohttp
 from proxy import __version__, untrusted
 from proxy.backends.native import native_request
 from proxy.ci import native_events
-from proxy.ci.otlp_proto import PROTOBUF, traces_to_protobuf
+from proxy.ci.metric_points import is_metrics
+from proxy.ci.otlp_proto import PROTOBUF, metrics_to_protobuf, traces_to_protobuf
 from proxy.ci.outbox import Pending
 from proxy.ci.store import OutboxStore
 from proxy.errors import BodyError, OutboxUnavailable, UpstreamError
@@ -188,13 +191,14 @@ class Sender:
         )
 
     async def _send_otlp(self, forwarder: Forwarder, account: ServiceAccount, event: Pending) -> Outcome:
-        """The export on the account's traces route: its JSON as stored, or as protobuf for a
-        route that takes no JSON."""
+        """The export on the account's traces route (metrics: its metrics route): its JSON as
+        stored, or as protobuf for a route that takes no JSON."""
+        signal, encode = ("metrics", metrics_to_protobuf) if is_metrics(event.key) else ("traces", traces_to_protobuf)
         try:
             body, content_type = event.payload, "application/json"
-            if not forwarder.route(account, "traces").json:
-                body, content_type = traces_to_protobuf(event.payload), PROTOBUF
-            status, retry_header = await forwarder.send(account, "traces", body, content_type)
+            if not forwarder.route(account, signal).json:
+                body, content_type = encode(event.payload), PROTOBUF
+            status, retry_header = await forwarder.send(account, signal, body, content_type)
         except BodyError as exc:  # signal-not-accepted, backend-json-unsupported: the policy says no
             return Outcome(0, exc.reason, refused=True)
         except ValueError:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.ci.outbox import Added, Outbox, Pending
+from proxy.ci.outbox import Added, Due, Fact, Outbox, Pending
 from proxy.secrets import Secret
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -50,6 +50,25 @@ class OutboxStore(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
     async def prune(self) -> int: ...
+
+    async def add_fact(
+        self, *, key: str, scope: str, kind: str, at_ns: int, body: str, settle: float | None, window_ends: float | None
+    ) -> bool:
+        """Store a delivery fact once (True: new); its points due ``settle`` seconds after it
+        arrived, and after ``window_ends`` (seconds since the epoch). Raises OutboxUnavailable."""
+        ...
+
+    async def due_facts(self, grace: float, limit: int = 100) -> list[Fact]:
+        """Facts whose points were due at least ``grace`` seconds ago."""
+        ...
+
+    async def scope_facts(self, scope: str, since_ns: int) -> list[Fact]:
+        """The facts of ``scope`` whose events are at or after ``since_ns``, in event-time order."""
+        ...
+
+    async def settle_fact(self, key: str, which: Due) -> None: ...
+
+    async def prune_facts(self, before_ns: int) -> int: ...
 
 
 def is_postgres(spec: str) -> bool:

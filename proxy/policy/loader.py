@@ -35,7 +35,7 @@ from proxy.policy.model import (
 )
 from proxy.policy.source import LDict, read_document
 from proxy.policy.stamps import parse_stamp
-from proxy.policy.webhooks import native_problems, parse_webhooks
+from proxy.policy.webhooks import metrics_problems, native_problems, parse_webhooks
 from proxy.secrets import SecretRef
 from proxy.urls import check_url
 
@@ -462,4 +462,4 @@ def _cross_check(
                 f"{hook.service_account!r}, which may not send traces; add traces to its signals "
                 "or use another account",
             )
-    return problems + native_problems(webhooks, accounts)
+    return problems + native_problems(webhooks, accounts) + metrics_problems(webhooks, accounts)

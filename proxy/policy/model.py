@@ -161,6 +161,18 @@ DEFAULT_MARKERS: frozenset[str] = frozenset({"otlp"})
 
 
 @dataclass(frozen=True)
+class DoraSettings:
+    """``dora:`` of a webhook entry (docs/delivery-metrics.md): the environments whose
+    deployments count, how long after a deployment a failed deployment, a rollback or a revert
+    still marks it a failed change (``failure_window``, seconds), and how long a point waits
+    for deliveries that arrive late or out of order before it is computed (``settle``, seconds)."""
+
+    environments: Matcher = field(default_factory=lambda: Matcher(("*",)))
+    failure_window: float = 86400.0
+    settle: float = 300.0
+
+
+@dataclass(frozen=True)
 class WebhookSource:
     """A repository whose signed webhooks may become deployment markers or CI traces
     (see webhooks). GitLab entries match by ``project_ids`` and/or ``repository`` (the
@@ -188,6 +200,10 @@ class WebhookSource:
     #: derivation or the OpenTelemetry Collector's.
     trace_ids: str = "tracegate"
     markers_line: int = 0
+    #: Delivery metrics it sends (``metrics:``): ``cicd`` (semantic-convention pipeline
+    #: metrics), ``dora`` (the four keys, per ``dora:``); none by default.
+    metrics: frozenset[str] = frozenset()
+    dora: DoraSettings = field(default_factory=DoraSettings)
 
 
 @dataclass(frozen=True)

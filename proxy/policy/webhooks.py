@@ -22,10 +22,17 @@ entries only); ``gitlab`` is refused until GitLab publishes its derivation. ``GE
 What a marker becomes, per entry (``markers:``, default ``[otlp]``): ``otlp``, a span that every
 backend takes; ``native``, the backend's own deployment event (proxy/backends/native.py), for
 an account whose backend has such an API and the settings it needs (:func:`native_problems`).
+
+Delivery metrics, per entry (``metrics:``, none by default; docs/delivery-metrics.md): ``cicd``,
+the semantic-convention pipeline metrics from its CI events; ``dora``, the four keys from its
+pushes and deployments, tuned by ``dora:`` (``environment``, ``failure_window``, ``settle``). Both
+go out on the account's metrics route, so the account must allow ``metrics``
+(:func:`metrics_problems`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
@@ -34,7 +41,7 @@ from proxy.backends.native import missing
 from proxy.errors import PolicyProblem
 from proxy.policy.checker import Checker
 from proxy.policy.matchers import Matcher
-from proxy.policy.model import DEFAULT_MARKERS, ServiceAccount, WebhookSource
+from proxy.policy.model import DEFAULT_MARKERS, DoraSettings, ServiceAccount, WebhookSource
 from proxy.secrets import SecretUnavailable, resolve
 
 EVENTS = ("push", "tag", "release")
@@ -106,11 +113,20 @@ KEYS = (
     "instance",
     "markers",
     "trace_ids",
+    "metrics",
+    "dora",
 )
 #: Events that draw CI trace spans, whose trace id is keyed on the forge instance.
 CI_EVENTS = frozenset({"pipeline", "job", "workflow_run", "workflow_job", "action_run"})
 #: What a marker may become (``markers:``): an OTLP span, the backend's native deployment event.
 MARKERS = ("otlp", "native")
+#: Delivery metrics an entry may send (``metrics:``), and the keys of its ``dora:``.
+METRICS = ("cicd", "dora")
+DORA_KEYS = ("environment", "failure_window", "settle")
+#: Events that feed the DORA keys: pushes (commit times, reverts) and GitHub's deployments.
+DORA_EVENTS = frozenset({"push", "deployment_status"})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def trace_ids_of(hook: WebhookSource) -> str:
@@ -140,6 +156,30 @@ def native_problems(webhooks: Iterable[WebhookSource], accounts: Mapping[str, Se
             else:
                 message = f"service account {account.name!r}: {problem.message} (webhook {hook.name!r} asks "
                 out.append(PolicyProblem(account.where.file, account.where.line, message + "markers: [native])"))
+    return out
+
+
+def metrics_of(hook: WebhookSource) -> frozenset[str]:
+    """Which delivery metrics ``hook`` sends: ``cicd``, ``dora``, both or none."""
+    return hook.metrics
+
+
+def metrics_problems(webhooks: Iterable[WebhookSource], accounts: Mapping[str, ServiceAccount]) -> list[PolicyProblem]:
+    """Entries asking ``metrics:`` whose service account may not send metrics (its points go
+    out on the account's metrics route)."""
+    out = []
+    for hook in webhooks:
+        account = accounts.get(hook.service_account)
+        if not hook.metrics or account is None or "metrics" in account.signals:
+            continue
+        out.append(
+            PolicyProblem(
+                hook.where.file,
+                hook.where.line,
+                f"webhook {hook.name!r} asks metrics: [{', '.join(sorted(hook.metrics))}] as service account "
+                f"{account.name!r}, which may not send metrics; add metrics to its signals or use another account",
+            )
+        )
     return out
 
 
@@ -264,6 +304,7 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
         refused = trace_ids_problem(trace_choice, source) if source in SOURCE_EVENTS else None
         if refused is not None:
             check.add(entry.line_of("trace_ids"), f"{what}.trace_ids {trace_choice[:40]!r}: {refused}")
+        metrics, dora = _metrics(check, entry, what, frozenset(events))
         refs_secret = entry.get("secret")
         secret_list = refs_secret if isinstance(refs_secret, list) else [refs_secret] if refs_secret is not None else []
         secret_refs = [check.secret_ref(r, entry.line_of("secret"), f"{what}.secret") for r in secret_list]
@@ -303,9 +344,61 @@ def parse_webhooks(check: Checker, section: Any, line: int, environ: Mapping[str
                 markers=frozenset(m for m in markers if m in MARKERS),
                 markers_line=entry.line_of("markers") if "markers" in entry else entry.line,
                 trace_ids=trace_choice if refused is None else "tracegate",
+                metrics=metrics,
+                dora=dora,
             )
         )
     return out
+
+
+def _metrics(check: Checker, entry: Any, what: str, events: frozenset[str]) -> tuple[frozenset[str], DoraSettings]:
+    """``metrics:`` (``cicd``, ``dora``) and ``dora:`` (``environment``: names or globs, default
+    every environment; ``failure_window`` and ``settle``: seconds, or a number with ``s``, ``m``,
+    ``h`` or ``d``)."""
+    listed = check.strings(entry, "metrics", what) or ()
+    for name in listed:
+        if name not in METRICS:
+            check.add(entry.line_of("metrics"), f"{what}: unknown metrics {name[:40]!r}; use cicd, dora or both")
+    metrics = frozenset(m for m in listed if m in METRICS)
+    if "cicd" in metrics and not events & CI_EVENTS:
+        check.add(
+            entry.line_of("metrics"),
+            f"{what}: metrics: [cicd] comes from CI events; list pipeline/job or workflow_run/workflow_job in events",
+        )
+    defaults = DoraSettings()
+    if "dora" not in entry:
+        return metrics, defaults
+    if "dora" not in metrics:
+        check.add(entry.line_of("dora"), f"{what}: dora: tunes metrics: [dora]; add dora to metrics")
+    section = check.mapping(entry.get("dora"), entry.line_of("dora"), f"{what}.dora")
+    if section is None:
+        return metrics, defaults
+    check.keys(section, DORA_KEYS, (), f"{what}.dora", entry.line_of("dora"))
+    environments = check.strings(section, "environment", f"{what}.dora")
+    window = _duration(check, section, "failure_window", what, defaults.failure_window, minimum=1.0)
+    settle = _duration(check, section, "settle", what, defaults.settle, minimum=0.0)
+    matcher = Matcher(environments) if environments else defaults.environments
+    return metrics, DoraSettings(environments=matcher, failure_window=window, settle=settle)
+
+
+def _duration(check: Checker, section: Any, key: str, what: str, default: float, *, minimum: float) -> float:
+    """Seconds: a number, or a string such as ``90s``, ``30m``, ``24h``, ``7d``; at least ``minimum``."""
+    if key not in section:
+        return default
+    raw = section.get(key)
+    seconds: float | None = None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        seconds = float(raw)
+    elif isinstance(raw, str) and (found := _DURATION.match(raw)) is not None:
+        seconds = float(found[1]) * _UNIT_SECONDS[found[2]]
+    if seconds is None or seconds != seconds or seconds < minimum or seconds > 366 * 86400:
+        check.add(
+            section.line_of(key),
+            f"{what}.dora.{key} {str(raw)[:40]!r} must be a duration of at least {minimum:g} s and at most 366 days: "
+            "seconds, or a number with s, m, h or d (30m, 24h, 7d)",
+        )
+        return default
+    return seconds
 
 
 def _instance(check: Checker, entry: Any, what: str) -> str | None:
