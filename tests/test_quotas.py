@@ -442,7 +442,8 @@ def test_explain_shows_the_limits_a_request_is_charged_to(tmp_path: Path, capsys
         f"  limits of service account 'payments-ci' at {where}:8: 10 requests/s (burst 20), 1 MiB/s (burst 1 MiB), "
         "50 GiB per UTC day",
         f"  limits of rule 'payments-protected' at {where}:18: 1500 B/s (burst 4 MiB)",
-        "  (each tracegate process admits up to these: N replicas × W workers admit N × W times; over: 429)",
+        "  (shared by the fleet on a PostgreSQL outbox; else each process admits up to these, "
+        "N replicas × W workers N × W times; over: 429)",
     ]
     claims.write_text(
         json.dumps({"iss": "https://gitlab.example.com", "aud": "tracegate", "project_path": "docs/site"})

@@ -21,6 +21,7 @@ import aiohttp
 from proxy.backends.profiles import Defaults, Signal, build_backend
 from proxy.errors import ConfigError, PolicyLoadError
 from proxy.gate.quota import Quotas, build_quotas
+from proxy.gate.quota_pg import SharedQuotas, is_postgres
 from proxy.identity.identify import Identity, TokenVerifier
 from proxy.identity.keys import KeySource
 from proxy.observe.audit import AuditLog
@@ -28,7 +29,7 @@ from proxy.observe.metrics import Metrics
 from proxy.policy import Decision, Policy, decide, load_policy
 from proxy.policy.memo import DecisionBook
 from proxy.policy.model import credential_refs
-from proxy.secrets import SecretRef
+from proxy.secrets import Secret, SecretRef
 from proxy.settings import tls
 from proxy.settings.config import Settings
 from proxy.settings.secret_stores import SecretStores
@@ -99,6 +100,15 @@ class Runtime:
         #: Secrets kept in AWS Secrets Manager or Vault: read with each load, refreshed between.
         self.secret_stores = SecretStores(environ, registry=metrics.registry, clock=monotonic)
         self._secret_refresh: asyncio.Task[None] | None = None
+        #: Where the limits are shared fleet-wide: the PostgreSQL outbox's database (quota_pg.py).
+        self.shared_quotas: SharedQuotas | None = None
+        if is_postgres(settings.outbox_path):
+            self.shared_quotas = SharedQuotas(
+                Secret(settings.outbox_path),
+                clock=lambda: self.clock(),  # read at each use: tests move the clocks after start
+                monotonic=lambda: self.monotonic(),
+                registry=metrics.registry,
+            )
 
     @property
     def gate(self) -> Gate:
@@ -133,6 +143,8 @@ class Runtime:
         self._upstream_pool = pool
         self._key_session = aiohttp.ClientSession()
         self._install(policy)
+        if self.shared_quotas is not None:
+            await self.shared_quotas.started()
         self._loaded()
         if self.secret_stores.settings.refresh > 0:
             rotated = self.secret_stores.run(lambda: self.reload(fresh_secrets=False))
@@ -153,6 +165,8 @@ class Runtime:
         await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
         self._source_tasks.clear()
         await asyncio.gather(*(source.close() for source in self._sources.values()))
+        if self.shared_quotas is not None:
+            await self.shared_quotas.close()
         if self._key_session is not None:
             await self._key_session.close()
         if self._upstream_session is not None:
@@ -191,7 +205,8 @@ class Runtime:
         )
         self.secret_stores.serving(store_users(policy))
         previous = self._gate.quotas if self._gate is not None else None
-        self._gate = Gate(policy, verifier, book, build_quotas(policy, self.monotonic(), previous))
+        quotas = build_quotas(policy, self.monotonic(), previous, self.shared_quotas)
+        self._gate = Gate(policy, verifier, book, quotas)
 
     def _reload_tls(self) -> None:
         files = self.settings.tls

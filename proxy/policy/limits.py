@@ -106,5 +106,7 @@ def limit_lines(account: ServiceAccount, rule: Rule | None) -> list[str]:
         found.append((f"rule {rule.name!r}", rule.limits))
     lines = [f"limits of {who} at {limits.where}: {describe(limits)}" for who, limits in found if limits is not None]
     if lines:
-        lines.append("(each tracegate process admits up to these: N replicas × W workers admit N × W times; over: 429)")
+        lines.append(
+            "(shared by the fleet on a PostgreSQL outbox; else each process admits up to these, N replicas × W workers N × W times; over: 429)"
+        )
     return lines
