@@ -107,6 +107,7 @@ def limit_lines(account: ServiceAccount, rule: Rule | None) -> list[str]:
     lines = [f"limits of {who} at {limits.where}: {describe(limits)}" for who, limits in found if limits is not None]
     if lines:
         lines.append(
-            "(shared by the fleet on a PostgreSQL outbox; else each process admits up to these, N replicas × W workers N × W times; over: 429)"
+            "(shared by the fleet on a PostgreSQL outbox; else each process admits up to these, "
+            "N replicas × W workers N × W times; over: 429)"
         )
     return lines
