@@ -5,11 +5,16 @@ it registers every webhook door) and ``gitlab_routes`` both import it, and not e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 
+from proxy.ci.gitea import repository_instance
+from proxy.ci.signatures import DECOY_SECRETS, verifies
 from proxy.ci.store import OutboxStore
 from proxy.errors import BodyError
+from proxy.policy.model import WebhookSource
 from proxy.upstream.forward import BODY_READ_ERRORS, declared_length
 
 OUTBOX: web.AppKey[OutboxStore] = web.AppKey("outbox")
@@ -33,3 +38,32 @@ async def read_limited(request: web.Request, limit: int, timeout: float) -> byte
     except BODY_READ_ERRORS:
         raise BodyError("body-incomplete", 400) from None
     return bytes(body)
+
+
+def signed_entry(
+    candidates: Sequence[WebhookSource], signed: bytes, signatures: Sequence[str]
+) -> tuple[WebhookSource | None, str]:
+    """The entry whose secret signed ``signed``: ``(entry, "")``, or ``(None, reason)``. No
+    entry for the repository (``unknown-repository``) costs the same work as a wrong signature
+    (a decoy HMAC) and is answered as one, so a sender cannot learn which entries exist."""
+    if not candidates:
+        verifies(signed, signatures, DECOY_SECRETS)
+        return None, "unknown-repository"
+    hook = next((h for h in candidates if verifies(signed, signatures, h.secrets)), None)
+    return (hook, "") if hook is not None else (None, "bad-signature")
+
+
+def refused_signature(reason: str) -> dict[str, str]:
+    """What an unauthenticated delivery's answer says: always ``bad-signature``."""
+    return {"answered": "bad-signature"} if reason != "bad-signature" else {}
+
+
+def sender_facts(hook: WebhookSource, payload: dict[str, Any], repository: str | None) -> dict[str, Any]:
+    """The audit facts of an authenticated delivery; ``sender_instance`` when the entry pins
+    another forge instance than the payload's ``html_url`` names (the pinned one is used)."""
+    pinned, named = hook.instance, repository_instance(payload)
+    return {
+        "repository": repository,
+        "account": hook.service_account,
+        "sender_instance": named if pinned and named and named != pinned else None,
+    }

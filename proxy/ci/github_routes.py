@@ -35,10 +35,10 @@ from multidict import CIMultiDictProxy
 
 from proxy import untrusted
 from proxy.ci import actions, dora_facts, github
-from proxy.ci.door import OUTBOX, read_limited
-from proxy.ci.gitea import Classified, repository_instance
+from proxy.ci.door import OUTBOX, read_limited, refused_signature, sender_facts, signed_entry
+from proxy.ci.gitea import Classified
 from proxy.ci.marker_outbox import store_marker
-from proxy.ci.signatures import DECOY_SECRETS, hub_signatures, verifies
+from proxy.ci.signatures import hub_signatures
 from proxy.doors.ingest import RUNTIME
 from proxy.doors.protocol import expect_refusal
 from proxy.errors import BodyError
@@ -133,18 +133,10 @@ async def handle_github(request: web.Request) -> web.Response:
     shown = (full_name or (f"repository {repository_id}" if repository_id else ""))[:200] or None
     signatures = hub_signatures(request.headers)
     found = github.candidates(runtime.gate.policy.webhooks, repository_id, full_name)
-    if not found:  # answered as a wrong signature, after the same work: no oracle for which entries exist
-        verifies(body, signatures, DECOY_SECRETS)
-        return done(401, "refused", "unknown-repository", answered="bad-signature", repository=shown)
-    hook = next((h for h in found if verifies(body, signatures, h.secrets)), None)
+    hook, why = signed_entry(found, body, signatures)
     if hook is None:
-        return done(401, "refused", "bad-signature", repository=shown)
-    pinned, named = pinned_instance(hook), repository_instance(payload)
-    facts = {
-        "repository": shown,
-        "account": hook.service_account,
-        "sender_instance": named if pinned and named and named != pinned else None,
-    }
+        return done(401, "refused", why, repository=shown, **refused_signature(why))
+    pinned, facts = pinned_instance(hook), sender_facts(hook, payload, shown)
     if event == "ping":  # sent when the hook is made: authentic, nothing to draw
         return done(202, "ignored", "ping", **facts)
     if event in actions.EVENTS:

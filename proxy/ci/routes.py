@@ -29,16 +29,16 @@ from multidict import CIMultiDictProxy
 from proxy import untrusted
 from proxy.answers import refusal
 from proxy.ci import actions, dora_facts
-from proxy.ci.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited
+from proxy.ci.door import OUTBOX, OUTBOX_RETRY_AFTER, read_limited, refused_signature, sender_facts, signed_entry
 from proxy.ci.dora_settle import Settler
-from proxy.ci.gitea import Classified, classify, repository_instance, repository_name
+from proxy.ci.gitea import Classified, classify, repository_name
 from proxy.ci.github_routes import expect_github, handle_github
 from proxy.ci.gitlab_routes import expect_gitlab, handle_gitlab
 from proxy.ci.marker import Marker, is_commit_sha
 from proxy.ci.marker_outbox import store_marker
 from proxy.ci.outbox import Added
 from proxy.ci.sender import Sender
-from proxy.ci.signatures import DECOY_SECRETS, presented_signatures, verifies
+from proxy.ci.signatures import presented_signatures
 from proxy.ci.store import describe, open_outbox
 from proxy.doors.ingest import RUNTIME, admit_http, expect_admitted
 from proxy.doors.protocol import expect_refusal
@@ -171,19 +171,10 @@ async def handle_gitea(request: web.Request) -> web.Response:
         for hook in runtime.gate.policy.webhooks
         if hook.source == source and repository is not None and hook.repository.match_text(repository)
     ]
-    if not candidates:  # answered as a wrong signature, after the same work: no oracle for which entries exist
-        verifies(signed, signatures, DECOY_SECRETS)
-        return done(401, "refused", "unknown-repository", answered="bad-signature", repository=repository)
-    hook = next((h for h in candidates if verifies(signed, signatures, h.secrets)), None)
+    hook, why = signed_entry(candidates, signed, signatures)
     if hook is None:
-        return done(401, "refused", "bad-signature", repository=repository)
-    pinned, named = pinned_instance(hook), repository_instance(payload)
-    facts = {
-        "repository": repository,
-        "account": hook.service_account,
-        # The entry pins another instance than html_url names: the pinned one is used.
-        "sender_instance": named if pinned and named and named != pinned else None,
-    }
+        return done(401, "refused", why, repository=repository, **refused_signature(why))
+    pinned, facts = pinned_instance(hook), sender_facts(hook, payload, repository)
     if actions.listed_as(event) is not None:  # Actions runs become CI trace spans (proxy/ci/actions.py)
         status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, source, event, payload)
         return done(status, decision, reason, **more, **facts)
