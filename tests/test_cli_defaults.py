@@ -111,3 +111,33 @@ def test_explain_payload_tells_the_forge_and_the_event_from_the_payload(tmp_path
     helped = " ".join(tracegate("explain", "--help")[1].split())
     assert "detected from it (GitLab's object_kind; Gitea's and Forgejo's shape)" in helped
     assert "say forgejo for a source: forgejo entry" in helped
+
+
+def test_dev_hands_its_tracegate_the_secret_stores_and_aws_settings_only() -> None:
+    """A dev rule file may use {aws_secret:}/{vault:} references or an aws issuer, as under
+    serve: dev's runtime gets the stores' and AWS's settings from the caller's environment,
+    and nothing else (its own settings are its flags)."""
+    from proxy.dev.loop import store_environment
+
+    given = {
+        "VAULT_ADDR": "http://127.0.0.1:8200",
+        "VAULT_TOKEN": "s.x",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:5000",
+        "TRACEGATE_SECRET_REFRESH_SECONDS": "30",
+        "TRACEGATE_VAULT_AUTH": "token",
+        "TRACEGATE_UPSTREAM": "https://elsewhere.example.com",
+        "LS_TOKEN": "not-for-dev",
+        "HOME": "/root",
+    }
+    assert store_environment(given) == {
+        k: given[k]
+        for k in (
+            "VAULT_ADDR",
+            "VAULT_TOKEN",
+            "AWS_REGION",
+            "AWS_ENDPOINT_URL",
+            "TRACEGATE_SECRET_REFRESH_SECONDS",
+            "TRACEGATE_VAULT_AUTH",
+        )
+    }

@@ -155,6 +155,7 @@ def run_dev_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
                 args.ttl or DEFAULT_TTL,
                 grpc_listen=args.grpc_listen,
                 backend=args.backend,
+                environ=store_environment(environ),
             )
         )
     except KeyboardInterrupt:  # Ctrl-C while starting, before our handler is installed
@@ -251,6 +252,16 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
+#: What dev's tracegate takes from the caller's environment, so that a rule file using
+#: ``{aws_secret:}`` / ``{vault:}`` references or an ``aws`` issuer works as under ``serve``:
+#: the stores' and AWS's own settings, nothing else (dev's settings are its flags).
+_STORE_PREFIXES = ("AWS_", "VAULT_", "TRACEGATE_SECRET_", "TRACEGATE_VAULT_")
+
+
+def store_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if name.startswith(_STORE_PREFIXES)}
+
+
 async def run_dev(
     state: Path,
     listen: str,
@@ -259,6 +270,7 @@ async def run_dev(
     *,
     grpc_listen: str = "off",
     backend: str = "lightstep",
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     from proxy.dev.standins import GrpcSink, Received, Sink, StandInIssuer
     from proxy.errors import ConfigError, PolicyLoadError
@@ -321,7 +333,9 @@ async def run_dev(
         settings = Settings.load(flags, {})
         audit = AuditLog(_audit_line, flush_interval=0)
         try:
-            runtime, runners = await start(settings, {key_variable(backend): key.reveal()}, audit=audit)
+            runtime, runners = await start(
+                settings, {**(environ or {}), key_variable(backend): key.reveal()}, audit=audit
+            )
         except PolicyLoadError as exc:
             raise ConfigError(f"{rules}: " + "; ".join(str(p) for p in exc.problems)) from None
         except OSError as exc:
