@@ -40,17 +40,15 @@ async def read_limited(request: web.Request, limit: int, timeout: float) -> byte
     return bytes(body)
 
 
-def signed_entry(
-    candidates: Sequence[WebhookSource], signed: bytes, signatures: Sequence[str]
-) -> tuple[WebhookSource | None, str]:
-    """The entry whose secret signed ``signed``: ``(entry, "")``, or ``(None, reason)``. No
-    entry for the repository (``unknown-repository``) costs the same work as a wrong signature
-    (a decoy HMAC) and is answered as one, so a sender cannot learn which entries exist."""
+def signed_entry(candidates: Sequence[WebhookSource], signed: bytes, signatures: Sequence[str]) -> WebhookSource | str:
+    """The entry whose secret signed ``signed``, or the reason none did. No entry for the
+    repository (``unknown-repository``) costs the same work as a wrong signature (a decoy
+    HMAC) and is answered as one, so a sender cannot learn which entries exist."""
     if not candidates:
         verifies(signed, signatures, DECOY_SECRETS)
-        return None, "unknown-repository"
+        return "unknown-repository"
     hook = next((h for h in candidates if verifies(signed, signatures, h.secrets)), None)
-    return (hook, "") if hook is not None else (None, "bad-signature")
+    return hook if hook is not None else "bad-signature"
 
 
 def refused_signature(reason: str) -> dict[str, str]:

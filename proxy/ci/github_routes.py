@@ -133,9 +133,9 @@ async def handle_github(request: web.Request) -> web.Response:
     shown = (full_name or (f"repository {repository_id}" if repository_id else ""))[:200] or None
     signatures = hub_signatures(request.headers)
     found = github.candidates(runtime.gate.policy.webhooks, repository_id, full_name)
-    hook, why = signed_entry(found, body, signatures)
-    if hook is None:
-        return done(401, "refused", why, repository=shown, **refused_signature(why))
+    hook = signed_entry(found, body, signatures)
+    if isinstance(hook, str):
+        return done(401, "refused", hook, repository=shown, **refused_signature(hook))
     pinned, facts = pinned_instance(hook), sender_facts(hook, payload, shown)
     if event == "ping":  # sent when the hook is made: authentic, nothing to draw
         return done(202, "ignored", "ping", **facts)

@@ -171,9 +171,9 @@ async def handle_gitea(request: web.Request) -> web.Response:
         for hook in runtime.gate.policy.webhooks
         if hook.source == source and repository is not None and hook.repository.match_text(repository)
     ]
-    hook, why = signed_entry(candidates, signed, signatures)
-    if hook is None:
-        return done(401, "refused", why, repository=repository, **refused_signature(why))
+    hook = signed_entry(candidates, signed, signatures)
+    if isinstance(hook, str):
+        return done(401, "refused", hook, repository=repository, **refused_signature(hook))
     pinned, facts = pinned_instance(hook), sender_facts(hook, payload, repository)
     if actions.listed_as(event) is not None:  # Actions runs become CI trace spans (proxy/ci/actions.py)
         status, decision, reason, more = await actions.receive(request.app[OUTBOX], hook, source, event, payload)
