@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.dev.standins import GrpcSink, Received, Sink, StandInIssuer
+from proxy.dev.standins import GrpcSink, Received, Sink, StandInIssuer, free_port
 from tests.conftest import Tracegate
 from tests.grpc_clients import METHOD, _logs, _metrics, _spans, sdk_export
 
@@ -361,6 +361,10 @@ async def test_json_to_a_protobuf_only_backend_is_refused_before_anything_is_sen
     assert_no_secret("\n".join([caplog.text, *tg.audit_lines, *outputs]), token)
 
 
+#: A port of the test's choosing (never 4317/4318, which a local Collector may hold).
+PORT = free_port()
+
+
 @pytest.mark.parametrize(
     ("entry", "target"),
     [
@@ -370,9 +374,9 @@ async def test_json_to_a_protobuf_only_backend_is_refused_before_anything_is_sen
         ({"backend": "honeycomb", "upstream": "https://api.eu1.honeycomb.io"}, "api.eu1.honeycomb.io:443"),
         ({"backend": "newrelic", "upstream": "https://otlp.eu01.nr-data.net"}, "otlp.eu01.nr-data.net:443"),
         ({"backend": "elastic", "upstream": "https://e.example.com:8200"}, "e.example.com:8200"),
-        ({"backend": "honeycomb", "upstream": "http://127.0.0.1:4318"}, "http://127.0.0.1:4318"),
-        # Was http://::1:4318, which passed check and failed on the first gRPC call (not HOST:PORT).
-        ({"backend": "elastic", "upstream": "http://[::1]:4318"}, "http://[::1]:4318"),
+        ({"backend": "honeycomb", "upstream": f"http://127.0.0.1:{PORT}"}, f"http://127.0.0.1:{PORT}"),
+        # Was http://::1:PORT, which passed check and failed on the first gRPC call (not HOST:PORT).
+        ({"backend": "elastic", "upstream": f"http://[::1]:{PORT}"}, f"http://[::1]:{PORT}"),
     ],
 )
 def test_an_endpoint_placed_by_upstream_alone_takes_its_grpc_clients_too(entry: dict[str, str], target: str) -> None:

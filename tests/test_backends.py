@@ -27,6 +27,7 @@ from proxy.backends.profiles import (
     preview,
     resolve_credentials,
 )
+from proxy.dev.standins import free_port
 from proxy.observe.metrics import Metrics
 from proxy.policy.model import ServiceAccount, Where
 from proxy.secrets import Secret, SecretRef
@@ -113,8 +114,9 @@ def test_lightstep_eu_and_grpc_upstream() -> None:
     # https://docs.lightstep.com/docs/eu-datacenter ("ingest.eu.lightstep.com")
     routes = wire(backend({"access_token": REF, "region": "eu"}))
     assert routes["traces"][:2] == ("https://ingest.eu.lightstep.com/traces/otlp/v0.9", "ingest.eu.lightstep.com:443")
-    own = backend({"access_token": REF, "grpc_upstream": "http://127.0.0.1:4317"})
-    assert own.routes["logs"].grpc == "http://127.0.0.1:4317"
+    port = free_port()  # never 4317, which a local Collector may hold
+    own = backend({"access_token": REF, "grpc_upstream": f"http://127.0.0.1:{port}"})
+    assert own.routes["logs"].grpc == f"http://127.0.0.1:{port}"
 
 
 # --- vendors ---------------------------------------------------------------------------------
