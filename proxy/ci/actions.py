@@ -115,14 +115,20 @@ def run_of(
     return RunId(chosen, repo_id, run, scheme, attempt) if chosen else None
 
 
-def _common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
+def _common(
+    payload: dict[str, Any], run: RunId, node: dict[str, Any], *, forgejo: bool = False
+) -> dict[str, Attribute]:
+    """The attributes every span of a run carries; Forgejo's own run payload names the ref,
+    the commit and the actor by other fields than Gitea's and GitHub's."""
+    branch, sha = ("prettyref", "commit_sha") if forgejo else ("head_branch", "head_sha")
+    actor = get(node, "trigger_user", "login") if forgejo else get(payload, "sender", "login")
     return {
         "cicd.pipeline.run.id": int(run.pipeline_id),
         "vcs.repository.url.full": link_on(text(get(payload, "repository", "html_url"), 1024), run.instance) or "",
-        "vcs.ref.head.name": text(node.get("head_branch")) or "",
-        "vcs.ref.head.revision": text(node.get("head_sha"), 64) or "",
+        "vcs.ref.head.name": text(node.get(branch)) or "",
+        "vcs.ref.head.revision": text(node.get(sha), 64) or "",
         "tracegate.project.id": run.project_id,
-        "tracegate.actor.login": text(get(payload, "sender", "login")) or "",
+        "tracegate.actor.login": text(actor) or "",
     }
 
 
@@ -234,17 +240,6 @@ def job_span(
     )
 
 
-def _forgejo_common(payload: dict[str, Any], run: RunId, node: dict[str, Any]) -> dict[str, Attribute]:
-    return {
-        "cicd.pipeline.run.id": int(run.pipeline_id),
-        "vcs.repository.url.full": link_on(text(get(payload, "repository", "html_url"), 1024), run.instance) or "",
-        "vcs.ref.head.name": text(node.get("prettyref")) or "",
-        "vcs.ref.head.revision": text(node.get("commit_sha"), 64) or "",
-        "tracegate.project.id": run.project_id,
-        "tracegate.actor.login": text(get(node, "trigger_user", "login")) or "",
-    }
-
-
 def forgejo_run_span(
     payload: dict[str, Any], instance: str | None = None, *, scheme: str = trace_ids.TRACEGATE
 ) -> CiSpan | Skip:
@@ -268,7 +263,7 @@ def forgejo_run_span(
         end_ns=parse_time(node.get("stopped")) or start,
         result=result,
         attributes={
-            **_forgejo_common(payload, run, node),
+            **_common(payload, run, node, forgejo=True),
             "cicd.pipeline.name": name,
             "cicd.pipeline.run.url.full": link_on(text(node.get("html_url"), 1024), run.instance) or "",
             "cicd.pipeline.result": result,
@@ -311,7 +306,7 @@ def forgejo_job_span(
         end_ns=completed or start,
         result=result,
         attributes={
-            **_forgejo_common(payload, run, node),
+            **_common(payload, run, node, forgejo=True),
             "cicd.pipeline.task.name": name,
             "cicd.pipeline.task.run.id": int(job_id),
             "cicd.pipeline.task.run.url.full": link_on(text(job.get("html_url"), 1024), run.instance) or "",
