@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from proxy import __version__
 from proxy.ci.explain_ci import is_ci
@@ -21,7 +21,7 @@ from proxy.errors import ConfigError, PolicyLoadError
 from proxy.observe import logs
 from proxy.policy import decide, load_policy
 from proxy.policy.limits import limit_lines
-from proxy.policy.model import SIGNALS, Policy, ServiceAccount, Signal
+from proxy.policy.model import SIGNALS, Policy, ServiceAccount
 from proxy.run import gateway_config
 from proxy.secrets import SecretRef
 from proxy.settings.config import OPTIONS, Settings
@@ -288,10 +288,10 @@ def _backend_lines(account: ServiceAccount, signal: str | None, environ: Mapping
     """Where each signal of ``account`` goes, as ``serve`` with this environment would send it:
     the OTLP/HTTP URL, what its gRPC clients reach, and the header *names* (a preview: no
     secret is read, and no value is ever printed)."""
-    from proxy.backends.profiles import BackendSpec, Defaults, preview
+    from proxy.backends.profiles import BackendSpec, preview
+    from proxy.gate.runtime import backend_defaults
 
-    settings = Settings.load({}, environ)  # TRACEGATE_UPSTREAM & co., which lightstep honours
-    defaults = Defaults(settings.upstream, cast(Mapping[Signal, str], settings.paths), settings.grpc_upstream)
+    defaults = backend_defaults(Settings.load({}, environ))  # TRACEGATE_UPSTREAM & co., which lightstep honours
     spec = account.backend or BackendSpec("lightstep", upstream=account.upstream, grpc_upstream=account.grpc_upstream)
     routes = preview(spec, defaults).routes
     lines = [f"backend: {spec.backend} (header names only; values are never shown)"]

@@ -192,7 +192,7 @@ class Runtime:
                 )
                 self._sources[name] = source
                 self._source_tasks[name] = asyncio.get_running_loop().create_task(source.run())
-        policy = with_routes(policy, self.forwarder.defaults if self.forwarder is not None else self.backend_defaults())
+        policy = with_routes(policy, backend_defaults(self.settings))
         book = DecisionBook(policy)
         verifier = TokenVerifier(
             policy,
@@ -227,11 +227,6 @@ class Runtime:
                 return
         self.metrics.tls_reloads.labels("ok").inc()
 
-    def backend_defaults(self) -> Defaults:
-        """What the ``lightstep`` profile honours: TRACEGATE_UPSTREAM, its paths, the gRPC upstream."""
-        settings = self.settings
-        return Defaults(settings.upstream, cast(Mapping[Signal, str], settings.paths), settings.grpc_upstream)
-
     def issuers_without_keys(self) -> list[str]:
         return sorted(name for name, source in self._sources.items() if not source.ready)
 
@@ -260,6 +255,11 @@ def store_users(policy: Policy) -> dict[SecretRef, str]:
     users = {ref: hook.service_account for hook in policy.webhooks for ref in hook.secret_refs}
     users |= {ref: name for name, account in policy.service_accounts.items() for ref in credential_refs(account)}
     return {ref: user for ref, user in users.items() if ref.in_store}
+
+
+def backend_defaults(settings: Settings) -> Defaults:
+    """What the ``lightstep`` profile honours: TRACEGATE_UPSTREAM, its paths, the gRPC upstream."""
+    return Defaults(settings.upstream, cast(Mapping[Signal, str], settings.paths), settings.grpc_upstream)
 
 
 def with_routes(policy: Policy, defaults: Defaults) -> Policy:
