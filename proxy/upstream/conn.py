@@ -110,7 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_reads = 0
         self._head_size = 0
         self._fields = 0
-        self._chunked_10 = False  # a Transfer-Encoding field (faulty framing in HTTP/1.0)
+        self._coded = False  # a Transfer-Encoding field (faulty framing in HTTP/1.0)
         self._close = False  # a Connection field naming close
 
     # --- the exchange ---------------------------------------------------------------
@@ -251,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers, self._body, self._size = {}, [], 0
         self._interim = self._eof_body = self._framed = False
         self._in_head, self._head_reads, self._head_size, self._fields = True, 0, 0, 0
-        self._chunked_10 = self._close = False
+        self._coded = self._close = False
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status) + 13
@@ -267,7 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
         lower = name.lower()
         if lower in (b"content-length", b"transfer-encoding"):
             self._framed = True
-            self._chunked_10 = lower == b"transfer-encoding" or self._chunked_10
+            if lower == b"transfer-encoding":
+                self._coded = True
         elif lower == b"connection" and b"close" in value.lower():
             self._close = True  # "close" wins over any "keep-alive" beside it (RFC 9112 §9.6)
         spelling = self._relayed.get(lower)
@@ -301,5 +302,5 @@ class UpstreamConnection(asyncio.Protocol):
             self.done = True
             # An HTTP/1.0 answer with Transfer-Encoding has faulty framing: close after it
             # (RFC 9112 §6.1), whatever its Connection header says.
-            faulty = self._chunked_10 and self._parser.get_http_version() == "1.0"
+            faulty = self._coded and self._parser.get_http_version() == "1.0"
             self.keep_alive = self._parser.should_keep_alive() and not self._close and not faulty
